@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random Video-LLaVA checkpoints built offline, real assets from ../shared."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+needs_assets = pytest.mark.skipif(not ASSETS.is_dir(), reason="../shared/assets is not beside the checkout")
+
+
+def asset(relative: str) -> Path:
+    return ASSETS / relative
+
+
+def build_tokenizer(directory: Path):
+    """The real Llama-2 tokenizer plus the three tokens Video-LLaVA adds (ids 32000-32002)."""
+    from transformers import LlamaTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(asset("tokenizer/llama2c_tokenizer.model"), directory / "tokenizer.model")
+    tokenizer = LlamaTokenizer.from_pretrained(directory)
+    tokenizer.add_tokens(["<image>", "<video>", "<pad>"], special_tokens=True)
+    tokenizer.pad_token = "<pad>"
+    return tokenizer
+
+
+def build_video_llava(directory: Path, image_size: int = 28, context: int = 4096, seed: int = 0) -> Path:
+    """A random-weight Video-LLaVA with the real tokenizer; 28 px / 14 px patches = 5 tokens per frame."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer(directory)
+    vision = CLIPVisionConfig(
+        image_size=image_size, patch_size=14, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
+        bos_token_id=1, eos_token_id=2, pad_token_id=32002,
+    )
+    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_seq_length=(image_size // 14) ** 2,
+                              video_seq_length=8 * ((image_size // 14) ** 2 + 1))
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_video_llava(tmp_path_factory.mktemp("tiny-video-llava"))

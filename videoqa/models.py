@@ -1,0 +1,167 @@
+"""Presets, checkpoint resolution and loading: which weights, on which device, in which dtype.
+
+A `--model` is a preset name (a TOML file in presets/), a local directory in
+Hugging Face format, or a hub id. Only safetensors are read; nothing is
+unpickled and no remote code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from videoqa.errors import Exit, VideoQAError
+
+SUPPORTED = ("video_llava",)
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# What a run needs from a repository: configs, tokenizer files and safetensors weights, never pickles.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+@dataclass
+class Preset:
+    name: str
+    repo: str
+    revision: str
+    architecture: str
+    frames: int
+    template: str
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+def presets_dir() -> Path:
+    here = Path(__file__).parent
+    # Installed wheels carry the presets inside the package; a source checkout has them at the top.
+    return next(p for p in (here / "presets", here.parent / "presets") if p.is_dir())
+
+
+def presets() -> dict[str, Preset]:
+    found = {}
+    for file in sorted(presets_dir().glob("*.toml")):
+        data = tomllib.loads(file.read_text())
+        found[file.stem] = Preset(name=file.stem, **data)
+    return found
+
+
+def preset_for(architecture: str) -> Preset:
+    """The defaults (frames, template, generation) of a directory or hub id come from its architecture's preset."""
+    return next(p for p in presets().values() if p.architecture == architecture)
+
+
+def download(repo: str, revision: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise VideoQAError(
+            f"{repo} is not in the Hugging Face cache and could not be downloaded ({type(e).__name__}); "
+            f"fetch it with `hf download {repo} --revision {revision}` (with HF_HUB_OFFLINE unset)",
+            Exit.MODEL,
+        ) from None
+
+
+def check_safetensors(file: Path) -> None:
+    """A truncated download fails here, before torch sees it: header and data must fill the file exactly."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len)) if 0 < header_len <= size - 8 else None
+        end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    except Exception:
+        header, end = None, -1
+    if header is None or 8 + header_len + end != size:
+        raise VideoQAError(f"{file}: weights are truncated or corrupt; download the model again", Exit.MODEL)
+
+
+def check_dir(path: Path) -> str:
+    """Validate a checkpoint directory and return its architecture (config.json's model_type)."""
+    if not path.is_dir():
+        raise VideoQAError(f"model directory {path} does not exist", Exit.MODEL)
+    config = path / "config.json"
+    if not config.is_file():
+        raise VideoQAError(f"model directory {path} holds no config.json (not a Hugging Face checkpoint)", Exit.MODEL)
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise VideoQAError(f"model directory {path} holds no .safetensors weights", Exit.MODEL)
+    for file in weights:
+        check_safetensors(file)
+    architecture = json.loads(config.read_text()).get("model_type", "?")
+    if architecture not in SUPPORTED:
+        raise VideoQAError(
+            f"{path}: unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED)}", Exit.MODEL
+        )
+    return architecture
+
+
+def resolve(spec: str) -> tuple[Path, Preset]:
+    """Turn a --model value into a checkpoint directory and the preset that gives its defaults."""
+    known = presets()
+    if spec in known:
+        preset = known[spec]
+        path = download(preset.repo, preset.revision)
+    elif Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or not HUB_ID.match(spec):
+        path = Path(spec).expanduser()
+        if not path.exists() and not spec.startswith((".", "/", "~")):
+            raise VideoQAError(f"unknown model {spec!r}: not a preset ({', '.join(known)}), directory or hub id")
+        preset = None
+    else:
+        path = download(spec, "main")
+        preset = None
+    architecture = check_dir(path)
+    return path, preset or preset_for(architecture)
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if not available[name]:
+        raise VideoQAError(f"--device {name}: no {name.upper()} device is available on this machine", Exit.DEVICE)
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device):
+    import torch
+
+    if name == "auto":  # half precision where the hardware is built for it
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return getattr(torch, name)
+
+
+@dataclass
+class Model:
+    name: str
+    preset: Preset
+    net: Any  # VideoLlavaForConditionalGeneration
+    tokenizer: Any
+
+    @property
+    def context(self) -> int:
+        return self.net.config.text_config.max_position_embeddings
+
+
+def load(name: str, path: Path, preset: Preset, device, dtype) -> Model:
+    """Load weights straight to the target device in the target dtype."""
+    from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # load reports and bars are noise for a CLI user
+    logging.disable_progress_bar()
+    try:
+        net = VideoLlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        ).to(device)  # device_map would need accelerate
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:
+        raise VideoQAError(f"{path}: cannot load the model ({type(e).__name__}: {e})".splitlines()[0], Exit.MODEL)
+    return Model(name=name, preset=preset, net=net.eval(), tokenizer=tokenizer)

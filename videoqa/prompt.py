@@ -1,0 +1,30 @@
+"""Stage 4: the prompt as token ids, and the splice of visual features into its embeddings.
+
+The text is rendered from the preset's template with the placeholder counted
+once (`USER: <video>\\n{question} ASSISTANT:`), tokenised after a BOS, and the
+placeholder id is then repeated once per feature row, as transformers'
+processor does before tokenising.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def prompt_ids(tokenizer, template: str, question: str, media: str, positions: int) -> list[int]:
+    """BOS + the rendered template, its single `media` token expanded to `positions` copies."""
+    media_id = tokenizer.convert_tokens_to_ids(media)
+    ids = [tokenizer.bos_token_id, *text_ids(tokenizer, template.format(media=media, question=question))]
+    at = ids.index(media_id)
+    return ids[:at] + [media_id] * positions + ids[at + 1 :]
+
+
+def splice(embed: torch.nn.Module, ids: torch.Tensor, features: torch.Tensor, media_id: int) -> torch.Tensor:
+    """Token embeddings with the feature rows written, in order, over the `media_id` positions."""
+    embeds = embed(ids)  # (B, L, D)
+    mask = (ids == media_id).unsqueeze(-1)  # (B, L, 1)
+    return embeds.masked_scatter(mask, features.to(embeds.dtype))

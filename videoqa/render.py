@@ -1,0 +1,74 @@
+"""Stage 6: what the user sees. Answers go to stdout, progress and errors to stderr.
+
+On a terminal the answer streams through rich; into a pipe it is plain text.
+rich honours NO_COLOR by itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+
+stderr = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def progress(message: str) -> Iterator[None]:
+    """A spinner on stderr while a slow stage runs (silent when stderr is not a terminal)."""
+    if stderr.is_terminal:
+        with stderr.status(message):
+            yield
+    else:
+        yield
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {message}", markup=True)
+
+
+def error(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+
+
+def texts(tokens: Iterable[int], tokenizer) -> Iterator[str]:
+    """Decoded text deltas; a delta that ends inside a multi-byte character waits for the next token."""
+    ids: list[int] = []
+    shown = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
+
+
+def stream(tokens: Iterable[int], tokenizer) -> list[int]:
+    """Print the answer as it is generated; return every token id produced."""
+    produced: list[int] = []
+
+    def record() -> Iterator[int]:
+        for token in tokens:
+            produced.append(token)
+            yield token
+
+    out = Console(highlight=False, soft_wrap=True) if sys.stdout.isatty() else None
+    deltas = texts(record(), tokenizer)
+    with progress("Reading the prompt…"):  # the prefill runs until the first token
+        first = next(deltas, "").lstrip()
+    for delta in itertools.chain([first], deltas):
+        if out is not None:
+            out.print(delta, end="", markup=False)
+        else:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    print()
+    return produced
+
+
+def print_json(record: dict) -> None:
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
