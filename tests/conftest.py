@@ -57,3 +57,52 @@ def build_video_llava(directory: Path, image_size: int = 28, context: int = 4096
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_video_llava(tmp_path_factory.mktemp("tiny-video-llava"))
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out[:200]!r}, err={self.err[:300]!r})"
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `videoqa ARGS...` in-process through the real entry point (error handling included)."""
+    import sys
+
+    from videoqa.cli import main
+
+    def run(*args) -> Result:
+        monkeypatch.setattr(sys, "argv", ["videoqa", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out, err = capsys.readouterr()
+        return Result(int(code), out, err)
+
+    return run
+
+
+def reference_generate(model_dir: Path, frames, question: str, max_new_tokens: int) -> list[int]:
+    """transformers' own answer: CLIPImageProcessorPil pixels, processor-style prompt, `generate`."""
+    import torch
+    from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    net = VideoLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    size = net.config.vision_config.image_size
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    pixels = processor(list(frames.pixels), return_tensors="pt").pixel_values
+    positions = len(frames.indices) * ((size // net.config.vision_config.patch_size) ** 2 + 1)
+    text = "USER: " + "<video>" * positions + f"\n{question} ASSISTANT:"
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]])
+    out = net.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels[None],
+        max_new_tokens=max_new_tokens, do_sample=False,
+    )
+    return out[0, ids.shape[1]:].tolist()

@@ -12,11 +12,6 @@ import numpy as np
 import torch
 
 
-def tokens_per_frame(vision_config, keep_cls: bool) -> int:
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    return patches + int(keep_cls)
-
-
 @torch.inference_mode()
 def _encode(net, tower, pixels: np.ndarray, drop_cls: bool) -> torch.Tensor:
     x = torch.from_numpy(pixels).to(net.device, net.dtype)  # (N, 3, H, W)

@@ -7,6 +7,10 @@ with fewer than N frames repeats frames by the same rule.
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,19 +41,37 @@ def check_file(path: Path) -> None:
         raise VideoQAError(f"{path}: file is empty", Exit.INPUT)
 
 
-def _open(path: Path):
+@contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """decord's C++ logger writes to fd 2 whatever its level; point fd 2 at /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _open(path: Path, threads: int = 0):
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines would flood stderr
     try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0))
+        with _stderr_silenced():
+            return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
     except Exception:
         raise VideoQAError(f"{path}: not a readable video (no decodable video stream)", Exit.INPUT) from None
 
 
 def _decodable_count(path: Path) -> int:
-    """Frames a broken or header-less container really yields: decode until the first failure."""
-    reader = _open(path)
+    """Frames a broken or header-less container really yields: decode until the first failure.
+
+    One decoder thread: with several, where damaged data stops decoding varies from run to run.
+    """
+    reader = _open(path, threads=1)
     count = 0
     while True:
         try:
@@ -59,15 +81,21 @@ def _decodable_count(path: Path) -> int:
         count += 1
 
 
-def _decode_one_by_one(path: Path, indices: list[int]) -> np.ndarray:
-    reader = _open(path)
-    wanted = set(indices)
-    kept = {}
-    for i in range(max(indices) + 1):
-        frame = reader.next().asnumpy()
-        if i in wanted:
-            kept[i] = frame
-    return np.stack([kept[i] for i in indices])
+def _decode_prefix(path: Path, count: int, n: int) -> tuple[list[int], np.ndarray | None]:
+    """Sample `count` of the first `n` frames, decoding in order; if the damage comes earlier this time, sample less."""
+    while n > 0:
+        indices = frame_indices(n, count)
+        reader = _open(path, threads=1)
+        kept, i = {}, 0
+        try:
+            for i in range(indices[-1] + 1):
+                frame = reader.next().asnumpy()
+                if i in indices:
+                    kept[i] = frame
+            return indices, np.stack([kept[i] for i in indices])
+        except Exception:  # the decoder gave up at frame i this time: damaged data is not always read alike
+            n = i
+    return [], None
 
 
 def _times(reader, indices: list[int]) -> list[float]:
@@ -89,9 +117,7 @@ def read_frames(path: Path, count: int) -> Frames:
     except Exception:
         pixels = None
     if pixels is None:
-        n = _decodable_count(path)
-        if n == 0:
+        indices, pixels = _decode_prefix(path, count, _decodable_count(path))
+        if pixels is None:
             raise VideoQAError(f"{path}: video is corrupted or truncated, no frame decodes", Exit.INPUT)
-        indices = frame_indices(n, count)
-        pixels = _decode_one_by_one(path, indices)
     return Frames(pixels=pixels, indices=indices, times=_times(reader, indices))

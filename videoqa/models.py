@@ -108,7 +108,9 @@ def resolve(spec: str) -> tuple[Path, Preset]:
     elif Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or not HUB_ID.match(spec):
         path = Path(spec).expanduser()
         if not path.exists() and not spec.startswith((".", "/", "~")):
-            raise VideoQAError(f"unknown model {spec!r}: not a preset ({', '.join(known)}), directory or hub id")
+            raise VideoQAError(
+                f"unknown model {spec!r}: not a preset ({', '.join(known)}), directory or hub id", Exit.MODEL
+            )
         preset = None
     else:
         path = download(spec, "main")

@@ -1,0 +1,153 @@
+"""Every bad input: one line on stderr naming the problem, a documented non-zero exit code, nothing on stdout."""
+
+import shutil
+import wave
+
+import pytest
+
+from conftest import asset, needs_assets
+from videoqa.errors import Exit
+
+QUESTION = "What happens?"
+
+
+def assert_clean_failure(result, code, *words):
+    assert result.code == code, result
+    assert result.out == ""
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+    assert "Traceback" not in result.err
+
+
+@pytest.fixture
+def video():
+    if not asset("videos").is_dir():
+        pytest.skip("../shared/assets is not beside the checkout")
+    return asset("videos/videollava_sample_demo_1.mp4")
+
+
+def bad_file(tmp_path, kind):
+    path = tmp_path / f"input.{kind}"
+    if kind == "txt":
+        path.write_text("this is not a video\n")
+    elif kind == "bin":
+        path.write_bytes(bytes(range(256)) * 64)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "jpg":
+        shutil.copy(asset("images/videollava_desert.jpg"), path)
+    elif kind == "wav":  # audio only
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+            w.writeframes(b"\x00\x10" * 8000)
+    elif kind == "m4a":  # audio only, in an MP4 container
+        import av
+        import numpy as np
+
+        with av.open(str(path), "w", format="mp4") as container:
+            stream = container.add_stream("aac", rate=16000)
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.rate = 16000
+            for packet in [*stream.encode(frame), *stream.encode()]:
+                container.mux(packet)
+    elif kind == "mp4":  # truncated to its first 30 kB
+        path.write_bytes(asset("videos/videollava_sample_demo_1.mp4").read_bytes()[:30000])
+    return path
+
+
+@needs_assets
+@pytest.mark.parametrize("kind", ["txt", "bin", "jpg", "wav", "m4a", "mp4"])
+def test_not_a_video(cli, tiny_model, tmp_path, kind):
+    result = cli("ask", bad_file(tmp_path, kind), QUESTION, "-m", tiny_model)
+    assert_clean_failure(result, Exit.INPUT, "input.")
+
+
+def test_missing_file(cli, tmp_path):
+    assert_clean_failure(cli("ask", tmp_path / "nope.mp4", QUESTION), Exit.INPUT, "nope.mp4", "no such file")
+
+
+def test_directory(cli, tmp_path):
+    assert_clean_failure(cli("ask", tmp_path, QUESTION), Exit.INPUT, "directory")
+
+
+def test_empty_file(cli, tmp_path):
+    assert_clean_failure(cli("ask", bad_file(tmp_path, "empty"), QUESTION), Exit.INPUT, "empty")
+
+
+@pytest.mark.parametrize("question", ["", "   \n"])
+def test_empty_question(cli, video, question):
+    assert_clean_failure(cli("ask", video, question), Exit.USAGE, "question is empty")
+
+
+def test_question_too_long_for_the_context(cli, tiny_model, video):
+    result = cli("ask", video, "why " * 5000, "-m", tiny_model)
+    assert_clean_failure(result, Exit.USAGE, "too long", "4096")
+
+
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--frames", "0", ["--frames"]),
+        ("--max-new-tokens", "-1", ["--max-new-tokens"]),
+        ("--temperature", "-0.5", ["--temperature"]),
+        ("--top-p", "0", ["--top-p"]),
+        ("--top-p", "1.5", ["--top-p"]),
+        ("--top-k", "-1", ["--top-k"]),
+        ("--device", "tpu", ["--device", "tpu"]),
+        ("--dtype", "int3", ["--dtype"]),
+    ],
+)
+def test_bad_option_values(cli, video, option, value, words):
+    assert_clean_failure(cli("ask", video, QUESTION, option, value), Exit.USAGE, *words)
+
+
+def test_unknown_preset(cli, video):
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", "video-llava-99b"), Exit.MODEL, "video-llava-99b")
+
+
+def test_missing_model_directory(cli, video, tmp_path):
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", tmp_path / "absent"), Exit.MODEL, "does not exist")
+
+
+def test_empty_model_directory(cli, video, tmp_path):
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", tmp_path), Exit.MODEL, "config.json")
+
+
+def test_truncated_weights(cli, video, tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", broken), Exit.MODEL, "truncated")
+
+
+def test_weights_that_are_not_safetensors_are_refused(cli, video, tiny_model, tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", pickled), Exit.MODEL, "safetensors")
+
+
+def test_unsupported_architecture(cli, video, tiny_model, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    config = other / "config.json"
+    config.write_text(config.read_text().replace('"video_llava"', '"gpt2"'))
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", other), Exit.MODEL, "gpt2", "video_llava")
+
+
+def test_preset_not_in_the_cache_while_offline(cli, video, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = cli("ask", video, QUESTION)
+    assert_clean_failure(result, Exit.MODEL, "LanguageBind/Video-LLaVA-7B-hf", "hf download")
+
+
+def test_cuda_requested_without_cuda(cli, video):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_clean_failure(cli("ask", video, QUESTION, "--device", "cuda"), Exit.DEVICE, "cuda")

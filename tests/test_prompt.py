@@ -1,0 +1,38 @@
+"""Prompt ids against the reference ids in shared/REFERENCE.md, and the splice."""
+
+import pytest
+import torch
+
+from conftest import build_tokenizer, needs_assets
+from videoqa.prompt import prompt_ids, splice
+
+TEMPLATE = "USER: {media}\n{question} ASSISTANT:"
+# shared/REFERENCE.md: `USER: <video>\nWhy is this video funny? ASSISTANT:` with the placeholder counted once.
+REFERENCE_IDS = [1, 3148, 1001, 29901, 29871, 32001, 13, 11008, 338, 445, 4863, 2090, 1460, 29973, 319, 1799, 9047,
+                 13566, 29901]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@needs_assets
+def test_prompt_ids_equal_the_reference(tokenizer):
+    assert prompt_ids(tokenizer, TEMPLATE, "Why is this video funny?", "<video>", 1) == REFERENCE_IDS
+
+
+@needs_assets
+def test_placeholder_expands_to_frames_times_257(tokenizer):
+    ids = prompt_ids(tokenizer, TEMPLATE, "Why is this video funny?", "<video>", 8 * 257)
+    assert len(ids) == 2074  # REFERENCE.md: the expanded prompt is 2074 ids
+    assert ids[:5] == REFERENCE_IDS[:5] and ids[5 : 5 + 2056] == [32001] * 2056 and ids[2061:] == REFERENCE_IDS[6:]
+
+
+def test_splice_writes_features_in_order_over_the_placeholders():
+    embed = torch.nn.Embedding(10, 2)
+    ids = torch.tensor([[1, 7, 7, 7, 3]])
+    features = torch.tensor([[10.0, 11.0], [20.0, 21.0], [30.0, 31.0]])
+    out = splice(embed, ids, features, media_id=7)
+    assert torch.equal(out[0, 1:4], features)
+    assert torch.equal(out[0, [0, 4]], embed(torch.tensor([1, 3])))
