@@ -89,22 +89,41 @@ def cli(capsys, monkeypatch):
     return run
 
 
-def reference_generate(model_dir: Path, frames, question: str, max_new_tokens: int) -> list[int]:
-    """transformers' own answer: CLIPImageProcessorPil pixels, processor-style prompt, `generate`."""
-    import torch
+def reference_net(model_dir: Path):
     from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
+
+    return VideoLlavaForConditionalGeneration.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def reference_pixels(net, images):
+    """transformers' CLIPImageProcessorPil at the tower's size."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    net = VideoLlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     size = net.config.vision_config.image_size
     processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    pixels = processor(list(frames.pixels), return_tensors="pt").pixel_values
-    positions = len(frames.indices) * ((size // net.config.vision_config.patch_size) ** 2 + 1)
-    text = "USER: " + "<video>" * positions + f"\n{question} ASSISTANT:"
-    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]])
+    return processor(images, return_tensors="pt").pixel_values
+
+
+def reference_prompt(net, tokenizer, frames, question: str) -> list[int]:
+    """The processor's way: the placeholder repeated in the text before tokenising, BOS first."""
+    patches = (net.config.vision_config.image_size // net.config.vision_config.patch_size) ** 2
+    text = "USER: " + "<video>" * len(frames.indices) * (patches + 1) + f"\n{question} ASSISTANT:"
+    return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]
+
+
+def reference_continue(net, ids: list[int], max_new_tokens: int, **pixels) -> list[int]:
+    """transformers' greedy `generate` from a full token sequence."""
+    import torch
+
+    ids = torch.tensor([ids])
     out = net.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels[None],
-        max_new_tokens=max_new_tokens, do_sample=False,
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **pixels
     )
     return out[0, ids.shape[1]:].tolist()
+
+
+def reference_generate(model_dir: Path, frames, question: str, max_new_tokens: int) -> list[int]:
+    """transformers' own answer: CLIPImageProcessorPil pixels, processor-style prompt, `generate`."""
+    net, tokenizer = reference_net(model_dir)
+    ids = reference_prompt(net, tokenizer, frames, question)
+    return reference_continue(net, ids, max_new_tokens, pixel_values_videos=reference_pixels(net, list(frames.pixels))[None])

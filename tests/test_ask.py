@@ -44,7 +44,7 @@ def test_json_record_fields(cli, tiny_model):
     assert record["video"] == str(path) and record["question"] == "Why is this video funny?"
     assert record["model"] == str(tiny_model)
     assert len(record["tokens"]) == 5
-    assert set(record["timings"]) == {"load", "frames", "vision", "prefill", "decode", "decode_tokens_per_s"}
+    assert set(record["timings"]) == {"load", "frames", "vision", "prefill", "decode", "decode_tokens_per_s", "prefill_tokens"}
     assert all(v >= 0 for v in record["timings"].values())
 
 

@@ -77,21 +77,48 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 
 
-def sampling_from(preset, temperature, top_k, top_p, seed):
+def settings_from(preset, frames, max_new_tokens, temperature, top_k, top_p, seed):
+    """Options given on the command line, the preset's defaults for the rest."""
+    from videoqa.conversation import Settings
     from videoqa.decode import Sampling
 
     defaults = preset.generation
-    return Sampling(
-        temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
-        top_k=defaults.get("top_k", 0) if top_k is None else top_k,
-        top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
-        seed=seed,
+    return Settings(
+        frames=frames or preset.frames,
+        max_new_tokens=defaults.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens,
+        sampling=Sampling(
+            temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
+            top_k=defaults.get("top_k", 0) if top_k is None else top_k,
+            top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
+            seed=seed,
+        ),
     )
+
+
+def load_model(model: str, device: Device, dtype: DType, media: Path | None, frames: int | None):
+    """Resolve and load the model, reading the media (if any) first so a bad file fails before a slow load."""
+    from videoqa import models
+    from videoqa.frames import read_media
+    from videoqa.render import progress
+
+    torch_device = models.pick_device(device.value)
+    with progress("Finding the model…"):
+        path, preset = models.resolve(model)
+    timings = {}
+    start = time.perf_counter()
+    with progress("Reading frames…"):
+        media_read = read_media(media, frames or preset.frames) if media else None
+    timings["frames"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with progress(f"Loading {model}…"):
+        loaded = models.load(model, path, preset, torch_device, models.pick_dtype(dtype.value, torch_device))
+    timings["load"] = time.perf_counter() - start
+    return loaded, media_read, timings
 
 
 @app.command()
 def ask(
-    video: Annotated[Path, typer.Argument(help="Video file.", show_default=False)],
+    video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False)],
     question: Annotated[str, typer.Argument(help="What to ask about it.", show_default=False)],
     model: ModelOpt = "video-llava-7b",
     frames: FramesOpt = None,
@@ -105,7 +132,7 @@ def ask(
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Answer a question about a video; the answer streams to stdout.
+    """Answer a question about a video (or an image); the answer streams to stdout.
 
     [bold]Examples[/bold]
 
@@ -113,39 +140,71 @@ def ask(
 
       videoqa ask clip.mp4 "Describe the video." --frames 16 --temperature 0.2 --seed 0
 
+      videoqa ask photo.jpg "What is unusual about this image?"
+
       videoqa ask clip.mp4 "What happens?" --json | jq -r .answer
     """
-    from videoqa import models
     from videoqa.conversation import Conversation, record
-    from videoqa.frames import check_file, read_frames
+    from videoqa.frames import Frames, check_file
     from videoqa.render import print_json, progress, stream
 
     if not question.strip():
         raise VideoQAError("the question is empty")
     check_file(video)
-    torch_device = models.pick_device(device.value)
-    with progress("Finding the model…"):
-        path, preset = models.resolve(model)
-    timings = {}
-    start = time.perf_counter()
-    with progress("Reading frames…"):
-        sampled = read_frames(video, frames or preset.frames)
-    timings["frames"] = time.perf_counter() - start
-    start = time.perf_counter()
-    with progress(f"Loading {model}…"):
-        loaded = models.load(model, path, preset, torch_device, models.pick_dtype(dtype.value, torch_device))
-    timings["load"] = time.perf_counter() - start
+    loaded, media, timings = load_model(model, device, dtype, video, frames)
     with progress("Encoding frames…"):
-        convo = Conversation(loaded, sampled)
-    sampling = sampling_from(preset, temperature, top_k, top_p, seed)
-    budget = preset.generation.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens
-    tokens = convo.ask(question, budget, sampling)
+        convo = Conversation(loaded, media)
+    settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
+    tokens = convo.ask(question, settings.max_new_tokens, settings.sampling)
     if json_output:
         with progress("Answering…"):
             tokens = list(tokens)
-        print_json(record(loaded, video, question, sampled, tokens, {**timings, **convo.timings}))
+        frames_info = media if isinstance(media, Frames) else None
+        print_json(record(loaded, video, question, frames_info, tokens, {**timings, **convo.timings}))
     else:
         stream(tokens, loaded.tokenizer)
+
+
+@app.command()
+def chat(
+    video: Annotated[Optional[Path], typer.Argument(help="Video or image file.", show_default=False)] = None,
+    model: ModelOpt = "video-llava-7b",
+    frames: FramesOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    json_output: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Talk about a video over several turns; the video is encoded once.
+
+    On a terminal: line editing and history, Ctrl-C stops an answer, Ctrl-D or /exit leaves,
+    /help lists the commands (/video, /image, /reset, /frames, /save, /set).
+    With stdin piped: one question per line, one answer (or, with --json, one JSON object) per line.
+
+    [bold]Examples[/bold]
+
+      videoqa chat clip.mp4
+
+      printf 'What happens?\\nWhy?\\n' | videoqa chat clip.mp4 --json
+    """
+    from videoqa.chat import Chat, run_interactive
+    from videoqa.frames import check_file
+
+    if video is not None:
+        check_file(video)
+    loaded, media, timings = load_model(model, device, dtype, video, frames)
+    settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
+    session = Chat(loaded, settings, json_output, timings)
+    if video is not None:
+        session.start(video, media)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not json_output
+    code = run_interactive(session) if interactive else session.run(sys.stdin)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -1,81 +1,115 @@
-"""The pipeline for one video: frames -> pixels -> features once, then questions answered over one KV cache."""
+"""The pipeline for one video or image: pixels -> features once, then questions answered over one KV cache."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
 import torch
+from PIL import Image
 
 from videoqa.decode import Sampling, generate
-from videoqa.errors import Exit, VideoQAError
-from videoqa.features import video_features
+from videoqa.errors import VideoQAError
+from videoqa.features import image_features, video_features
 from videoqa.frames import Frames
 from videoqa.models import Model
 from videoqa.pixels import clip_pixels
-from videoqa.prompt import prompt_ids, splice
+from videoqa.prompt import prompt_ids, splice, text_ids
 
-VIDEO = "<video>"
+
+@dataclass
+class Settings:
+    """What a question is answered with: frames sampled, answer length, sampling."""
+
+    frames: int
+    max_new_tokens: int
+    sampling: Sampling
 
 
 class Conversation:
-    """A video's projected features, and the token ids and KV cache of everything said about it."""
+    """One video or image: its projected features (computed once), and the ids and KV cache of what was said."""
 
-    def __init__(self, model: Model, frames: Frames):
-        self.model, self.frames = model, frames
+    def __init__(self, model: Model, media: Frames | Image.Image):
+        self.model, self.media = model, media
         net = model.net
         start = time.perf_counter()
-        pixels = clip_pixels(frames.pixels, net.config.vision_config.image_size)
-        self.features = video_features(net, pixels)  # (frames * 257, D)
+        if isinstance(media, Frames):
+            self.placeholder = "<video>"
+            self.features = video_features(net, clip_pixels(media.pixels, net.config.vision_config.image_size))
+        else:
+            self.placeholder = "<image>"
+            self.features = image_features(net, clip_pixels([media], net.config.vision_config.image_size))
         if net.device.type == "cuda":
             torch.cuda.synchronize()
-        self.timings = {"vision": time.perf_counter() - start}
-        self.ids: list[int] = []  # every token id the cache holds
+        self.timings: dict[str, float] = {"vision": time.perf_counter() - start}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was said; keep the media's features."""
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=net.config.text_config)
+        self.ids: list[int] = []  # the whole conversation: prompts and answers
+        self.cache = DynamicCache(config=self.model.net.config.text_config)  # holds a prefix of self.ids
 
-    def prompt(self, question: str) -> list[int]:
+    def next_ids(self, question: str) -> list[int]:
+        """The conversation so far plus the new question, in the llava_v1 multi-turn format."""
         tokenizer, preset = self.model.tokenizer, self.model.preset
-        return prompt_ids(tokenizer, preset.template, question, VIDEO, self.features.shape[0])
+        if not self.ids:
+            return prompt_ids(tokenizer, preset.template, question, self.placeholder, self.features.shape[0])
+        eos = [tokenizer.eos_token_id] if self.ids[-1] != tokenizer.eos_token_id else []
+        return [*self.ids, *eos, *text_ids(tokenizer, preset.followup.format(question=question))]
 
     def ask(self, question: str, max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         """Check that the turn fits the context now; the returned iterator streams the answer's token ids."""
-        new_ids = self.prompt(question)
-        used = len(self.ids) + len(new_ids)
-        if used >= self.model.context:
-            raise VideoQAError(
-                f"question too long: the prompt needs {used} tokens and the model's context holds {self.model.context}"
-            )
-        return self._answer(new_ids, min(max_new_tokens, self.model.context - used), sampling)
+        ids = self.next_ids(question)
+        context = self.model.context
+        if len(ids) >= context:
+            what = "conversation too long: it" if self.ids else "question too long: the prompt"
+            hint = "; /reset to start over" if self.ids else ""
+            raise VideoQAError(f"{what} needs {len(ids)} tokens and the model's context holds {context}{hint}")
+        return self._answer(ids, min(max_new_tokens, context - len(ids)), sampling)
 
-    def _answer(self, new_ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+    def _answer(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         net, tokenizer = self.model.net, self.model.tokenizer
-        ids = torch.tensor([new_ids], device=net.device)
-        media_id = tokenizer.convert_tokens_to_ids(VIDEO)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            embeds = splice(net.get_input_embeddings(), ids, self.features, media_id)
+        cached = self.cache.get_seq_length()
+        new = torch.tensor([ids[cached:]], device=net.device)  # only what the cache does not hold yet
+        media_id = tokenizer.convert_tokens_to_ids(self.placeholder)
+        self.timings.update(prefill=0.0, decode=0.0, decode_tokens_per_s=0.0, prefill_tokens=new.shape[1])
+        start = first = time.perf_counter()
         answer: list[int] = []
-        self.timings.update(prefill=0.0, decode=0.0, decode_tokens_per_s=0.0)
-        for token in generate(net, embeds, self.cache, max_new_tokens, tokenizer.eos_token_id, sampling):
-            if not answer:
-                first = time.perf_counter()
-                self.timings["prefill"] = first - start
-            answer.append(token)
-            yield token
+        try:
+            with torch.inference_mode():
+                embeds = splice(net.get_input_embeddings(), new, self.features, media_id)
+            for token in generate(net, embeds, self.cache, max_new_tokens, tokenizer.eos_token_id, sampling):
+                if not answer:
+                    first = time.perf_counter()
+                    self.timings["prefill"] = first - start
+                answer.append(token)
+                yield token
+        except BaseException:  # Ctrl-C or an abandoned answer: the turn is dropped, the cache cut back to before it
+            truncate(self.cache, cached)
+            raise
         if len(answer) > 1:
             self.timings["decode"] = time.perf_counter() - first
             self.timings["decode_tokens_per_s"] = (len(answer) - 1) / self.timings["decode"]
-        self.ids += new_ids + answer
+        self.ids = ids + answer
 
 
-def record(model: Model, video: Path, question: str, frames: Frames, tokens: list[int], timings: dict) -> dict:
-    """The one JSON schema of `ask --json` (and of caption records)."""
+def truncate(cache, length: int) -> None:
+    """Cut every layer back to `length` tokens; an interrupted forward may have extended only some of them."""
+    for layer in cache.layers:
+        if layer.get_seq_length() > length:
+            layer.crop(length - layer.get_seq_length())
+
+
+def record(model: Model, video: Path, question: str, frames: Frames | None, tokens: list[int], timings: dict) -> dict:
+    """The one JSON schema of `ask --json`, chat turns and caption records."""
     return {
         "answer": model.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
         "tokens": tokens,
-        "frames": [{"index": i, "time": t} for i, t in zip(frames.indices, frames.times)],
+        "frames": [{"index": i, "time": t} for i, t in zip(frames.indices, frames.times)] if frames else [],
         "model": model.name,
         "video": str(video),
         "question": question,

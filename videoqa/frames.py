@@ -121,3 +121,23 @@ def read_frames(path: Path, count: int) -> Frames:
         if pixels is None:
             raise VideoQAError(f"{path}: video is corrupted or truncated, no frame decodes", Exit.INPUT)
     return Frames(pixels=pixels, indices=indices, times=_times(reader, indices))
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+
+
+def read_image(path: Path):
+    """A still image, for the image tower; PIL reads it fully now so a broken file fails here."""
+    from PIL import Image
+
+    check_file(path)
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception:
+        raise VideoQAError(f"{path}: not a readable image", Exit.INPUT) from None
+
+
+def read_media(path: Path, frames: int):
+    """Images (by their suffix) are read with Pillow, everything else as a video."""
+    return read_image(path) if path.suffix.lower() in IMAGE_SUFFIXES else read_frames(path, frames)

@@ -29,7 +29,8 @@ class Preset:
     revision: str
     architecture: str
     frames: int
-    template: str
+    template: str  # the first turn, {media} being the placeholder token
+    followup: str  # later turns, appended after the previous answer and its EOS
     generation: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,0 +1,139 @@
+"""`videoqa chat` through a pipe: multi-turn tokens equal transformers' generate on the full sequence,
+follow-ups prefill only their new tokens, the vision tower runs once per video."""
+
+import io
+import json
+import sys
+
+import pytest
+
+from conftest import (asset, build_video_llava, needs_assets, reference_continue, reference_net, reference_pixels,
+                      reference_prompt)
+from videoqa.frames import read_frames
+
+pytestmark = needs_assets
+VIDEO = "videos/videollava_sample_demo_1.mp4"
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+
+
+@pytest.fixture
+def chat(cli, monkeypatch):
+    """`videoqa chat ARGS` with `lines` piped to stdin."""
+
+    def run(lines, *args):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+        return cli("chat", *args)
+
+    return run
+
+
+@pytest.fixture
+def tower_calls(monkeypatch):
+    from videoqa import conversation
+
+    calls = []
+    real = conversation.video_features
+
+    def counted(net, pixels):
+        calls.append(pixels.shape[0])
+        return real(net, pixels)
+
+    monkeypatch.setattr(conversation, "video_features", counted)
+    return calls
+
+
+def turns(result):
+    return [json.loads(line) for line in result.out.splitlines()]
+
+
+def test_second_turn_equals_generate_on_the_full_sequence(chat, tiny_model, tower_calls):
+    q1, q2 = "Why is this video funny?", "What is the baby holding?"
+    result = chat([q1, q2], asset(VIDEO), "-m", tiny_model, "-n", 12, "--json")
+    assert result.code == 0, result
+    first, second = turns(result)
+    assert tower_calls == [8]  # one tower call (8 frames) for two turns
+    assert (first["turn"], second["turn"]) == (1, 2)
+
+    net, tokenizer = reference_net(tiny_model)
+    frames = read_frames(asset(VIDEO), 8)
+    pixels = reference_pixels(net, list(frames.pixels))[None]
+    prompt = reference_prompt(net, tokenizer, frames, q1)
+    assert first["tokens"] == reference_continue(net, prompt, 12, pixel_values_videos=pixels)
+    eos = [2] if first["tokens"][-1] != 2 else []
+    follow = tokenizer(f"USER: {q2} ASSISTANT:", add_special_tokens=False).input_ids
+    full = [*prompt, *first["tokens"], *eos, *follow]
+    assert second["tokens"] == reference_continue(net, full, 12, pixel_values_videos=pixels)
+
+    assert first["timings"]["prefill_tokens"] == len(prompt)
+    # The cache holds the prompt and every answer token but the last, which was never fed back.
+    assert second["timings"]["prefill_tokens"] == len(full) - (len(prompt) + len(first["tokens"]) - 1)
+    assert second["timings"]["prefill_tokens"] == 1 + len(eos) + len(follow)
+
+
+def test_reset_forgets_the_conversation_but_not_the_video(chat, tiny_model, tower_calls):
+    result = chat(["Why?", "And then?", "/reset", "Why?"], asset(VIDEO), "-m", tiny_model, "-n", 6, "--json")
+    first, second, after_reset = turns(result)
+    assert after_reset["tokens"] == first["tokens"] and after_reset["turn"] == 1
+    assert after_reset["timings"]["prefill_tokens"] == first["timings"]["prefill_tokens"]
+    assert tower_calls == [8]
+
+
+def test_video_switch_encodes_the_new_video(chat, tiny_model, tower_calls):
+    other = asset("videos/videollava_sample_demo_9.mp4")
+    result = chat(["Why?", f"/video {other}", "Why?"], asset(VIDEO), "-m", tiny_model, "-n", 6, "--json")
+    first, second = turns(result)
+    assert second["turn"] == 1 and second["video"] == str(other)
+    assert len(tower_calls) == 2
+
+
+def test_commands_frames_set_save_and_errors_keep_the_session(chat, tiny_model, tmp_path):
+    md, js = tmp_path / "talk.md", tmp_path / "talk.json"
+    lines = ["/frames", "/set temperature 2", "/set top_p 0", "/set max_new_tokens 4", "/bogus", "/video /nope.mp4",
+             "Why?", f"/save {md}", f"/save {js}", "/set", "/exit", "never asked"]
+    result = chat(lines, asset(VIDEO), "-m", tiny_model)
+    out = result.out.splitlines()
+    assert out[:8] == [f"frame {i:>6}  {i / 25:8.3f} s" for i in [0, 34, 69, 103, 138, 172, 207, 242]]
+    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3 and "top_p" in errors[0] and "bogus" in errors[1] and "/nope.mp4" in errors[2]
+    assert result.code == 2  # the first failure was a usage error
+    saved = json.loads(js.read_text())
+    assert len(saved["turns"]) == 1 and len(saved["turns"][0]["tokens"]) == 4
+    assert saved["turns"][0]["answer"] in md.read_text() and "**You:** Why?" in md.read_text()
+    assert "temperature 2.0" in out[-1] and "max_new_tokens 4" in out[-1]
+
+
+def test_question_before_any_video(chat, tiny_model):
+    result = chat(["Why?"], "-m", tiny_model)
+    assert result.out == "" and "/video PATH" in result.err and result.code == 2
+
+
+def test_context_overflow_is_reported_and_reset_recovers(chat, tmp_path):
+    small = build_video_llava(tmp_path / "small", context=64)  # 8 frames x 5 tokens + ~20 prompt tokens
+    result = chat(["Why is this funny?", "And why is that?", "/reset", "Why is this funny?"], asset(VIDEO),
+                  "-m", small, "-n", 4, "--json")
+    records = turns(result)
+    assert [r["turn"] for r in records] == [1, 1]
+    assert "conversation too long" in result.err and "/reset" in result.err
+    assert records[0]["tokens"] == records[1]["tokens"]
+
+
+def test_image_answer_equals_generate_with_image_pixels(cli, tiny_model):
+    from PIL import Image
+
+    path = asset("images/videollava_extreme_ironing.jpg")
+    result = cli("ask", path, "What is unusual about this image?", "-m", tiny_model, "-n", 12, "--json")
+    assert result.code == 0, result
+    record = json.loads(result.out)
+    assert record["frames"] == []
+
+    net, tokenizer = reference_net(tiny_model)
+    patches = (net.config.vision_config.image_size // net.config.vision_config.patch_size) ** 2
+    text = "USER: " + "<image>" * patches + "\nWhat is unusual about this image? ASSISTANT:"
+    ids = [1, *tokenizer(text, add_special_tokens=False).input_ids]
+    pixels = reference_pixels(net, [Image.open(path).convert("RGB")])
+    assert record["tokens"] == reference_continue(net, ids, 12, pixel_values=pixels)
+    assert record["timings"]["prefill_tokens"] == len(ids)

@@ -1,0 +1,216 @@
+"""`videoqa chat`: a REPL over one Conversation, so a video is encoded once and each follow-up prefills only itself.
+
+Interactive on a terminal (readline editing, history across sessions, Ctrl-C stops an answer);
+one question per line when stdin is a pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import fields, replace
+from pathlib import Path
+
+from PIL import Image
+
+from videoqa.conversation import Conversation, Settings, record
+from videoqa.decode import Sampling
+from videoqa.errors import Exit, VideoQAError
+from videoqa.frames import Frames, read_media
+from videoqa.models import Model
+from videoqa.render import error, print_json, progress, stream
+
+HELP = """\
+/video PATH     switch to another video (a new conversation)
+/image PATH     ask about a still image instead
+/reset          forget the conversation, keep the video
+/frames         the sampled frames: index and time
+/save FILE      save the conversation as Markdown (.md) or JSON (.json)
+/set [KEY VAL]  show or change temperature, top_k, top_p, seed, max_new_tokens, frames
+/help           this list
+/exit           leave (or Ctrl-D)"""
+
+
+def data_dir() -> Path:
+    """The user's data dir (XDG), where the history file lives."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "videoqa"
+
+
+def parse_setting(settings: Settings, key: str, value: str) -> Settings:
+    """A copy of `settings` with one option changed; bad keys and values raise with the accepted range."""
+    key = key.replace("-", "_")
+    checks: dict[str, tuple[Callable, Callable, str]] = {
+        "temperature": (float, lambda v: v >= 0, ">= 0"),
+        "top_k": (int, lambda v: v >= 0, ">= 0"),
+        "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "seed": (lambda v: None if v == "none" else int(v), lambda v: True, "an integer or none"),
+        "max_new_tokens": (int, lambda v: v >= 0, ">= 0"),
+        "frames": (int, lambda v: v >= 1, ">= 1"),
+    }
+    if key not in checks:
+        raise VideoQAError(f"/set: unknown setting {key!r}; settings: {', '.join(checks)}")
+    convert, valid, accepted = checks[key]
+    try:
+        parsed = convert(value)
+        ok = valid(parsed)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise VideoQAError(f"/set {key}: {value!r} is not valid, it must be {accepted}")
+    if key in {f.name for f in fields(Sampling)}:
+        return replace(settings, sampling=replace(settings.sampling, **{key: parsed}))
+    return replace(settings, **{key: parsed})
+
+
+class Chat:
+    def __init__(self, model: Model, settings: Settings, json_output: bool, timings: dict[str, float]):
+        self.model, self.settings, self.json_output = model, settings, json_output
+        self.convo: Conversation | None = None
+        self.path: Path | None = None
+        self.turns: list[dict] = []
+        self.pending = timings  # setup timings, reported with the next turn
+        self.failed = 0  # exit code of the first line that failed
+
+    def open(self, path: Path) -> None:
+        """Read a video or image: a new conversation about it."""
+        start = time.perf_counter()
+        with progress("Reading frames…"):
+            media = read_media(path, self.settings.frames)
+        self.pending["frames"] = time.perf_counter() - start
+        self.start(path, media)
+
+    def start(self, path: Path, media: Frames | Image.Image) -> None:
+        with progress("Encoding frames…"):
+            self.convo = Conversation(self.model, media)
+        self.path, self.turns = path, []
+        self.pending["vision"] = self.convo.timings["vision"]
+
+    def ask(self, question: str) -> None:
+        if self.convo is None:
+            raise VideoQAError("no video yet: /video PATH (or /image PATH) first")
+        settings = self.settings
+        tokens = self.convo.ask(question, settings.max_new_tokens, settings.sampling)
+        if self.json_output:
+            with progress("Answering…"):
+                tokens = list(tokens)
+        else:
+            tokens = stream(tokens, self.model.tokenizer)
+        timings = {"load": 0.0, "frames": 0.0, "vision": 0.0, **self.pending, **self.convo.timings}
+        self.pending = {}
+        media = self.convo.media
+        turn = record(self.model, self.path, question, media if isinstance(media, Frames) else None, tokens, timings)
+        turn["turn"] = len(self.turns) + 1
+        self.turns.append(turn)
+        if self.json_output:
+            print_json(turn)
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means leave."""
+        name, *args = shlex.split(line[1:]) or [""]
+        if name in ("exit", "quit"):
+            return False
+        if name in ("video", "image") and len(args) == 1:
+            self.open(Path(args[0]).expanduser())
+        elif name == "reset" and not args and self.convo is not None:
+            self.convo.reset()
+            self.turns = []
+        elif name == "frames" and not args:
+            self.show_frames()
+        elif name == "save" and len(args) == 1:
+            self.save(Path(args[0]).expanduser())
+        elif name == "set" and len(args) in (0, 2):
+            if args:
+                self.settings = parse_setting(self.settings, *args)
+            s = self.settings
+            print(f"temperature {s.sampling.temperature}  top_k {s.sampling.top_k}  top_p {s.sampling.top_p}  "
+                  f"seed {s.sampling.seed}  max_new_tokens {s.max_new_tokens}  frames {s.frames}")
+        elif name == "help":
+            print(HELP)
+        else:
+            raise VideoQAError(f"unknown command or arguments: {line.strip()} (/help lists the commands)")
+        return True
+
+    def show_frames(self) -> None:
+        if self.convo is None or not isinstance(self.convo.media, Frames):
+            raise VideoQAError("no video is loaded: /frames lists a video's sampled frames")
+        for index, time_s in zip(self.convo.media.indices, self.convo.media.times):
+            print(f"frame {index:>6}  {time_s:8.3f} s")
+
+    def save(self, path: Path) -> None:
+        if path.suffix not in (".md", ".json"):
+            raise VideoQAError(f"/save {path}: use a .md or .json file name")
+        if path.suffix == ".json":
+            text = json.dumps({"model": self.model.name, "media": str(self.path), "turns": self.turns}, indent=2)
+        else:
+            lines = [f"# videoqa chat\n\nModel: `{self.model.name}`  \nMedia: `{self.path}`\n"]
+            for turn in self.turns:
+                lines.append(f"**You:** {turn['question']}\n\n**Answer:** {turn['answer']}\n")
+            text = "\n".join(lines)
+        try:
+            path.write_text(text + "\n")
+        except OSError as e:
+            raise VideoQAError(f"/save {path}: {e.strerror}", Exit.INPUT) from None
+        print(f"saved {len(self.turns)} turns to {path}", file=sys.stderr)
+
+    def handle(self, line: str) -> bool:
+        """One line of input; errors are reported and the session goes on. False means leave."""
+        line = line.strip()
+        try:
+            if line.startswith("/"):
+                return self.command(line)
+            if line:
+                self.ask(line)
+        except VideoQAError as e:
+            error(str(e))
+            self.failed = self.failed or e.code
+        return True
+
+    def run(self, lines: Iterable[str]) -> int:
+        """Read lines to the end; the exit code is that of the first failed line, if any."""
+        for line in lines:
+            if not self.handle(line):
+                break
+        return self.failed
+
+
+def interactive_lines(chat: Chat) -> Iterable[str]:
+    """Lines from a readline prompt with persistent history; Ctrl-C at the prompt clears the line."""
+    import readline
+
+    history = data_dir() / "history"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    try:
+        while True:
+            try:
+                yield input("> ")
+            except KeyboardInterrupt:
+                print()
+            except EOFError:
+                print()
+                return
+            readline.write_history_file(history)
+    finally:
+        readline.write_history_file(history)
+
+
+def run_interactive(chat: Chat) -> int:
+    """The terminal REPL: a Ctrl-C during an answer stops it and returns to the prompt."""
+    print("videoqa chat: ask about the video, /help for commands, Ctrl-D to leave.", file=sys.stderr)
+    for line in interactive_lines(chat):
+        try:
+            if not chat.handle(line):
+                break
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+    return chat.failed
+
