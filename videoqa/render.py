@@ -36,15 +36,17 @@ def error(message: str) -> None:
 
 
 def texts(tokens: Iterable[int], tokenizer) -> Iterator[str]:
-    """Decoded text deltas; a delta that ends inside a multi-byte character waits for the next token."""
+    """Decoded text deltas, each token decoded with one token of context so SentencePiece spaces come out right;
+    a delta that ends inside a multi-byte character waits for the next token."""
     ids: list[int] = []
-    shown = ""
+    prefix = read = 0  # ids[prefix:read] is the context already shown
     for token in tokens:
         ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
+        shown = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+        text = tokenizer.decode(ids[prefix:], skip_special_tokens=True)
+        if len(text) > len(shown) and not text.endswith("\ufffd"):
             yield text[len(shown) :]
-            shown = text
+            prefix, read = read, len(ids)
 
 
 def stream(tokens: Iterable[int], tokenizer) -> list[int]:

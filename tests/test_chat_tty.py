@@ -1,0 +1,49 @@
+"""`videoqa chat` on a real pseudo-terminal: prompt, streaming answer, Ctrl-C back to the prompt, history."""
+
+import os
+import sys
+
+import pytest
+
+from conftest import asset, needs_assets
+
+pytestmark = needs_assets
+
+
+def spawn(tiny_model, tmp_path, *args):
+    import pexpect
+
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    command = [sys.executable, "-m", "videoqa", "chat", str(asset("videos/videollava_sample_demo_1.mp4")),
+               "-m", str(tiny_model), *args]
+    return pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
+
+
+def test_prompt_streaming_ctrl_c_and_history(tiny_model, tmp_path):
+    child = spawn(tiny_model, tmp_path, "-n", "3500")  # a long answer, to interrupt
+    child.expect_exact("> ")
+    child.sendline("Why is this video funny?")
+    child.expect(r"\S{3}")  # answer text streams while the answer is still being generated
+    child.sendintr()  # Ctrl-C
+    child.expect_exact("[stopped]")
+    child.expect_exact("> ")  # the session goes on
+    child.sendline("/set max_new_tokens 3")
+    child.expect_exact("max_new_tokens 3")
+    child.expect_exact("> ")
+    child.sendline("And now?")
+    child.expect_exact("> ")
+    child.sendeof()  # Ctrl-D leaves
+    child.expect(pytest.importorskip("pexpect").EOF)
+    child.close()
+    assert child.exitstatus == 0
+    history = (tmp_path / "data" / "videoqa" / "history").read_text()
+    assert "Why is this video funny?" in history and "And now?" in history
+
+    child = spawn(tiny_model, tmp_path, "-n", "2")  # a new session recalls the last question with up-arrow
+    child.expect_exact("> ")
+    child.send("\x1b[A")
+    child.expect_exact("And now?")
+    child.sendline("")
+    child.expect_exact("> ")
+    child.sendline("/exit")
+    child.expect(pytest.importorskip("pexpect").EOF)
