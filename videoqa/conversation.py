@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -82,7 +83,8 @@ class Conversation:
         try:
             with torch.inference_mode():
                 embeds = splice(net.get_input_embeddings(), new, self.features, media_id)
-            for token in generate(net, embeds, self.cache, max_new_tokens, tokenizer.eos_token_id, sampling):
+            for step in generate(net, embeds, self.cache, max_new_tokens, tokenizer.eos_token_id, sampling):
+                token = int(step[0])
                 if not answer:
                     first = time.perf_counter()
                     self.timings["prefill"] = first - start
@@ -102,6 +104,46 @@ def truncate(cache, length: int) -> None:
     for layer in cache.layers:
         if layer.get_seq_length() > length:
             layer.crop(length - layer.get_seq_length())
+
+
+def answer_batch(model: Model, videos: list[Frames], questions: list[str], settings: Settings):
+    """Several videos prefilled and decoded together (left padding, per-row EOS); greedy answers equal `ask`'s.
+
+    Returns each row's tokens, up to and including its EOS, and the batch's timings.
+    """
+    net, tokenizer, preset = model.net, model.tokenizer, model.preset
+    start = time.perf_counter()
+    pixels = np.concatenate([clip_pixels(v.pixels, net.config.vision_config.image_size) for v in videos])
+    features = video_features(net, pixels)  # (all frames * T, D), video after video
+    per_frame = features.shape[0] // pixels.shape[0]
+    rows = [
+        prompt_ids(tokenizer, preset.template, q, "<video>", len(v.indices) * per_frame)
+        for v, q in zip(videos, questions)
+    ]
+    width = max(map(len, rows))
+    if width >= model.context:
+        raise VideoQAError(f"question too long: the prompt needs {width} tokens and the model's context holds "
+                           f"{model.context}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=net.device)  # (B, L), left-padded
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=net.device)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=net.config.text_config)
+    with torch.inference_mode():
+        embeds = splice(net.get_input_embeddings(), ids, features, tokenizer.convert_tokens_to_ids("<video>"))
+    vision = time.perf_counter() - start
+    answers: list[list[int]] = [[] for _ in rows]
+    eos, budget = tokenizer.eos_token_id, min(settings.max_new_tokens, model.context - width)
+    for i, step in enumerate(generate(net, embeds, cache, budget, eos, settings.sampling, mask)):
+        if i == 0:
+            prefill = time.perf_counter() - start - vision
+        for answer, token in zip(answers, step.tolist()):
+            if not answer or answer[-1] != eos:
+                answer.append(token)
+    timings = {"vision": vision, "prefill": prefill if budget else 0.0}
+    timings["decode"] = time.perf_counter() - start - vision - timings["prefill"]
+    return answers, timings
 
 
 def record(model: Model, video: Path, question: str, frames: Frames | None, tokens: list[int], timings: dict) -> dict:

@@ -42,10 +42,16 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def forward(net, embeds: torch.Tensor, cache) -> torch.Tensor:
-    """(B, T, D) new embeddings -> (B, V) float32 logits of the last position; extends the cache."""
-    hidden = net.model.language_model(inputs_embeds=embeds, cache=cache, use_cache=True).last_hidden_state
-    return net.lm_head(hidden[:, -1]).float()
+def forward(net, embeds: torch.Tensor, cache, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, D) new embeddings -> (B, V) float32 logits of the last position; extends the cache.
+
+    `mask` (B, cached + T) is 0 at left padding; positions then count real tokens only.
+    """
+    positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1] :]
+    out = net.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+    )
+    return net.lm_head(out.last_hidden_state[:, -1]).float()
 
 
 def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
@@ -55,16 +61,26 @@ def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator 
 
 
 @torch.inference_mode()
-def generate(net, embeds: torch.Tensor, cache, max_new_tokens: int, eos_id: int, sampling: Sampling) -> Iterator[int]:
-    """Yield new token ids until EOS (yielded too) or `max_new_tokens`; `cache` holds everything before `embeds`."""
+def generate(
+    net, embeds: torch.Tensor, cache, max_new_tokens: int, eos_id: int, sampling: Sampling,
+    mask: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the (B,) next token ids, step by step, until every row has produced EOS or `max_new_tokens`.
+
+    `cache` holds everything before `embeds`. Rows that are done keep getting tokens: the caller drops them.
+    """
     if max_new_tokens == 0:
         return
     generator = make_generator(sampling, embeds.device)
     embed = net.get_input_embeddings()
-    logits = forward(net, embeds, cache)  # prefill
+    done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+    logits = forward(net, embeds, cache, mask)  # prefill
     for step in range(max_new_tokens):
-        token = next_token(logits, sampling, generator)  # (1,)
-        yield int(token)
-        if int(token) == eos_id or step == max_new_tokens - 1:
+        token = next_token(logits, sampling, generator)  # (B,)
+        yield token
+        done |= token == eos_id
+        if step == max_new_tokens - 1 or bool(done.all()):
             return
-        logits = forward(net, embed(token[:, None]), cache)  # one decode step
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        logits = forward(net, embed(token[:, None]), cache, mask)  # one decode step
