@@ -39,7 +39,8 @@ def test_json_record_fields(cli, tiny_model):
     result = cli("ask", path, "Why is this video funny?", "-m", tiny_model, "-n", 5, "--json")
     record = json.loads(result.out)
     assert result.out.count("\n") == 1 and result.err == ""
-    assert set(record) == {"answer", "tokens", "frames", "model", "video", "question", "timings"}
+    assert set(record) == {"answer", "tokens", "frames", "model", "video", "question", "prompt", "timings", "error"}
+    assert record["prompt"] == "USER: <video>\nWhy is this video funny? ASSISTANT:" and record["error"] is None
     assert record["frames"][1] == {"index": 34, "time": pytest.approx(34 / 25, abs=1e-3)}
     assert record["video"] == str(path) and record["question"] == "Why is this video funny?"
     assert record["model"] == str(tiny_model)

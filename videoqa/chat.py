@@ -103,7 +103,8 @@ class Chat:
         timings = {"load": 0.0, "frames": 0.0, "vision": 0.0, **self.pending, **self.convo.timings}
         self.pending = {}
         media = self.convo.media
-        turn = record(self.model, self.path, question, media if isinstance(media, Frames) else None, tokens, timings)
+        frames = media if isinstance(media, Frames) else None
+        turn = record(self.model, self.path, question, self.convo.prompt, frames, tokens, timings)
         turn["turn"] = len(self.turns) + 1
         self.turns.append(turn)
         if self.json_output:

@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     help="Ask local video-language models about video files. Exit codes: 0 ok, 1 internal error, "
     "2 bad usage or question, 3 unreadable video, 4 model not found or not loadable, 5 device not available, "
-    "130 interrupted.",
+    "6 caption: some videos failed, 7 caption: all failed, 130 interrupted.",
 )
 
 
@@ -75,6 +75,32 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, th
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: float16 on cuda/mps, float32 on cpu.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr, only the answer (errors still).")]
+PromptFileOpt = Annotated[
+    Optional[Path], typer.Option("--prompt-file", help="Read the question from this file.", show_default=False)
+]
+
+
+def read_question(question: str | None, prompt_file: Path | None) -> str:
+    """The question from the argument, `-` (stdin) or --prompt-file; never empty."""
+    if prompt_file is not None:
+        try:
+            question = prompt_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise VideoQAError(f"--prompt-file {prompt_file}: cannot read it ({type(e).__name__})") from None
+    elif question == "-":
+        question = sys.stdin.read()
+    if question is None:
+        raise VideoQAError("no question: give QUESTION, - to read it from stdin, or --prompt-file")
+    if not question.strip():
+        raise VideoQAError("the question is empty")
+    return question.strip()
+
+
+def quiet_mode(quiet: bool) -> None:
+    from videoqa.render import stderr
+
+    stderr.quiet = quiet
 
 
 def settings_from(preset, frames, max_new_tokens, temperature, top_k, top_p, seed):
@@ -119,7 +145,10 @@ def load_model(model: str, device: Device, dtype: DType, media: Path | None, fra
 @app.command()
 def ask(
     video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False)],
-    question: Annotated[str, typer.Argument(help="What to ask about it.", show_default=False)],
+    question: Annotated[
+        Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False)
+    ] = None,
+    prompt_file: PromptFileOpt = None,
     model: ModelOpt = "video-llava-7b",
     frames: FramesOpt = None,
     max_new_tokens: MaxNewOpt = None,
@@ -130,6 +159,7 @@ def ask(
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Answer a question about a video (or an image); the answer streams to stdout.
@@ -143,13 +173,15 @@ def ask(
       videoqa ask photo.jpg "What is unusual about this image?"
 
       videoqa ask clip.mp4 "What happens?" --json | jq -r .answer
+
+      echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
     from videoqa.conversation import Conversation, record
     from videoqa.frames import Frames, check_file
     from videoqa.render import print_json, progress, stream
 
-    if not question.strip():
-        raise VideoQAError("the question is empty")
+    quiet_mode(quiet)
+    question = read_question(question, prompt_file)
     check_file(video)
     loaded, media, timings = load_model(model, device, dtype, video, frames)
     with progress("Encoding frames…"):
@@ -160,7 +192,7 @@ def ask(
         with progress("Answering…"):
             tokens = list(tokens)
         frames_info = media if isinstance(media, Frames) else None
-        print_json(record(loaded, video, question, frames_info, tokens, {**timings, **convo.timings}))
+        print_json(record(loaded, video, question, convo.prompt, frames_info, tokens, {**timings, **convo.timings}))
     else:
         stream(tokens, loaded.tokenizer)
 
@@ -205,6 +237,76 @@ def chat(
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not json_output
     code = run_interactive(session) if interactive else session.run(sys.stdin)
     raise typer.Exit(code)
+
+
+class Format(str, Enum):
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+@app.command()
+def caption(
+    paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False)],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every video.")] = (
+        "Describe this video."
+    ),
+    prompt_file: PromptFileOpt = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output file [default: stdout].", show_default=False)
+    ] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Record format.")] = Format.jsonl,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively.")] = False,
+    glob: Annotated[str, typer.Option("--glob", help="File name patterns in folders, comma-separated.")] = (
+        "*.mp4,*.mkv,*.mov,*.avi,*.webm,*.m4v,*.mpg,*.mpeg,*.flv,*.wmv"
+    ),
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos decoded together.")] = 4,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip videos already in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    model: ModelOpt = "video-llava-7b",
+    frames: FramesOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Caption (or question) many videos: one record per video, written as soon as it is done.
+
+    A video that cannot be read gets a record with [bold]error[/bold] set and the run goes on.
+    Exit codes: 0 all captioned (or skipped), 6 some failed, 7 all failed, 130 stopped by Ctrl-C
+    (after writing the batch in flight).
+
+    [bold]Examples[/bold]
+
+      videoqa caption clips/ --out captions.jsonl
+
+      videoqa caption clips/ -r --glob "*.mp4" --out captions.jsonl --resume
+
+      videoqa caption a.mp4 b.mp4 --prompt "What sport is this?" --format csv > answers.csv
+    """
+    from videoqa import caption as captioning
+    from videoqa.render import summary
+
+    quiet_mode(quiet)
+    question = read_question(prompt, prompt_file)
+    videos = captioning.find_videos(paths, glob, recursive)
+    if not videos:
+        raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
+    output = captioning.Output(out, fmt.value, resume, overwrite)
+    try:
+        loaded, _, _ = load_model(model, device, dtype, None, frames)
+        settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
+        tally = captioning.run(loaded, videos, question, settings, output, batch_size)
+    finally:
+        output.close()
+    seconds = time.perf_counter() - tally.start
+    summary({"done": str(tally.done), "failed": str(tally.failed), "skipped": str(tally.skipped),
+             "videos/s": f"{(tally.done + tally.failed) / seconds:.2f}"})
+    raise typer.Exit(tally.exit_code())
 
 
 def main() -> None:

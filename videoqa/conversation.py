@@ -65,6 +65,9 @@ class Conversation:
     def ask(self, question: str, max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         """Check that the turn fits the context now; the returned iterator streams the answer's token ids."""
         ids = self.next_ids(question)
+        preset = self.model.preset
+        first = preset.template.format(media=self.placeholder, question=question)
+        self.prompt = preset.followup.format(question=question) if self.ids else first
         context = self.model.context
         if len(ids) >= context:
             what = "conversation too long: it" if self.ids else "question too long: the prompt"
@@ -146,14 +149,19 @@ def answer_batch(model: Model, videos: list[Frames], questions: list[str], setti
     return answers, timings
 
 
-def record(model: Model, video: Path, question: str, frames: Frames | None, tokens: list[int], timings: dict) -> dict:
-    """The one JSON schema of `ask --json`, chat turns and caption records."""
+def record(
+    model: Model, video: Path, question: str, prompt: str, frames: Frames | None, tokens: list[int],
+    timings: dict[str, float], error: str | None = None,
+) -> dict:
+    """The one schema of `ask --json`, chat turns and caption records (documented in the README)."""
     return {
+        "video": str(video),
+        "question": question,
+        "prompt": prompt,
         "answer": model.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
         "tokens": tokens,
         "frames": [{"index": i, "time": t} for i, t in zip(frames.indices, frames.times)] if frames else [],
         "model": model.name,
-        "video": str(video),
-        "question": question,
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        "error": error,
     }

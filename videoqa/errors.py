@@ -10,6 +10,8 @@ class Exit(IntEnum):
     INPUT = 3  # the video or image cannot be read
     MODEL = 4  # the model cannot be found or loaded
     DEVICE = 5  # the requested device is not available
+    SOME_FAILED = 6  # caption: some videos failed (their records carry the error)
+    ALL_FAILED = 7  # caption: every video failed
     INTERRUPTED = 130
 
 

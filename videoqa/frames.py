@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,18 +42,22 @@ def check_file(path: Path) -> None:
         raise VideoQAError(f"{path}: file is empty", Exit.INPUT)
 
 
+_fd2 = threading.Lock()  # frames are read on background threads too; one redirection at a time
+
+
 @contextmanager
 def _stderr_silenced() -> Iterator[None]:
     """decord's C++ logger writes to fd 2 whatever its level; point fd 2 at /dev/null meanwhile."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with _fd2:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _open(path: Path, threads: int = 0):

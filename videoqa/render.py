@@ -9,18 +9,19 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False)  # progress and notices; `--quiet` silences it
+errors = Console(stderr=True, highlight=False)  # errors are never silenced
 
 
 @contextmanager
 def progress(message: str) -> Iterator[None]:
     """A spinner on stderr while a slow stage runs (silent when stderr is not a terminal)."""
-    if stderr.is_terminal:
+    if stderr.is_terminal and not stderr.quiet:
         with stderr.status(message):
             yield
     else:
@@ -32,7 +33,7 @@ def warn(message: str) -> None:
 
 
 def error(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    errors.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
 
 
 def texts(tokens: Iterable[int], tokenizer) -> Iterator[str]:
@@ -70,6 +71,27 @@ def stream(tokens: Iterable[int], tokenizer) -> list[int]:
             sys.stdout.flush()
     print()
     return produced
+
+
+@contextmanager
+def progress_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A bar with rate and ETA on stderr; yields the function that advances it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), "ETA", TimeRemainingColumn()]
+    with Progress(*columns, console=stderr, disable=not stderr.is_terminal or stderr.quiet) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def summary(rows: dict[str, str]) -> None:
+    """A two-column table on stderr."""
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    for name, value in rows.items():
+        table.add_row(name, value)
+    stderr.print(table)
 
 
 def print_json(record: dict) -> None:

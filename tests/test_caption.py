@@ -1,0 +1,168 @@
+"""`videoqa caption`: records for good and broken videos, batching that changes no answer, crash-safe resume."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import asset, needs_assets
+from videoqa.errors import Exit
+
+pytestmark = needs_assets
+REAL = ["videollava_sample_demo_1.mp4", "videollava_sample_demo_3.mp4", "videollava_sample_demo_9.mp4",
+        "videollama2_1034346401.mp4", "llavanext_xU25MMA2N4aVtYay.mp4"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Real videos (linked) and broken ones side by side."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in REAL:
+        (clips / name).symlink_to(asset(f"videos/{name}"))
+    (clips / "notes.mp4").write_text("not a video\n")
+    (clips / "empty.mov").write_bytes(b"")
+    (clips / "readme.txt").write_text("not matched by the glob\n")
+    return clips
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_folder_of_real_and_broken_videos(cli, tiny_model, folder, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    result = cli("caption", folder, "-m", tiny_model, "-n", 6, "--out", out)
+    assert result.code == Exit.SOME_FAILED, result
+    records = read_jsonl(out)
+    assert sorted(r["video"] for r in records) == sorted(str(folder / n) for n in [*REAL, "notes.mp4", "empty.mov"])
+    broken = {r["video"]: r for r in records if r["error"]}
+    assert set(broken) == {str(folder / "notes.mp4"), str(folder / "empty.mov")}
+    assert "not a readable video" in broken[str(folder / "notes.mp4")]["error"]
+    assert "empty" in broken[str(folder / "empty.mov")]["error"]
+    assert all(len(r["tokens"]) == 6 and r["answer"] and len(r["frames"]) == 8 for r in records if not r["error"])
+    assert all(r["question"] == "Describe this video." for r in records)
+    assert "done" in result.err and "failed" in result.err and "videos/s" in result.err
+    assert result.out == ""
+
+
+def test_all_failed_and_all_done_exit_codes(cli, tiny_model, folder, tmp_path):
+    broken = cli("caption", folder / "notes.mp4", folder / "empty.mov", "-m", tiny_model, "-n", 2)
+    assert broken.code == Exit.ALL_FAILED and len(broken.out.splitlines()) == 2
+    good = cli("caption", folder / REAL[0], "-m", tiny_model, "-n", 2)
+    assert good.code == 0 and json.loads(good.out)["error"] is None
+
+
+def test_batching_changes_no_greedy_answer(cli, tiny_model, folder, tmp_path):
+    runs = {}
+    for size in (1, 4):
+        out = tmp_path / f"b{size}.jsonl"
+        assert cli("caption", folder, "-m", tiny_model, "-n", 16, "-b", size, "--out", out).code == Exit.SOME_FAILED
+        runs[size] = {r["video"]: r["tokens"] for r in read_jsonl(out)}
+    assert runs[1] == runs[4]
+    for name in REAL[:3]:
+        ask = cli("ask", folder / name, "Describe this video.", "-m", tiny_model, "-n", 16, "--json")
+        assert json.loads(ask.out)["tokens"] == runs[4][str(folder / name)]
+
+
+def test_csv_records(cli, tiny_model, folder):
+    result = cli("caption", folder / REAL[0], folder / "notes.mp4", "-m", tiny_model, "-n", 3, "--format", "csv")
+    rows = list(csv.DictReader(result.out.splitlines(keepends=True)))
+    assert [r["video"] for r in rows] == [str(folder / REAL[0]), str(folder / "notes.mp4")]
+    assert len(json.loads(rows[0]["tokens"])) == 3 and rows[0]["error"] == "" and rows[1]["error"]
+
+
+def caption_process(tiny_model, folder, out, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "videoqa", "caption", str(folder), "-m", str(tiny_model), "--out", str(out), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_lines(out, count, process):
+    while process.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= count:
+            return
+        time.sleep(0.02)
+
+
+def test_kill_9_then_resume_writes_every_video_exactly_once(tiny_model, folder, tmp_path, cli):
+    for i in range(6):  # more work, so the kill lands mid-run
+        (folder / f"copy{i}.mp4").symlink_to(asset(f"videos/{REAL[i % len(REAL)]}"))
+    out = tmp_path / "captions.jsonl"
+    process = caption_process(tiny_model, folder, out, "-b", "1", "-n", "300")
+    wait_for_lines(out, 2, process)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    first = out.read_text()
+    assert all(json.loads(line) for line in first.splitlines())  # every line whole after the kill
+    assert 2 <= first.count("\n") < 13
+
+    result = cli("caption", folder, "-m", tiny_model, "-n", 4, "-b", 3, "--out", out, "--resume")
+    assert result.code == Exit.SOME_FAILED, result
+    videos = [r["video"] for r in read_jsonl(out)]
+    assert len(videos) == len(set(videos)) == 13  # 11 videos, 2 broken files
+    assert first == out.read_text()[: len(first)]  # nothing written before was touched
+
+
+def test_resume_repairs_a_half_written_last_line(cli, tiny_model, folder, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    cli("caption", folder / REAL[0], "-m", tiny_model, "-n", 2, "--out", out)
+    with out.open("a") as f:
+        f.write('{"video": "' + str(folder / REAL[1]) + '", "answ')  # a crash mid-line elsewhere
+    result = cli("caption", folder / REAL[0], folder / REAL[1], "-m", tiny_model, "-n", 2, "--out", out, "--resume")
+    assert result.code == 0
+    records = read_jsonl(out)
+    assert [r["video"] for r in records] == [str(folder / REAL[0]), str(folder / REAL[1])]
+
+
+def test_ctrl_c_finishes_the_batch_in_flight(tiny_model, folder, tmp_path):
+    for i in range(5):
+        (folder / f"copy{i}.mp4").symlink_to(asset(f"videos/{REAL[i]}"))
+    out = tmp_path / "captions.jsonl"
+    process = caption_process(tiny_model, folder, out, "-b", "2", "-n", "400", "--glob", "*.mp4")
+    wait_for_lines(out, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == Exit.INTERRUPTED, err
+    lines = out.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+    assert len(lines) % 2 == 0 and len(lines) < 11  # whole batches of 2, and not all 11 videos
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--resume"], "--resume needs --out"),
+        (["--glob", "*.nothing"], "no videos found"),
+    ],
+)
+def test_usage_errors(cli, tiny_model, folder, args, words):
+    result = cli("caption", folder, "-m", tiny_model, *args)
+    assert result.code == Exit.USAGE and words in result.err and result.out == ""
+
+
+def test_existing_output_is_not_clobbered(cli, tiny_model, folder, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    out.write_text("precious\n")
+    result = cli("caption", folder, "-m", tiny_model, "--out", out)
+    assert result.code == Exit.USAGE and "--resume" in result.err and out.read_text() == "precious\n"
+
+
+def test_ask_reads_the_question_from_stdin_or_a_file(cli, tiny_model, monkeypatch, tmp_path):
+    import io
+
+    video = asset(f"videos/{REAL[0]}")
+    expected = json.loads(cli("ask", video, "What happens?", "-m", tiny_model, "-n", 4, "--json").out)["tokens"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What happens?\n"))
+    piped = cli("ask", video, "-", "-m", tiny_model, "-n", 4, "--json")
+    assert json.loads(piped.out)["tokens"] == expected
+    question = tmp_path / "q.txt"
+    question.write_text("What happens?\n")
+    from_file = cli("ask", video, "--prompt-file", question, "-m", tiny_model, "-n", 4, "--json", "--quiet")
+    assert json.loads(from_file.out)["tokens"] == expected and from_file.err == ""
