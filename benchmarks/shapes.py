@@ -1,0 +1,66 @@
+"""Random-weight Video-LLaVA models of a chosen shape, built in memory, for benchmarks.
+
+tiny: the test suite's model (28 px tower, 2-layer 64-wide Llama); small: a 224 px tower and an 8-layer
+512-wide Llama; 7b: Llama-2-7B dimensions with a CLIP ViT-L/14 tower (GPU only: 14 GB in fp16).
+The real Llama-2 tokenizer comes from ../shared/assets.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+SHAPES = {
+    "tiny": dict(
+        vision=dict(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "small": dict(
+        vision=dict(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                    num_attention_heads=4),
+        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    ),
+    "7b": dict(
+        vision=dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    ),
+}
+
+
+def tokenizer():
+    from transformers import LlamaTokenizer
+
+    folder = Path(tempfile.mkdtemp())
+    shutil.copy(ASSETS / "tokenizer" / "llama2c_tokenizer.model", folder / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(folder)
+    tok.add_tokens(["<image>", "<video>", "<pad>"], special_tokens=True)
+    tok.pad_token = "<pad>"
+    return tok
+
+
+def build(shape: str, device: str, dtype: torch.dtype):
+    """A videoqa Model around a random VideoLlavaForConditionalGeneration of `shape`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    from videoqa.models import Model, preset_for
+
+    dims = SHAPES[shape]
+    vision = CLIPVisionConfig(**dims["vision"])
+    text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=32002, **dims["text"])
+    config = VideoLlavaConfig(vision_config=vision, text_config=text)
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = VideoLlavaForConditionalGeneration(config).to(dtype).eval()
+    return Model(name=f"random-{shape}", preset=preset_for("video_llava"), net=net, tokenizer=tokenizer())
+
+
+def videos() -> list[Path]:
+    return sorted((ASSETS / "videos").glob("*.mp4"))
