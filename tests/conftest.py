@@ -61,6 +61,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_video_llava(tmp_path_factory.mktemp("tiny-video-llava"))
 
 
+@pytest.fixture(autouse=True)
+def user_dirs(tmp_path, monkeypatch):
+    """Each test gets its own empty data dir (chat history) and cache dir (video features)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 class Result:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

@@ -15,11 +15,6 @@ pytestmark = needs_assets
 VIDEO = "videos/videollava_sample_demo_1.mp4"
 
 
-@pytest.fixture(autouse=True)
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-
-
 @pytest.fixture
 def chat(cli, monkeypatch):
     """`videoqa chat ARGS` with `lines` piped to stdin."""

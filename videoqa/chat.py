@@ -17,10 +17,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from videoqa.conversation import Conversation, Settings, record
+from videoqa.cache import FeatureCache
+from videoqa.conversation import Conversation, Settings, read, record, remember
 from videoqa.decode import Sampling
 from videoqa.errors import Exit, VideoQAError
-from videoqa.frames import Frames, read_media
+from videoqa.frames import Frames
 from videoqa.models import Model
 from videoqa.render import error, print_json, progress, stream
 
@@ -68,8 +69,11 @@ def parse_setting(settings: Settings, key: str, value: str) -> Settings:
 
 
 class Chat:
-    def __init__(self, model: Model, settings: Settings, json_output: bool, timings: dict[str, float]):
-        self.model, self.settings, self.json_output = model, settings, json_output
+    def __init__(
+        self, model: Model, settings: Settings, json_output: bool, timings: dict[str, float],
+        cache: FeatureCache | None = None,
+    ):
+        self.model, self.settings, self.json_output, self.cache = model, settings, json_output, cache
         self.convo: Conversation | None = None
         self.path: Path | None = None
         self.turns: list[dict] = []
@@ -80,13 +84,14 @@ class Chat:
         """Read a video or image: a new conversation about it."""
         start = time.perf_counter()
         with progress("Reading frames…"):
-            media = read_media(path, self.settings.frames)
+            media, features = read(path, self.settings.frames, self.cache)
         self.pending["frames"] = time.perf_counter() - start
-        self.start(path, media)
+        self.start(path, media, features)
 
-    def start(self, path: Path, media: Frames | Image.Image) -> None:
+    def start(self, path: Path, media: Frames | Image.Image, features=None) -> None:
         with progress("Encoding frames…"):
-            self.convo = Conversation(self.model, media)
+            self.convo = Conversation(self.model, media, features)
+        remember(self.cache, path, self.convo)
         self.path, self.turns = path, []
         self.pending["vision"] = self.convo.timings["vision"]
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -75,6 +76,7 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, th
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: float16 on cuda/mps, float32 on cpu.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the video feature cache.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr, only the answer (errors still).")]
 PromptFileOpt = Annotated[
     Optional[Path], typer.Option("--prompt-file", help="Read the question from this file.", show_default=False)
@@ -121,25 +123,37 @@ def settings_from(preset, frames, max_new_tokens, temperature, top_k, top_p, see
     )
 
 
-def load_model(model: str, device: Device, dtype: DType, media: Path | None, frames: int | None):
-    """Resolve and load the model, reading the media (if any) first so a bad file fails before a slow load."""
+@dataclass
+class Ready:
+    model: Any  # videoqa.models.Model
+    media: Any  # Frames, a PIL image, or None
+    features: Any  # the media's features from the feature cache, or None
+    cache: Any  # videoqa.cache.FeatureCache, or None with --no-cache
+    timings: dict[str, float]
+
+
+def load_model(model: str, device: Device, dtype: DType, media: Path | None, frames: int | None, cache: bool) -> Ready:
+    """Resolve the model, read the media (or its cached features), then load the weights: a bad file fails fast."""
     from videoqa import models
-    from videoqa.frames import read_media
+    from videoqa.cache import FeatureCache, model_identity
+    from videoqa.conversation import read
     from videoqa.render import progress
 
     torch_device = models.pick_device(device.value)
     with progress("Finding the model…"):
         path, preset = models.resolve(model)
+    torch_dtype = models.pick_dtype(dtype.value, torch_device)
+    features_cache = FeatureCache(model_identity(path, torch_dtype)) if cache else None
     timings = {}
     start = time.perf_counter()
     with progress("Reading frames…"):
-        media_read = read_media(media, frames or preset.frames) if media else None
+        media_read, features = read(media, frames or preset.frames, features_cache) if media else (None, None)
     timings["frames"] = time.perf_counter() - start
     start = time.perf_counter()
     with progress(f"Loading {model}…"):
-        loaded = models.load(model, path, preset, torch_device, models.pick_dtype(dtype.value, torch_device))
+        loaded = models.load(model, path, preset, torch_device, torch_dtype)
     timings["load"] = time.perf_counter() - start
-    return loaded, media_read, timings
+    return Ready(loaded, media_read, features, features_cache, timings)
 
 
 @app.command()
@@ -159,6 +173,7 @@ def ask(
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     json_output: JsonOpt = False,
+    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -176,16 +191,18 @@ def ask(
 
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
-    from videoqa.conversation import Conversation, record
+    from videoqa.conversation import Conversation, record, remember
     from videoqa.frames import Frames, check_file
     from videoqa.render import print_json, progress, stream
 
     quiet_mode(quiet)
     question = read_question(question, prompt_file)
     check_file(video)
-    loaded, media, timings = load_model(model, device, dtype, video, frames)
+    ready = load_model(model, device, dtype, video, frames, not no_cache)
+    loaded, media, timings = ready.model, ready.media, ready.timings
     with progress("Encoding frames…"):
-        convo = Conversation(loaded, media)
+        convo = Conversation(loaded, media, ready.features)
+    remember(ready.cache, video, convo)
     settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
     tokens = convo.ask(question, settings.max_new_tokens, settings.sampling)
     if json_output:
@@ -210,6 +227,7 @@ def chat(
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     json_output: JsonOpt = False,
+    no_cache: NoCacheOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Talk about a video over several turns; the video is encoded once.
@@ -229,11 +247,11 @@ def chat(
 
     if video is not None:
         check_file(video)
-    loaded, media, timings = load_model(model, device, dtype, video, frames)
-    settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
-    session = Chat(loaded, settings, json_output, timings)
+    ready = load_model(model, device, dtype, video, frames, not no_cache)
+    settings = settings_from(ready.model.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
+    session = Chat(ready.model, settings, json_output, ready.timings, ready.cache)
     if video is not None:
-        session.start(video, media)
+        session.start(video, ready.media, ready.features)
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not json_output
     code = run_interactive(session) if interactive else session.run(sys.stdin)
     raise typer.Exit(code)
@@ -298,7 +316,7 @@ def caption(
         raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
     output = captioning.Output(out, fmt.value, resume, overwrite)
     try:
-        loaded, _, _ = load_model(model, device, dtype, None, frames)
+        loaded = load_model(model, device, dtype, None, frames, cache=False).model
         settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
         tally = captioning.run(loaded, videos, question, settings, output, batch_size)
     finally:
@@ -307,6 +325,28 @@ def caption(
     summary({"done": str(tally.done), "failed": str(tally.failed), "skipped": str(tally.skipped),
              "videos/s": f"{(tally.done + tally.failed) / seconds:.2f}"})
     raise typer.Exit(tally.exit_code())
+
+
+cache_app = typer.Typer(help="The video feature cache: features of videos already seen, reused across runs.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """Where the cache is, how many videos it holds, its size and bound (VIDEOQA_CACHE_MAX_MB)."""
+    from videoqa.cache import cache_dir, info
+
+    facts = info(cache_dir())
+    print(f"directory  {facts['directory']}\nentries    {facts['entries']}\n"
+          f"size       {facts['bytes'] / 2**20:.1f} MiB of {facts['max_bytes'] / 2**20:.0f} MiB")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every cached entry."""
+    from videoqa.cache import cache_dir, clear
+
+    print(f"removed {clear(cache_dir())} entries")
 
 
 def main() -> None:

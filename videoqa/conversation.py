@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from videoqa.cache import FeatureCache
 from videoqa.decode import Sampling, generate
 from videoqa.errors import VideoQAError
 from videoqa.features import image_features, video_features
-from videoqa.frames import Frames
+from videoqa.frames import IMAGE_SUFFIXES, Frames, check_file, read_media
 from videoqa.models import Model
 from videoqa.pixels import clip_pixels
 from videoqa.prompt import prompt_ids, splice, text_ids
@@ -29,14 +30,33 @@ class Settings:
     sampling: Sampling
 
 
+def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | Image.Image, torch.Tensor | None]:
+    """The media and, for a video the cache knows, its features (then no frame is decoded)."""
+    if cache is not None and path.suffix.lower() not in IMAGE_SUFFIXES:
+        check_file(path)
+        hit = cache.get(path, frames)
+        if hit is not None:
+            return hit
+    return read_media(path, frames), None
+
+
+def remember(cache: FeatureCache | None, path: Path, convo: Conversation) -> None:
+    """Keep a video's newly computed features for the next process that asks about it."""
+    if cache is not None and isinstance(convo.media, Frames) and convo.media.pixels is not None:
+        cache.put(path, convo.media, convo.features)
+
+
 class Conversation:
     """One video or image: its projected features (computed once), and the ids and KV cache of what was said."""
 
-    def __init__(self, model: Model, media: Frames | Image.Image):
+    def __init__(self, model: Model, media: Frames | Image.Image, features: torch.Tensor | None = None):
         self.model, self.media = model, media
         net = model.net
         start = time.perf_counter()
-        if isinstance(media, Frames):
+        if features is not None:  # from the feature cache
+            self.placeholder = "<video>"
+            self.features = features.to(net.device, net.dtype)
+        elif isinstance(media, Frames):
             self.placeholder = "<video>"
             self.features = video_features(net, clip_pixels(media.pixels, net.config.vision_config.image_size))
         else:

@@ -22,7 +22,7 @@ from videoqa.errors import Exit, VideoQAError
 
 @dataclass
 class Frames:
-    pixels: np.ndarray  # (N, H, W, 3) uint8 RGB
+    pixels: np.ndarray | None  # (N, H, W, 3) uint8 RGB; None when the features came from the cache
     indices: list[int]  # index of each sampled frame in the video
     times: list[float]  # its presentation time in seconds
 
