@@ -90,7 +90,7 @@ class Chat:
 
     def start(self, path: Path, media: Frames | Image.Image, features=None) -> None:
         with progress("Encoding frames…"):
-            self.convo = Conversation(self.model, media, features)
+            self.convo = Conversation(self.model, media, features, self.settings.compile)
         remember(self.cache, path, self.convo)
         self.path, self.turns = path, []
         self.pending["vision"] = self.convo.timings["vision"]

@@ -76,6 +76,9 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, th
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: float16 on cuda/mps, float32 on cpu.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+NoCompileOpt = Annotated[
+    bool, typer.Option("--no-compile", help="Decode eagerly, without torch.compile and its static cache.")
+]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the video feature cache.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr, only the answer (errors still).")]
 PromptFileOpt = Annotated[
@@ -105,14 +108,25 @@ def quiet_mode(quiet: bool) -> None:
     stderr.quiet = quiet
 
 
-def settings_from(preset, frames, max_new_tokens, temperature, top_k, top_p, seed):
+def note_eager(ready: Ready, no_compile: bool) -> None:
+    """Say once, when an answer is about to start, that compilation was asked for but is not used here."""
+    from videoqa.render import note
+
+    device = ready.model.net.device.type
+    if not no_compile and device != "cuda":
+        note(f"the decode step is compiled on CUDA only; decoding eagerly on {device} (--no-compile hides this)")
+
+
+def settings_from(ready: Ready, frames, max_new_tokens, temperature, top_k, top_p, seed, compile=False):
     """Options given on the command line, the preset's defaults for the rest."""
     from videoqa.conversation import Settings
     from videoqa.decode import Sampling
 
-    defaults = preset.generation
+    device = ready.model.net.device.type
+    defaults = ready.model.preset.generation
     return Settings(
-        frames=frames or preset.frames,
+        compile=compile and device == "cuda",
+        frames=frames or ready.model.preset.frames,
         max_new_tokens=defaults.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens,
         sampling=Sampling(
             temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
@@ -174,6 +188,7 @@ def ask(
     dtype: DTypeOpt = DType.auto,
     json_output: JsonOpt = False,
     no_cache: NoCacheOpt = False,
+    no_compile: NoCompileOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -200,11 +215,12 @@ def ask(
     check_file(video)
     ready = load_model(model, device, dtype, video, frames, not no_cache)
     loaded, media, timings = ready.model, ready.media, ready.timings
+    settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed, not no_compile)
     with progress("Encoding frames…"):
-        convo = Conversation(loaded, media, ready.features)
+        convo = Conversation(loaded, media, ready.features, settings.compile)
     remember(ready.cache, video, convo)
-    settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
     tokens = convo.ask(question, settings.max_new_tokens, settings.sampling)
+    note_eager(ready, no_compile)
     if json_output:
         with progress("Answering…"):
             tokens = list(tokens)
@@ -228,6 +244,7 @@ def chat(
     dtype: DTypeOpt = DType.auto,
     json_output: JsonOpt = False,
     no_cache: NoCacheOpt = False,
+    no_compile: NoCompileOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Talk about a video over several turns; the video is encoded once.
@@ -248,10 +265,11 @@ def chat(
     if video is not None:
         check_file(video)
     ready = load_model(model, device, dtype, video, frames, not no_cache)
-    settings = settings_from(ready.model.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
+    settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed, not no_compile)
     session = Chat(ready.model, settings, json_output, ready.timings, ready.cache)
     if video is not None:
         session.start(video, ready.media, ready.features)
+    note_eager(ready, no_compile)
     interactive = sys.stdin.isatty() and sys.stdout.isatty() and not json_output
     code = run_interactive(session) if interactive else session.run(sys.stdin)
     raise typer.Exit(code)
@@ -316,9 +334,9 @@ def caption(
         raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
     output = captioning.Output(out, fmt.value, resume, overwrite)
     try:
-        loaded = load_model(model, device, dtype, None, frames, cache=False).model
-        settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
-        tally = captioning.run(loaded, videos, question, settings, output, batch_size)
+        ready = load_model(model, device, dtype, None, frames, cache=False)
+        settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed)
+        tally = captioning.run(ready.model, videos, question, settings, output, batch_size)
     finally:
         output.close()
     seconds = time.perf_counter() - tally.start

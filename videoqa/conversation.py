@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from videoqa.cache import FeatureCache
-from videoqa.decode import Sampling, generate
+from videoqa.decode import Sampling, capacity, compiled_step, decode_step, generate, static_cache
 from videoqa.errors import VideoQAError
 from videoqa.features import image_features, video_features
 from videoqa.frames import IMAGE_SUFFIXES, Frames, check_file, read_media
@@ -28,6 +28,7 @@ class Settings:
     frames: int
     max_new_tokens: int
     sampling: Sampling
+    compile: bool = False  # a static cache and the compiled decode step (CUDA)
 
 
 def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | Image.Image, torch.Tensor | None]:
@@ -49,8 +50,10 @@ def remember(cache: FeatureCache | None, path: Path, convo: Conversation) -> Non
 class Conversation:
     """One video or image: its projected features (computed once), and the ids and KV cache of what was said."""
 
-    def __init__(self, model: Model, media: Frames | Image.Image, features: torch.Tensor | None = None):
-        self.model, self.media = model, media
+    def __init__(
+        self, model: Model, media: Frames | Image.Image, features: torch.Tensor | None = None, compile: bool = False
+    ):
+        self.model, self.media, self.compiled = model, media, compile
         net = model.net
         start = time.perf_counter()
         if features is not None:  # from the feature cache
@@ -69,10 +72,18 @@ class Conversation:
 
     def reset(self) -> None:
         """Forget what was said; keep the media's features."""
+        self.ids: list[int] = []  # the whole conversation: prompts and answers
+        self.cache = None  # holds a prefix of self.ids
+
+    def _cache_for(self, length: int):
+        """The cache, able to hold `length` tokens. A static cache that is too small is replaced by one of a larger
+        bucket, and the conversation is then prefilled anew (once)."""
         from transformers import DynamicCache
 
-        self.ids: list[int] = []  # the whole conversation: prompts and answers
-        self.cache = DynamicCache(config=self.model.net.config.text_config)  # holds a prefix of self.ids
+        net = self.model.net
+        if self.cache is None or self.compiled and capacity(self.cache) < length:
+            self.cache = static_cache(net, length) if self.compiled else DynamicCache(config=net.config.text_config)
+        return self.cache
 
     def next_ids(self, question: str) -> list[int]:
         """The conversation so far plus the new question, in the llava_v1 multi-turn format."""
@@ -97,7 +108,8 @@ class Conversation:
 
     def _answer(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         net, tokenizer = self.model.net, self.model.tokenizer
-        cached = self.cache.get_seq_length()
+        cache = self._cache_for(len(ids) + max_new_tokens)
+        cached = int(cache.get_seq_length())
         new = torch.tensor([ids[cached:]], device=net.device)  # only what the cache does not hold yet
         media_id = tokenizer.convert_tokens_to_ids(self.placeholder)
         self.timings.update(prefill=0.0, decode=0.0, decode_tokens_per_s=0.0, prefill_tokens=new.shape[1])
@@ -106,15 +118,16 @@ class Conversation:
         try:
             with torch.inference_mode():
                 embeds = splice(net.get_input_embeddings(), new, self.features, media_id)
-            for step in generate(net, embeds, self.cache, max_new_tokens, tokenizer.eos_token_id, sampling):
-                token = int(step[0])
+            step = compiled_step() if self.compiled else decode_step
+            for tokens in generate(net, embeds, cache, max_new_tokens, tokenizer.eos_token_id, sampling, step=step):
+                token = int(tokens[0])
                 if not answer:
                     first = time.perf_counter()
                     self.timings["prefill"] = first - start
                 answer.append(token)
                 yield token
         except BaseException:  # Ctrl-C or an abandoned answer: the turn is dropped, the cache cut back to before it
-            truncate(self.cache, cached)
+            truncate(cache, cached)
             raise
         if len(answer) > 1:
             self.timings["decode"] = time.perf_counter() - first
@@ -125,8 +138,9 @@ class Conversation:
 def truncate(cache, length: int) -> None:
     """Cut every layer back to `length` tokens; an interrupted forward may have extended only some of them."""
     for layer in cache.layers:
-        if layer.get_seq_length() > length:
-            layer.crop(length - layer.get_seq_length())
+        held = int(layer.get_seq_length())
+        if held > length:
+            layer.crop(length - held)
 
 
 def answer_batch(model: Model, videos: list[Frames], questions: list[str], settings: Settings):

@@ -7,6 +7,7 @@ then top-k, then top-p, in the order of transformers' logits warpers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -54,6 +55,34 @@ def forward(net, embeds: torch.Tensor, cache, mask: torch.Tensor | None = None) 
     return net.lm_head(out.last_hidden_state[:, -1]).float()
 
 
+def decode_step(net, token: torch.Tensor, cache, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1) last tokens -> (B, V) logits: the unit that is compiled."""
+    return forward(net, net.get_input_embeddings()(token), cache, mask)
+
+
+@functools.cache
+def compiled_step():
+    """The decode step compiled once per process (CUDA graphs with reduce-overhead) and reused by every call:
+    static cache sizes come in buckets, so a new question usually finds its graph ready."""
+    return torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+
+
+BUCKET = 256  # static caches are sized in multiples of this, to bound the number of compiled graphs
+
+
+def static_cache(net, length: int):
+    """A preallocated KV cache for `length` tokens, rounded up to a bucket (at most the model's context)."""
+    from transformers import StaticCache
+
+    text = net.config.text_config
+    return StaticCache(config=text, max_cache_len=min(-(-length // BUCKET) * BUCKET, text.max_position_embeddings))
+
+
+def capacity(cache) -> int:
+    """Tokens a static cache can hold."""
+    return cache.layers[0].max_cache_len
+
+
 def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
     if sampling.seed is None:
         return None
@@ -63,24 +92,24 @@ def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator 
 @torch.inference_mode()
 def generate(
     net, embeds: torch.Tensor, cache, max_new_tokens: int, eos_id: int, sampling: Sampling,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None, step=decode_step,
 ) -> Iterator[torch.Tensor]:
     """Yield the (B,) next token ids, step by step, until every row has produced EOS or `max_new_tokens`.
 
     `cache` holds everything before `embeds`. Rows that are done keep getting tokens: the caller drops them.
+    Prefill runs eagerly; `step` (eager or compiled) runs each new token.
     """
     if max_new_tokens == 0:
         return
     generator = make_generator(sampling, embeds.device)
-    embed = net.get_input_embeddings()
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
     logits = forward(net, embeds, cache, mask)  # prefill
-    for step in range(max_new_tokens):
+    for produced in range(1, max_new_tokens + 1):
         token = next_token(logits, sampling, generator)  # (B,)
         yield token
         done |= token == eos_id
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if produced == max_new_tokens or bool(done.all()):
             return
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        logits = forward(net, embed(token[:, None]), cache, mask)  # one decode step
+        logits = step(net, token[:, None], cache, mask)  # one decode step

@@ -28,8 +28,9 @@ def progress(message: str) -> Iterator[None]:
         yield
 
 
-def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", markup=True)
+def note(message: str) -> None:
+    """A one-line notice on stderr (silenced by --quiet)."""
+    stderr.print(f"[dim]note:[/] {message}", markup=True, soft_wrap=True)
 
 
 def error(message: str) -> None:
