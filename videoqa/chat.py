@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -184,8 +184,9 @@ class Chat:
         return self.failed
 
 
-def interactive_lines(chat: Chat) -> Iterable[str]:
-    """Lines from a readline prompt with persistent history; Ctrl-C at the prompt clears the line."""
+def interactive_lines() -> Iterator[str]:
+    """Lines from a readline prompt; each is added to the history file as soon as it is entered.
+    Ctrl-C at the prompt clears the line, Ctrl-D ends."""
     import readline
 
     history = data_dir() / "history"
@@ -195,24 +196,25 @@ def interactive_lines(chat: Chat) -> Iterable[str]:
     except OSError:
         pass
     readline.set_history_length(1000)
-    try:
-        while True:
-            try:
-                yield input("> ")
-            except KeyboardInterrupt:
-                print()
-            except EOFError:
-                print()
-                return
-            readline.write_history_file(history)
-    finally:
-        readline.write_history_file(history)
+    readline.write_history_file(history)  # trimmed to the last 1000
+    while True:
+        try:
+            line = input("> ")
+        except KeyboardInterrupt:
+            print()
+            continue
+        except EOFError:
+            print()
+            return
+        if line.strip():
+            readline.append_history_file(1, history)
+        yield line
 
 
 def run_interactive(chat: Chat) -> int:
     """The terminal REPL: a Ctrl-C during an answer stops it and returns to the prompt."""
     print("videoqa chat: ask about the video, /help for commands, Ctrl-D to leave.", file=sys.stderr)
-    for line in interactive_lines(chat):
+    for line in interactive_lines():
         try:
             if not chat.handle(line):
                 break
