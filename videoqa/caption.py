@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -23,7 +22,7 @@ from videoqa.conversation import Settings, answer_batch, record
 from videoqa.errors import Exit, VideoQAError
 from videoqa.frames import Frames, read_frames
 from videoqa.models import Model
-from videoqa.render import progress_bar
+from videoqa.render import Interrupt, progress_bar
 
 FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "timings", "error"]
 
@@ -154,25 +153,6 @@ def caption_batch(model: Model, batch: list[tuple[Path, Future]], question: str,
         for (video, frames, waited), tokens in zip(read, answers):
             records[video] = record(model, video, question, prompt, frames, tokens, {"frames": waited, **timings})
     return [records[video] for video, _ in batch]
-
-
-class Interrupt:
-    """The first Ctrl-C asks to stop after the current batch; a second one stops at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
 
 
 def run(model: Model, videos: list[Path], question: str, settings: Settings, output: Output, batch_size: int) -> Tally:

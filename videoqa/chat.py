@@ -23,7 +23,7 @@ from videoqa.decode import Sampling
 from videoqa.errors import Exit, VideoQAError
 from videoqa.frames import Frames
 from videoqa.models import Model
-from videoqa.render import error, print_json, progress, stream
+from videoqa.render import Interrupt, error, print_json, progress, stream
 
 HELP = """\
 /video PATH     switch to another video (a new conversation)
@@ -79,6 +79,7 @@ class Chat:
         self.turns: list[dict] = []
         self.pending = timings  # setup timings, reported with the next turn
         self.failed = 0  # exit code of the first line that failed
+        self.interrupt: Interrupt | None = None  # on a terminal: Ctrl-C stops the answer at the next token
 
     def open(self, path: Path) -> None:
         """Read a video or image: a new conversation about it."""
@@ -104,7 +105,8 @@ class Chat:
             with progress("Answering…"):
                 tokens = list(tokens)
         else:
-            tokens = stream(tokens, self.model.tokenizer)
+            stop = (lambda: self.interrupt.requested) if self.interrupt else (lambda: False)
+            tokens = stream(tokens, self.model.tokenizer, stop)
         timings = {"load": 0.0, "frames": 0.0, "vision": 0.0, **self.pending, **self.convo.timings}
         self.pending = {}
         media = self.convo.media
@@ -216,9 +218,10 @@ def run_interactive(chat: Chat) -> int:
     print("videoqa chat: ask about the video, /help for commands, Ctrl-D to leave.", file=sys.stderr)
     for line in interactive_lines():
         try:
-            if not chat.handle(line):
-                break
+            with Interrupt() as chat.interrupt:
+                if not chat.handle(line):
+                    break
         except KeyboardInterrupt:
-            print("\n[stopped]", file=sys.stderr)
+            print("[stopped]", file=sys.stderr)
     return chat.failed
 

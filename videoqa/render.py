@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -21,11 +22,15 @@ errors = Console(stderr=True, highlight=False)  # errors are never silenced
 @contextmanager
 def progress(message: str) -> Iterator[None]:
     """A spinner on stderr while a slow stage runs (silent when stderr is not a terminal)."""
-    if stderr.is_terminal and not stderr.quiet:
-        with stderr.status(message):
-            yield
-    else:
+    if not stderr.is_terminal or stderr.quiet:
         yield
+        return
+    status = stderr.status(message)
+    try:  # not `with`: a Ctrl-C landing inside start() must still stop the spinner's thread
+        status.start()
+        yield
+    finally:
+        status.stop()
 
 
 def note(message: str) -> None:
@@ -51,27 +56,55 @@ def texts(tokens: Iterable[int], tokenizer) -> Iterator[str]:
             prefix, read = read, len(ids)
 
 
-def stream(tokens: Iterable[int], tokenizer) -> list[int]:
-    """Print the answer as it is generated; return every token id produced."""
+def stream(tokens: Iterator[int], tokenizer, stop: Callable[[], bool] = lambda: False) -> list[int]:
+    """Print the answer as it is generated; return every token id produced.
+
+    `stop()` is asked after each token: true ends the answer there with KeyboardInterrupt, and `tokens`
+    is closed, so its producer can undo the unfinished turn at once.
+    """
     produced: list[int] = []
 
     def record() -> Iterator[int]:
         for token in tokens:
             produced.append(token)
             yield token
+            if stop():
+                raise KeyboardInterrupt
 
     out = Console(highlight=False, soft_wrap=True) if sys.stdout.isatty() else None
     deltas = texts(record(), tokenizer)
-    with progress("Reading the prompt…"):  # the prefill runs until the first token
-        first = next(deltas, "").lstrip()
-    for delta in itertools.chain([first], deltas):
-        if out is not None:
-            out.print(delta, end="", markup=False)
-        else:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-    print()
+    try:
+        with progress("Reading the prompt…"):  # the prefill runs until the first token
+            first = next(deltas, "").lstrip()
+        for delta in itertools.chain([first], deltas):
+            if out is not None:
+                out.print(delta, end="", markup=False)
+            else:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    finally:
+        tokens.close()
+        print()
     return produced
+
+
+class Interrupt:
+    """While active, a first Ctrl-C only sets `requested` (the work stops at a safe point); a second stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self) -> Interrupt:
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
 
 
 @contextmanager
