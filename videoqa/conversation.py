@@ -41,7 +41,7 @@ class Conversation:
             self.features = video_features(net, clip_pixels(media.pixels, net.config.vision_config.image_size))
         else:
             self.placeholder = "<image>"
-            self.features = image_features(net, clip_pixels([media], net.config.vision_config.image_size))
+            self.features = image_features(net, media)
         if net.device.type == "cuda":
             torch.cuda.synchronize()
         self.timings: dict[str, float] = {"vision": time.perf_counter() - start}
