@@ -121,15 +121,22 @@ def settings_from(preset, frames, max_new_tokens, temperature, top_k, top_p, see
     )
 
 
-def load_model(model: str, device: Device, dtype: DType, media: Path | None, frames: int | None):
-    """Resolve and load the model, reading the media (if any) first so a bad file fails before a slow load."""
+def load_model(
+    model: str, device: Device, dtype: DType, media: Path | None, frames: int | None, videos: bool = False
+):
+    """Resolve and load the model, reading the media (if any) first so a bad file fails before a slow load.
+
+    A video (`media`, or `videos` for caption) given to an image-only model is refused before the load too.
+    """
     from videoqa import models
-    from videoqa.frames import read_media
+    from videoqa.frames import is_image, read_media
     from videoqa.render import progress
 
     torch_device = models.pick_device(device.value)
     with progress("Finding the model…"):
         path, preset = models.resolve(model)
+    if videos or (media is not None and not is_image(media)):
+        models.check_video(preset.architecture, model)
     timings = {}
     start = time.perf_counter()
     with progress("Reading frames…"):
@@ -298,7 +305,7 @@ def caption(
         raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
     output = captioning.Output(out, fmt.value, resume, overwrite)
     try:
-        loaded, _, _ = load_model(model, device, dtype, None, frames)
+        loaded, _, _ = load_model(model, device, dtype, None, frames, videos=True)
         settings = settings_from(loaded.preset, frames, max_new_tokens, temperature, top_k, top_p, seed)
         tally = captioning.run(loaded, videos, question, settings, output, batch_size)
     finally:

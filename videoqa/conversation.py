@@ -15,7 +15,7 @@ from videoqa.decode import Sampling, generate
 from videoqa.errors import VideoQAError
 from videoqa.features import image_features, video_features
 from videoqa.frames import Frames
-from videoqa.models import Model
+from videoqa.models import Model, check_video
 from videoqa.pixels import clip_pixels
 from videoqa.prompt import prompt_ids, splice, text_ids
 
@@ -37,6 +37,7 @@ class Conversation:
         net = model.net
         start = time.perf_counter()
         if isinstance(media, Frames):
+            check_video(net.config.model_type, model.name)
             self.placeholder = "<video>"
             self.features = video_features(net, clip_pixels(media.pixels, net.config.vision_config.image_size))
         else:
