@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Video-LLaVA and LLaVA-NeXT(-Video) checkpoints built offline, real assets from ../shared."""
+"""Shared fixtures: tiny random Video-LLaVA and LLaVA-NeXT(-Video) checkpoints built offline, real assets from
+../shared."""
 
 from __future__ import annotations
 

@@ -86,5 +86,5 @@ def test_pack_equals_transformers(next_image, size):
     count = 1 + (grid_height // 336) * (grid_width // 336)
     tiles = torch.randn(count, 576, 64, generator=torch.Generator().manual_seed(0))  # (base + grid tiles, T, D)
     model = next_image.model
-    reference, _ = model.pack_image_features([tiles], torch.tensor([size]), "default", image_newline=model.image_newline)
+    reference, _ = model.pack_image_features([tiles], torch.tensor([size]), "default", model.image_newline)
     assert torch.equal(pack(next_image, tiles, size), reference[0])

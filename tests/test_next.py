@@ -12,18 +12,18 @@ from conftest import assert_clean_failure, asset, needs_assets, reference_contin
 from videoqa.errors import Exit
 from videoqa.frames import read_frames
 
-pytestmark = needs_assets
 VIDEO = "videos/videollava_sample_demo_1.mp4"
 IMAGE = "images/videollava_extreme_ironing.jpg"
 QUESTION = "What is shown in this video?"
 # The prompts of the HF docs and chat templates, placeholder once; transformers' processor expands it.
 IMAGE_PROMPTS = {
     "tiny_next_video": "USER: <image>\n{q} ASSISTANT:",
-    "tiny_next": "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions. USER: <image>\n{q} ASSISTANT:",
+    "tiny_next": "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{q} ASSISTANT:",
 }
 
 
+@needs_assets
 @pytest.mark.parametrize("frames", [8, 32])
 def test_video_tokens_equal_generate(cli, tiny_next_video, frames):
     path = asset(VIDEO)
@@ -37,6 +37,7 @@ def test_video_tokens_equal_generate(cli, tiny_next_video, frames):
     assert record["tokens"] == reference_generate(tiny_next_video, read_frames(path, frames), QUESTION, 12)
 
 
+@needs_assets
 def test_frame_count_changes_the_answer(cli, tiny_next_video):
     """The tiny model is sensitive enough to its frames for the equalities above to mean something."""
     answers = [json.loads(cli("ask", asset(VIDEO), QUESTION, "-m", tiny_next_video, "-n", 6, "-f", n, "--json").out)
@@ -72,6 +73,7 @@ def reference_image_answer(model_dir, image: Image.Image, text: str, max_new_tok
                               image_sizes=inputs.image_sizes), ids
 
 
+@needs_assets
 @pytest.mark.parametrize("model", ["tiny_next_video", "tiny_next"])
 def test_image_tokens_equal_generate(cli, request, portrait, model):
     checkpoint = request.getfixturevalue(model)
@@ -91,6 +93,7 @@ def test_image_tokens_equal_generate(cli, request, portrait, model):
     assert len(lengths) == 3 and len({tuple(a) for a in answers}) > 1  # each shape its own grid; answers differ
 
 
+@needs_assets
 def test_caption_batch_equals_generate(cli, tiny_next_video):
     videos = [asset(VIDEO), asset("videos/videollava_sample_demo_3.mp4")]
     result = cli("caption", *videos, "-m", tiny_next_video, "-n", 6, "-b", 2, "--prompt", QUESTION)
@@ -100,9 +103,24 @@ def test_caption_batch_equals_generate(cli, tiny_next_video):
         assert record["tokens"] == reference_generate(tiny_next_video, read_frames(video, 8), QUESTION, 6)
 
 
+@needs_assets
 def test_image_only_model_refuses_a_video(cli, tiny_next, monkeypatch):
     assert_clean_failure(cli("ask", asset(VIDEO), QUESTION, "-m", tiny_next), Exit.USAGE, "llava_next", "images only")
     assert_clean_failure(cli("caption", asset(VIDEO), "-m", tiny_next), Exit.USAGE, "images only")
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {asset(VIDEO)}\n/image {asset(IMAGE)}\nWhy?\n"))
     chat = cli("chat", "-m", tiny_next, "-n", 2, "--json")  # the session goes on after the refused video
     assert chat.code == Exit.USAGE and "images only" in chat.err and len(json.loads(chat.out)["tokens"]) == 2
+
+
+def test_presets_and_the_default_of_each_architecture():
+    from videoqa.models import SUPPORTED, preset_for, presets
+
+    found = presets()
+    names = {"llava-next-video-7b", "llava-next-video-7b-dpo", "llava-next-video-34b", "llava-v1.6-vicuna-7b"}
+    assert names <= found.keys()
+    for preset in found.values():
+        assert preset.architecture in SUPPORTED and "{media}" in preset.template and "{question}" in preset.template
+        assert "{question}" in preset.followup and preset.frames >= 1
+    assert {a: preset_for(a).name for a in SUPPORTED} == {
+        "video_llava": "video-llava-7b", "llava_next_video": "llava-next-video-7b", "llava_next": "llava-v1.6-vicuna-7b"
+    }
