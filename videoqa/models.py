@@ -19,6 +19,8 @@ from videoqa.errors import Exit, VideoQAError
 
 @dataclass(frozen=True)
 class Architecture:
+    """What videoqa needs to know of a model_type that its config.json does not say."""
+
     model_class: str  # the transformers class that loads it
     preset: str  # whose defaults (template, frames, generation) a directory or hub id of this architecture gets
     video: bool = True  # False: it answers about still images only
