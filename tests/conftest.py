@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Video-LLaVA checkpoints built offline, real assets from ../shared."""
+"""Shared fixtures: tiny random Video-LLaVA and LLaVA-NeXT(-Video) checkpoints built offline, real assets from
+../shared."""
 
 from __future__ import annotations
 
@@ -18,47 +19,102 @@ def asset(relative: str) -> Path:
     return ASSETS / relative
 
 
-def build_tokenizer(directory: Path):
-    """The real Llama-2 tokenizer plus the three tokens Video-LLaVA adds (ids 32000-32002)."""
+def build_tokenizer(directory: Path, added: tuple[str, ...] = ("<image>", "<video>", "<pad>"), pad: str = "<pad>"):
+    """The real Llama-2 tokenizer plus a family's added tokens, in its order (Video-LLaVA: ids 32000-32002)."""
     from transformers import LlamaTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(asset("tokenizer/llama2c_tokenizer.model"), directory / "tokenizer.model")
     tokenizer = LlamaTokenizer.from_pretrained(directory)
-    tokenizer.add_tokens(["<image>", "<video>", "<pad>"], special_tokens=True)
-    tokenizer.pad_token = "<pad>"
+    tokenizer.add_tokens(list(added), special_tokens=True)
+    tokenizer.pad_token = pad
+    tokenizer.add_bos_token = True  # as the checkpoints' tokenizers: transformers' processors get BOS from it
     return tokenizer
 
 
-def build_video_llava(directory: Path, image_size: int = 28, context: int = 4096, seed: int = 0) -> Path:
-    """A random-weight Video-LLaVA with the real tokenizer; 28 px / 14 px patches = 5 tokens per frame."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+def tiny_vision(image_size: int):
+    """A 2-layer CLIP tower with 14 px patches, as in the real checkpoints."""
+    from transformers import CLIPVisionConfig
 
-    tokenizer = build_tokenizer(directory)
-    vision = CLIPVisionConfig(
+    return CLIPVisionConfig(
         image_size=image_size, patch_size=14, hidden_size=32, intermediate_size=64,
         num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
     )
-    text = LlamaConfig(
+
+
+def tiny_text(context: int, pad_token_id: int, **extra):
+    """A 2-layer Llama with the real vocabulary size plus the padding rows of the llava-hf ports."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
-        bos_token_id=1, eos_token_id=2, pad_token_id=32002,
+        bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, **extra,
     )
-    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_seq_length=(image_size // 14) ** 2,
-                              video_seq_length=8 * ((image_size // 14) ** 2 + 1))
+
+
+def save_tiny(directory: Path, model_class, config, tokenizer, seed: int) -> Path:
+    import torch
+
     torch.manual_seed(seed)
-    model = VideoLlavaForConditionalGeneration(config).eval()
-    model.save_pretrained(directory)
+    model_class(config).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
+def build_video_llava(directory: Path, image_size: int = 28, context: int = 4096, seed: int = 0) -> Path:
+    """A random-weight Video-LLaVA with the real tokenizer; 28 px / 14 px patches = 5 tokens per frame."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer(directory)
+    patches = (image_size // 14) ** 2
+    config = VideoLlavaConfig(vision_config=tiny_vision(image_size), text_config=tiny_text(context, 32002),
+                              image_seq_length=patches, video_seq_length=8 * (patches + 1))
+    return save_tiny(directory, VideoLlavaForConditionalGeneration, config, tokenizer, seed)
+
+
+def build_llava_next_video(directory: Path, seed: int = 0) -> Path:
+    """A random-weight LLaVA-NeXT-Video shaped like the 7B where it counts: a 336 px tower (24 x 24 patches, 144
+    pooled tokens per frame), <video> = 32000 and <image> = 32001, and a 4096-token context stretched x2 by linear
+    RoPE scaling. Weights larger than the default init make the answer depend visibly on the frames."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    tokenizer = build_tokenizer(directory, ("<video>", "<image>"), pad="<unk>")
+    text = tiny_text(4096, 0, rope_scaling={"type": "linear", "factor": 2.0}, initializer_range=0.3)
+    config = LlavaNextVideoConfig(vision_config=tiny_vision(336), text_config=text, video_token_index=32000,
+                                  image_token_index=32001)
+    return save_tiny(directory, LlavaNextVideoForConditionalGeneration, config, tokenizer, seed)
+
+
+def build_llava_next(directory: Path, seed: int = 0) -> Path:
+    """A random-weight LLaVA-NeXT (images only) with llava-v1.6-vicuna's tokens: <image> = 32000, <pad> = 32001."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tokenizer = build_tokenizer(directory, ("<image>", "<pad>"))
+    config = LlavaNextConfig(vision_config=tiny_vision(336), text_config=tiny_text(4096, 32001, initializer_range=0.3),
+                             image_token_index=32000)
+    return save_tiny(directory, LlavaNextForConditionalGeneration, config, tokenizer, seed)
+
+
+def tiny(tmp_path_factory, build) -> Path:
     if not ASSETS.is_dir():
         pytest.skip("../shared/assets (the real tokenizer) is not beside the checkout")
-    return build_video_llava(tmp_path_factory.mktemp("tiny-video-llava"))
+    return build(tmp_path_factory.mktemp(build.__name__.removeprefix("build_")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny(tmp_path_factory, build_video_llava)
+
+
+@pytest.fixture(scope="session")
+def tiny_next_video(tmp_path_factory) -> Path:
+    return tiny(tmp_path_factory, build_llava_next_video)
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tmp_path_factory) -> Path:
+    return tiny(tmp_path_factory, build_llava_next)
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +130,17 @@ class Result:
 
     def __repr__(self) -> str:
         return f"Result(code={self.code}, out={self.out[:200]!r}, err={self.err[:300]!r})"
+
+
+def assert_clean_failure(result: Result, code: int, *words: str) -> None:
+    """One line on stderr naming the problem (every word in it), the exit code, nothing on stdout."""
+    assert result.code == code, result
+    assert result.out == ""
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    for word in words:
+        assert word.lower() in lines[0].lower(), (word, lines[0])
+    assert "Traceback" not in result.err
 
 
 @pytest.fixture
@@ -97,9 +164,10 @@ def cli(capsys, monkeypatch):
 
 
 def reference_net(model_dir: Path):
-    from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
+    """transformers' own class for the checkpoint's architecture, and its tokenizer."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    return VideoLlavaForConditionalGeneration.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return AutoModelForImageTextToText.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def reference_pixels(net, images):
@@ -114,7 +182,9 @@ def reference_pixels(net, images):
 def reference_prompt(net, tokenizer, frames, question: str) -> list[int]:
     """The processor's way: the placeholder repeated in the text before tokenising, BOS first."""
     patches = (net.config.vision_config.image_size // net.config.vision_config.patch_size) ** 2
-    text = "USER: " + "<video>" * len(frames.indices) * (patches + 1) + f"\n{question} ASSISTANT:"
+    # As transformers' processors count them: Video-LLaVA keeps CLS, LLaVA-NeXT-Video pools 2x2.
+    per_frame = patches // 4 if net.config.model_type == "llava_next_video" else patches + 1
+    text = "USER: " + "<video>" * len(frames.indices) * per_frame + f"\n{question} ASSISTANT:"
     return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]
 
 

@@ -45,15 +45,17 @@ def turns(result):
     return [json.loads(line) for line in result.out.splitlines()]
 
 
-def test_second_turn_equals_generate_on_the_full_sequence(chat, tiny_model, tower_calls):
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_next_video"])
+def test_second_turn_equals_generate_on_the_full_sequence(chat, request, model, tower_calls):
+    checkpoint = request.getfixturevalue(model)
     q1, q2 = "Why is this video funny?", "What is the baby holding?"
-    result = chat([q1, q2], asset(VIDEO), "-m", tiny_model, "-n", 12, "--json")
+    result = chat([q1, q2], asset(VIDEO), "-m", checkpoint, "-n", 12, "--json")
     assert result.code == 0, result
     first, second = turns(result)
     assert tower_calls == [8]  # one tower call (8 frames) for two turns
     assert (first["turn"], second["turn"]) == (1, 2)
 
-    net, tokenizer = reference_net(tiny_model)
+    net, tokenizer = reference_net(checkpoint)
     frames = read_frames(asset(VIDEO), 8)
     pixels = reference_pixels(net, list(frames.pixels))[None]
     prompt = reference_prompt(net, tokenizer, frames, q1)

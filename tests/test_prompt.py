@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, needs_assets
+from videoqa.models import presets
 from videoqa.prompt import prompt_ids, splice
 
 TEMPLATE = "USER: {media}\n{question} ASSISTANT:"
@@ -36,3 +37,17 @@ def test_splice_writes_features_in_order_over_the_placeholders():
     out = splice(embed, ids, features, media_id=7)
     assert torch.equal(out[0, 1:4], features)
     assert torch.equal(out[0, [0, 4]], embed(torch.tensor([1, 3])))
+
+
+# shared/REFERENCE.md, LLaVA-NeXT-Video: <video> = 32000, "What is shown in this video?", placeholder counted once.
+NEXT_VIDEO_IDS = [1, 3148, 1001, 29901, 29871, 32000, 13, 5618, 338, 4318, 297, 445, 4863, 29973, 319, 1799, 9047,
+                  13566, 29901]
+
+
+@needs_assets
+def test_next_video_prompt_ids_equal_the_reference(tmp_path):
+    tokenizer = build_tokenizer(tmp_path, ("<video>", "<image>"), pad="<unk>")
+    template = presets()["llava-next-video-7b"].template
+    assert prompt_ids(tokenizer, template, "What is shown in this video?", "<video>", 1) == NEXT_VIDEO_IDS
+    expanded = prompt_ids(tokenizer, template, "What is shown in this video?", "<video>", 8 * 144)
+    assert len(expanded) == 18 + 1152 and expanded[5 : 5 + 1152] == [32000] * 1152

@@ -146,16 +146,25 @@ class Ready:
     timings: dict[str, float]
 
 
-def load_model(model: str, device: Device, dtype: DType, media: Path | None, frames: int | None, cache: bool) -> Ready:
-    """Resolve the model, read the media (or its cached features), then load the weights: a bad file fails fast."""
+def load_model(
+    model: str, device: Device, dtype: DType, media: Path | None, frames: int | None, cache: bool,
+    videos: bool = False,
+) -> Ready:
+    """Resolve the model, read the media (or its cached features), then load the weights: a bad file fails fast.
+
+    A video (`media`, or `videos` for caption) given to an image-only model is refused before the load too.
+    """
     from videoqa import models
     from videoqa.cache import FeatureCache, model_identity
     from videoqa.conversation import read
+    from videoqa.frames import is_image
     from videoqa.render import progress
 
     torch_device = models.pick_device(device.value)
     with progress("Finding the model…"):
         path, preset = models.resolve(model)
+    if videos or (media is not None and not is_image(media)):
+        models.check_video(preset.architecture, model)
     torch_dtype = models.pick_dtype(dtype.value, torch_device)
     features_cache = FeatureCache(model_identity(path, torch_dtype)) if cache else None
     timings = {}
@@ -334,7 +343,7 @@ def caption(
         raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
     output = captioning.Output(out, fmt.value, resume, overwrite)
     try:
-        ready = load_model(model, device, dtype, None, frames, cache=False)
+        ready = load_model(model, device, dtype, None, frames, cache=False, videos=True)
         settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed)
         tally = captioning.run(ready.model, videos, question, settings, output, batch_size)
     finally:

@@ -15,8 +15,8 @@ from videoqa.cache import FeatureCache
 from videoqa.decode import Sampling, capacity, compiled_step, decode_step, generate, static_cache
 from videoqa.errors import VideoQAError
 from videoqa.features import image_features, video_features
-from videoqa.frames import IMAGE_SUFFIXES, Frames, check_file, read_media
-from videoqa.models import Model
+from videoqa.frames import Frames, check_file, is_image, read_media
+from videoqa.models import Model, check_video
 from videoqa.pixels import clip_pixels
 from videoqa.prompt import prompt_ids, splice, text_ids
 
@@ -33,7 +33,7 @@ class Settings:
 
 def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | Image.Image, torch.Tensor | None]:
     """The media and, for a video the cache knows, its features (then no frame is decoded)."""
-    if cache is not None and path.suffix.lower() not in IMAGE_SUFFIXES:
+    if cache is not None and not is_image(path):
         check_file(path)
         hit = cache.get(path, frames)
         if hit is not None:
@@ -56,15 +56,16 @@ class Conversation:
         self.model, self.media, self.compiled = model, media, compile
         net = model.net
         start = time.perf_counter()
-        if features is not None:  # from the feature cache
+        if isinstance(media, Frames):
+            check_video(net.config.model_type, model.name)
             self.placeholder = "<video>"
-            self.features = features.to(net.device, net.dtype)
-        elif isinstance(media, Frames):
-            self.placeholder = "<video>"
-            self.features = video_features(net, clip_pixels(media.pixels, net.config.vision_config.image_size))
+            if features is not None:  # from the feature cache
+                self.features = features.to(net.device, net.dtype)
+            else:
+                self.features = video_features(net, clip_pixels(media.pixels, net.config.vision_config.image_size))
         else:
             self.placeholder = "<image>"
-            self.features = image_features(net, clip_pixels([media], net.config.vision_config.image_size))
+            self.features = image_features(net, media)
         if net.device.type == "cuda":
             torch.cuda.synchronize()
         self.timings: dict[str, float] = {"vision": time.perf_counter() - start}

@@ -143,6 +143,11 @@ def read_image(path: Path):
         raise VideoQAError(f"{path}: not a readable image", Exit.INPUT) from None
 
 
+def is_image(path: Path) -> bool:
+    """Images are told from videos by their suffix."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def read_media(path: Path, frames: int):
-    """Images (by their suffix) are read with Pillow, everything else as a video."""
-    return read_image(path) if path.suffix.lower() in IMAGE_SUFFIXES else read_frames(path, frames)
+    """Images are read with Pillow, everything else as a video."""
+    return read_image(path) if is_image(path) else read_frames(path, frames)

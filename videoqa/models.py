@@ -16,7 +16,22 @@ from typing import Any
 
 from videoqa.errors import Exit, VideoQAError
 
-SUPPORTED = ("video_llava",)
+
+@dataclass(frozen=True)
+class Architecture:
+    """What videoqa needs to know of a model_type that its config.json does not say."""
+
+    model_class: str  # the transformers class that loads it
+    preset: str  # whose defaults (template, frames, generation) a directory or hub id of this architecture gets
+    video: bool = True  # False: it answers about still images only
+
+
+ARCHITECTURES = {  # by config.json's model_type
+    "video_llava": Architecture("VideoLlavaForConditionalGeneration", "video-llava-7b"),
+    "llava_next_video": Architecture("LlavaNextVideoForConditionalGeneration", "llava-next-video-7b"),
+    "llava_next": Architecture("LlavaNextForConditionalGeneration", "llava-v1.6-vicuna-7b", video=False),
+}
+SUPPORTED = tuple(ARCHITECTURES)
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # What a run needs from a repository: configs, tokenizer files and safetensors weights, never pickles.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
@@ -50,7 +65,13 @@ def presets() -> dict[str, Preset]:
 
 def preset_for(architecture: str) -> Preset:
     """The defaults (frames, template, generation) of a directory or hub id come from its architecture's preset."""
-    return next(p for p in presets().values() if p.architecture == architecture)
+    return presets()[ARCHITECTURES[architecture].preset]
+
+
+def check_video(architecture: str, name: str) -> None:
+    """Refuse a video for an image-only model, before anything slow is done."""
+    if not ARCHITECTURES[architecture].video:
+        raise VideoQAError(f"{name} ({architecture}) answers about still images only, not videos: give it an image")
 
 
 def download(repo: str, revision: str) -> Path:
@@ -145,26 +166,31 @@ def pick_dtype(name: str, device):
 class Model:
     name: str
     preset: Preset
-    net: Any  # VideoLlavaForConditionalGeneration
+    net: Any  # the ARCHITECTURES class of its model_type
     tokenizer: Any
 
     @property
     def context(self) -> int:
-        return self.net.config.text_config.max_position_embeddings
+        """Positions the text model handles: linear RoPE scaling stretches them (LLaVA-NeXT-Video-7B: 4096 x 2)."""
+        text = self.net.config.text_config
+        rope = getattr(text, "rope_parameters", None) or {}
+        stretch = rope.get("factor", 1.0) if rope.get("rope_type") == "linear" else 1.0
+        return int(text.max_position_embeddings * stretch)
 
 
 def load(name: str, path: Path, preset: Preset, device, dtype) -> Model:
-    """Load weights straight to the target device in the target dtype."""
-    from transformers import AutoTokenizer, VideoLlavaForConditionalGeneration
+    """Load weights straight to the target device in the target dtype, with the class of the preset's architecture."""
+    import transformers
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # load reports and bars are noise for a CLI user
     logging.disable_progress_bar()
+    model_class = getattr(transformers, ARCHITECTURES[preset.architecture].model_class)
     try:
-        net = VideoLlavaForConditionalGeneration.from_pretrained(
+        net = model_class.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=False
         ).to(device)  # device_map would need accelerate
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise VideoQAError(f"{path}: cannot load the model ({type(e).__name__}: {e})".splitlines()[0], Exit.MODEL)
     return Model(name=name, preset=preset, net=net.eval(), tokenizer=tokenizer)

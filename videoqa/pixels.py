@@ -3,9 +3,16 @@
 Equal to transformers' `CLIPImageProcessorPil`: bicubic resize of the shortest
 edge, centre crop, rescale by 1/255, normalise with the OpenAI CLIP mean/std.
 Ours because transformers' video processors need torchvision.
+
+LLaVA-NeXT's AnyRes for still images (equal to `LlavaNextImageProcessorPil`):
+pick the best-fit grid from the checkpoint's `image_grid_pinpoints`, resize the
+image into it keeping its aspect ratio, pad with black, cut it into tiles, and
+put the whole image squashed to one tile first.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from PIL import Image
@@ -37,3 +44,46 @@ def clip_pixels(frames: np.ndarray | list[Image.Image], size: int) -> np.ndarray
         x = np.asarray(image).astype(np.float64) * (1 / 255)
         out.append(((x - CLIP_MEAN) / CLIP_STD).astype(np.float32).transpose(2, 0, 1))
     return np.stack(out)
+
+
+def best_resolution(size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
+    """The (height, width) grid of `pinpoints` that keeps the most of the image's pixels, then wastes the least."""
+    height, width = size
+
+    def fit(pinpoint: list[int]) -> tuple[int, int]:
+        grid_height, grid_width = pinpoint
+        scale = min(grid_width / width, grid_height / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        return kept, kept - grid_width * grid_height  # max() keeps the first of equals, as transformers does
+
+    grid_height, grid_width = max(pinpoints, key=fit)
+    return grid_height, grid_width
+
+
+def fit_and_pad(image: Image.Image, grid: tuple[int, int]) -> Image.Image:
+    """The image resized to fit the grid with its aspect ratio kept, centred on black."""
+    grid_height, grid_width = grid
+    scale_w, scale_h = grid_width / image.width, grid_height / image.height
+    if scale_w < scale_h:
+        size = (grid_width, min(math.ceil(image.height * scale_w), grid_height))
+    else:
+        size = (min(math.ceil(image.width * scale_h), grid_width), grid_height)
+    canvas = Image.new("RGB", (grid_width, grid_height))
+    canvas.paste(image.resize(size, Image.BICUBIC), ((grid_width - size[0]) // 2, (grid_height - size[1]) // 2))
+    return canvas
+
+
+def anyres_pixels(image: Image.Image, size: int, pinpoints: list[list[int]]) -> np.ndarray:
+    """LLaVA-NeXT's AnyRes: the image squashed to one tile, then the tiles of its best-fit grid, row by row.
+
+    (1 + tiles, 3, size, size) float32; equal to transformers' `LlavaNextImageProcessorPil`.
+    """
+    image = image.convert("RGB")
+    grid_height, grid_width = best_resolution((image.height, image.width), pinpoints)
+    padded = fit_and_pad(image, (grid_height, grid_width))
+    tiles = [
+        padded.crop((x, y, min(x + size, grid_width), min(y + size, grid_height)))
+        for y in range(0, grid_height, size)
+        for x in range(0, grid_width, size)
+    ]
+    return clip_pixels([image.resize((size, size), Image.BICUBIC), *tiles], size)
