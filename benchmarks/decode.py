@@ -27,10 +27,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model, frames, question: str, max_new: int, device: str) -> tuple[list[int], float, float]:
+def ours(model, frames, question: str, max_new: int, device: str, compile: bool) -> tuple[list[int], float, float]:
     """(tokens, time to first token, decode tokens/s) of one videoqa answer, vision included in the first token."""
     start = time.perf_counter()
-    convo = Conversation(model, frames)
+    convo = Conversation(model, frames, compile=compile)
     tokens, first = [], 0.0
     for token in convo.ask(question, max_new, Sampling()):
         if not tokens:
@@ -42,7 +42,7 @@ def ours(model, frames, question: str, max_new: int, device: str) -> tuple[list[
     return tokens, first, (len(tokens) - 1) / (time.perf_counter() - decode_start)
 
 
-def reference(model, frames, question: str, max_new: int, device: str) -> tuple[list[int], float, float]:
+def reference(model, frames, question: str, max_new: int, device: str, compile: bool) -> tuple[list[int], float, float]:
     """The same through `generate`: first token from a 1-token call, decode speed from the full call's remainder."""
     from videoqa.pixels import clip_pixels
     from videoqa.prompt import prompt_ids
@@ -73,21 +73,26 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="videoqa's compiled static-cache decode step [default: on CUDA only, as the CLI]")
     args = parser.parse_args()
 
     model = build(args.shape, args.device, getattr(torch, args.dtype))
     model.net.generation_config.eos_token_id = None  # both sides decode the full budget
     frames = read_frames(videos()[0], 8)
     question = "Why is this video funny?"
+    compile = args.device == "cuda" if args.compile is None else args.compile
     results = {}
     for name, run in (("videoqa", ours), ("transformers", reference)):
-        runs = [run(model, frames, question, args.max_new_tokens, args.device) for _ in range(args.repeats + 1)][1:]
+        # the first run warms up (and compiles) and is not counted
+        runs = [run(model, frames, question, args.max_new_tokens, args.device, compile)
+                for _ in range(args.repeats + 1)][1:]
         tokens = runs[0][0]
         results[name] = {"ttft_s": min(r[1] for r in runs), "decode_tokens_per_s": max(r[2] for r in runs),
                          "tokens": tokens}
     same = results["videoqa"].pop("tokens") == results["transformers"].pop("tokens")
     report = {
-        "shape": args.shape, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+        "shape": args.shape, "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "compiled": compile,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "same_tokens": same, **results,
         "decode_speedup": results["videoqa"]["decode_tokens_per_s"] / results["transformers"]["decode_tokens_per_s"],

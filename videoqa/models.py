@@ -187,9 +187,9 @@ def load(name: str, path: Path, preset: Preset, device, dtype) -> Model:
     logging.disable_progress_bar()
     model_class = getattr(transformers, ARCHITECTURES[preset.architecture].model_class)
     try:
-        net = model_class.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=False
-        ).to(device)  # device_map would need accelerate
+        net = model_class.from_pretrained(  # device_map streams each tensor from the file to the device (accelerate)
+            path, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False
+        )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise VideoQAError(f"{path}: cannot load the model ({type(e).__name__}: {e})".splitlines()[0], Exit.MODEL)
