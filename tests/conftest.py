@@ -62,13 +62,17 @@ def save_tiny(directory: Path, model_class, config, tokenizer, seed: int) -> Pat
     return directory
 
 
-def build_video_llava(directory: Path, image_size: int = 28, context: int = 4096, seed: int = 0) -> Path:
-    """A random-weight Video-LLaVA with the real tokenizer; 28 px / 14 px patches = 5 tokens per frame."""
+def build_video_llava(
+    directory: Path, image_size: int = 28, context: int = 4096, seed: int = 0, initializer_range: float = 0.02
+) -> Path:
+    """A random-weight Video-LLaVA with the real tokenizer; 28 px / 14 px patches = 5 tokens per frame.
+    A larger `initializer_range` makes each answer depend visibly on everything before it."""
     from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
     tokenizer = build_tokenizer(directory)
     patches = (image_size // 14) ** 2
-    config = VideoLlavaConfig(vision_config=tiny_vision(image_size), text_config=tiny_text(context, 32002),
+    text = tiny_text(context, 32002, initializer_range=initializer_range)
+    config = VideoLlavaConfig(vision_config=tiny_vision(image_size), text_config=text,
                               image_seq_length=patches, video_seq_length=8 * (patches + 1))
     return save_tiny(directory, VideoLlavaForConditionalGeneration, config, tokenizer, seed)
 

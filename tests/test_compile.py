@@ -4,9 +4,9 @@ graphs reused across questions of one bucket, a conversation that outgrows its c
 import pytest
 import torch
 
-from conftest import asset, needs_assets
+from conftest import asset, build_video_llava, needs_assets
 from videoqa.conversation import Conversation
-from videoqa.decode import BUCKET, Sampling, capacity
+from videoqa.decode import BUCKET, Sampling, capacity, static_cache
 from videoqa.frames import read_frames
 
 pytestmark = needs_assets
@@ -14,16 +14,23 @@ GREEDY = Sampling()
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model):
+def model(tmp_path_factory):
+    """Weights large enough that every answer depends on the whole cache, lost entries included."""
     from videoqa import models
 
-    path, preset = models.resolve(str(tiny_model))
-    return models.load(str(tiny_model), path, preset, torch.device("cpu"), torch.float32)
+    path = build_video_llava(tmp_path_factory.mktemp("sensitive"), initializer_range=0.3)
+    path, preset = models.resolve(str(path))
+    return models.load(str(path), path, preset, torch.device("cpu"), torch.float32)
 
 
-def answers(model, frames, questions, max_new, compile):
+def answers(model, frames, questions, max_new, compile, room=None):
+    """Each question's answer in one conversation (`max_new`: one budget, or one per question);
+    `room` preallocates a cache that never has to grow."""
     convo = Conversation(model, frames, compile=compile)
-    return [list(convo.ask(q, max_new, GREEDY)) for q in questions], convo
+    if room:
+        convo.cache = static_cache(model.net, room)
+    budgets = max_new if isinstance(max_new, list) else [max_new] * len(questions)
+    return [list(convo.ask(q, n, GREEDY)) for q, n in zip(questions, budgets)], convo
 
 
 def test_compiled_static_decode_equals_eager(model):
@@ -41,7 +48,9 @@ def test_compiled_static_decode_equals_eager(model):
     assert answers(model, frames, [question], 24, True)[0] == answers(model, frames, [question], 24, False)[0]
     assert counters["stats"]["unique_graphs"] == graphs  # same bucket: the compiled graph was reused
 
-    questions = ["Why is this video funny?", "Tell me more."]  # the second turn needs a 512-token cache
-    eager, _ = answers(model, frames, questions, 200, compile=False)
-    compiled, convo = answers(model, frames, questions, 200, compile=True)
+    # 58 + 24 tokens fit a 256-token cache; the second turn's 200 more need 512: the cache grows mid-conversation
+    questions, budgets = ["Why is this video funny?", "Tell me more."], [24, 200]
+    eager, _ = answers(model, frames, questions, budgets, compile=False, room=4 * BUCKET)
+    compiled, convo = answers(model, frames, questions, budgets, compile=True)
     assert compiled == eager and capacity(convo.cache) == 2 * BUCKET
+    assert convo.timings["prefill_tokens"] < 20  # the grown cache kept the first turn: only the new tokens ran

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from videoqa.cache import FeatureCache
-from videoqa.decode import Sampling, capacity, compiled_step, decode_step, generate, static_cache
+from videoqa.decode import Sampling, capacity, compiled_step, decode_step, generate, grown, static_cache
 from videoqa.errors import VideoQAError
 from videoqa.features import image_features, video_features
 from videoqa.frames import Frames, check_file, is_image, read_media
@@ -77,13 +77,12 @@ class Conversation:
         self.cache = None  # holds a prefix of self.ids
 
     def _cache_for(self, length: int):
-        """The cache, able to hold `length` tokens. A static cache that is too small is replaced by one of a larger
-        bucket, and the conversation is then prefilled anew (once)."""
-        from transformers import DynamicCache
-
-        net = self.model.net
-        if self.cache is None or self.compiled and capacity(self.cache) < length:
-            self.cache = static_cache(net, length) if self.compiled else DynamicCache(config=net.config.text_config)
+        """The static KV cache, able to hold `length` tokens: preallocated, then moved up a bucket when outgrown.
+        (Static also when eager: in place updates beat a dynamic cache's growing copies once the prompt is long.)"""
+        if self.cache is None:
+            self.cache = static_cache(self.model.net, length)
+        elif capacity(self.cache) < length:
+            self.cache = grown(self.model.net, self.cache, length)
         return self.cache
 
     def next_ids(self, question: str) -> list[int]:

@@ -71,11 +71,24 @@ BUCKET = 256  # static caches are sized in multiples of this, to bound the numbe
 
 
 def static_cache(net, length: int):
-    """A preallocated KV cache for `length` tokens, rounded up to a bucket (at most the model's context)."""
+    """A preallocated KV cache for `length` tokens, rounded up to a bucket."""
     from transformers import StaticCache
 
-    text = net.config.text_config
-    return StaticCache(config=text, max_cache_len=min(-(-length // BUCKET) * BUCKET, text.max_position_embeddings))
+    return StaticCache(config=net.config.text_config, max_cache_len=-(-length // BUCKET) * BUCKET)
+
+
+def grown(net, cache, length: int):
+    """A static cache for `length` tokens holding what `cache` holds: a conversation moves up a bucket
+    without being prefilled again."""
+    bigger = static_cache(net, length)
+    for old, new in zip(cache.layers, bigger.layers):
+        if old.is_initialized:
+            held = int(old.get_seq_length())
+            new.lazy_initialization(old.keys, old.values)
+            new.keys[:, :, :held] = old.keys[:, :, :held]
+            new.values[:, :, :held] = old.values[:, :, :held]
+            new.cumulative_length.fill_(held)
+    return bigger
 
 
 def capacity(cache) -> int:
