@@ -77,7 +77,7 @@ DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: float16 on cuda/
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
 NoCompileOpt = Annotated[
-    bool, typer.Option("--no-compile", help="Decode eagerly, without torch.compile and its static cache.")
+    bool, typer.Option("--no-compile", help="Decode eagerly, without torch.compile (which runs on CUDA only).")
 ]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the video feature cache.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr, only the answer (errors still).")]
