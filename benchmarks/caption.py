@@ -41,6 +41,7 @@ def main() -> None:
         for attempt in ("warm-up", "timed"):
             with tempfile.TemporaryDirectory() as tmp:
                 output = Output(Path(tmp) / "out.jsonl", "jsonl", resume=False, overwrite=False)
+                output.open()
                 start = time.perf_counter()
                 tally = run(model, clips, "Describe this video.", settings, output, size)
                 seconds = time.perf_counter() - start

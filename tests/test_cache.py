@@ -105,3 +105,19 @@ def test_cache_info_and_clear(cli, tiny_model, monkeypatch):
     assert info.code == 0 and "entries    1" in info.out and str(cache_dir()) in info.out and "of 7 MiB" in info.out
     cleared = cli("cache", "clear")
     assert cleared.out.strip() == "removed 1 entries" and not list(cache_dir().glob("*.safetensors"))
+
+
+@needs_assets
+def test_an_unusable_cache_is_a_note_not_a_failure(cli, tiny_model, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the cache dir cannot be created under a file
+    result = cli("ask", asset(VIDEO), "Why?", "-m", tiny_model, "-n", 2, "--json", "--no-compile")
+    assert result.code == 0 and len(json.loads(result.out)["tokens"]) == 2
+    assert result.err.startswith("note: the feature cache") and "not written" in result.err
+
+
+def test_a_bad_cache_bound_is_a_usage_error(cli, monkeypatch):
+    monkeypatch.setenv("VIDEOQA_CACHE_MAX_MB", "lots")
+    result = cli("cache", "info")
+    assert result.code == 2 and "VIDEOQA_CACHE_MAX_MB" in result.err and result.out == ""

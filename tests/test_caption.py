@@ -166,3 +166,45 @@ def test_ask_reads_the_question_from_stdin_or_a_file(cli, tiny_model, monkeypatc
     question.write_text("What happens?\n")
     from_file = cli("ask", video, "--prompt-file", question, "-m", tiny_model, "-n", 4, "--json", "--quiet")
     assert json.loads(from_file.out)["tokens"] == expected and from_file.err == ""
+
+
+def test_a_failed_load_leaves_the_old_output_alone(cli, folder, tmp_path):
+    out = tmp_path / "captions.jsonl"
+    out.write_text('{"video": "x"}\n')
+    result = cli("caption", folder, "-m", tmp_path / "no-model", "--out", out, "--overwrite")
+    assert result.code == Exit.MODEL and out.read_text() == '{"video": "x"}\n'
+    fresh = tmp_path / "fresh.jsonl"
+    assert cli("caption", folder, "-m", tmp_path / "no-model", "--out", fresh).code == Exit.MODEL
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize(
+    "content, fmt, words",
+    [
+        ('{"video": "a.mp4"}\nnot json\n', "jsonl", ":2: not a videoqa record"),
+        ('{"answer": "no video field"}\n', "jsonl", ":1: not a videoqa record"),
+        (b"\xff\xfe\n", "jsonl", "not UTF-8"),
+        ("name,size\na.mp4,3\n", "csv", "header"),
+    ],
+)
+def test_resume_refuses_a_file_that_is_not_ours(cli, tiny_model, folder, tmp_path, content, fmt, words):
+    out = tmp_path / f"other.{fmt}"
+    out.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = out.read_bytes()
+    result = cli("caption", folder, "-m", tiny_model, "--out", out, "--resume", "--format", fmt)
+    assert result.code == Exit.USAGE and words in result.err and out.read_bytes() == before
+
+
+def test_out_that_is_a_directory(cli, tiny_model, folder, tmp_path):
+    result = cli("caption", folder, "-m", tiny_model, "--out", tmp_path)
+    assert result.code == Exit.USAGE and "is a directory" in result.err
+
+
+def test_resume_with_nothing_left_does_not_load_the_model(cli, tiny_model, folder, tmp_path, monkeypatch):
+    out = tmp_path / "captions.jsonl"
+    assert cli("caption", folder / REAL[0], "-m", tiny_model, "-n", 2, "--out", out).code == 0
+    from videoqa import models
+
+    monkeypatch.setattr(models, "load", lambda *a: pytest.fail("the model was loaded"))
+    result = cli("caption", folder / REAL[0], "-m", tiny_model, "--out", out, "--resume")
+    assert result.code == 0 and "skipped" in result.err and len(out.read_text().splitlines()) == 1

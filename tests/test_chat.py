@@ -89,18 +89,26 @@ def test_video_switch_encodes_the_new_video(chat, tiny_model, tower_calls):
 
 def test_commands_frames_set_save_and_errors_keep_the_session(chat, tiny_model, tmp_path):
     md, js = tmp_path / "talk.md", tmp_path / "talk.json"
+    image = asset("images/videollava_desert.jpg")
     lines = ["/frames", "/set temperature 2", "/set top_p 0", "/set max_new_tokens 4", "/bogus", "/video /nope.mp4",
-             "Why?", f"/save {md}", f"/save {js}", "/set", "/exit", "never asked"]
-    result = chat(lines, asset(VIDEO), "-m", tiny_model)
-    out = result.out.splitlines()
-    assert out[:8] == [f"frame {i:>6}  {i / 25:8.3f} s" for i in [0, 34, 69, 103, 138, 172, 207, 242]]
-    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 3 and "top_p" in errors[0] and "bogus" in errors[1] and "/nope.mp4" in errors[2]
+             '/video "unbalanced', f"/video {image}", f"/image {asset(VIDEO)}", "\udcff\udcfe?", "Why?",
+             f"/save {md}", f"/save {js}", "/set", "/exit", "never asked"]
+    result = chat(lines, asset(VIDEO), "-m", tiny_model, "--json", "--no-compile")
+    # stdout holds the answers only, as JSON; what commands show goes to stderr
+    assert [json.loads(line)["question"] for line in result.out.splitlines()] == ["Why?"]
+    shown = result.err.splitlines()
+    assert shown[:8] == [f"frame {i:>6}  {i / 25:8.3f} s" for i in [0, 34, 69, 103, 138, 172, 207, 242]]
+    errors = [line for line in shown if line.startswith("error:")]
+    assert len(errors) == 7, errors
+    assert "top_p" in errors[0] and "bogus" in errors[1] and "/nope.mp4" in errors[2]
+    assert "quotation" in errors[3] and "an image: /image" in errors[4] and "not an image" in errors[5]
+    assert "not valid UTF-8" in errors[6]
     assert result.code == 2  # the first failure was a usage error
     saved = json.loads(js.read_text())
     assert len(saved["turns"]) == 1 and len(saved["turns"][0]["tokens"]) == 4
     assert saved["turns"][0]["answer"] in md.read_text() and "**You:** Why?" in md.read_text()
-    assert "temperature 2.0" in out[-1] and "max_new_tokens 4" in out[-1]
+    settings = [line for line in shown if line.startswith("temperature")]
+    assert "temperature 2.0" in settings[-1] and "max_new_tokens 4" in settings[-1]
 
 
 def test_question_before_any_video(chat, tiny_model):

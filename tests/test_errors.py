@@ -142,3 +142,21 @@ def test_cuda_requested_without_cuda(cli, video):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert_clean_failure(cli("ask", video, QUESTION, "--device", "cuda"), Exit.DEVICE, "cuda")
+
+
+def test_too_many_frames_refused_before_decoding(cli, tiny_model, video, monkeypatch):
+    from videoqa import frames
+
+    monkeypatch.setattr(frames, "read_frames", lambda *a: pytest.fail("frames were decoded"))
+    # 100000 frames x 5 positions (28 px tower: 4 patches + CLS) against a 4096-token context
+    result = cli("ask", video, QUESTION, "-m", tiny_model, "--frames", 100000)
+    assert_clean_failure(result, Exit.USAGE, "--frames 100000", "500000", "at most 819 frames")
+
+
+@needs_assets
+def test_question_that_is_not_utf8(cli, tiny_model, video, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\udcff\udcfe?\n"))  # bytes 0xff 0xfe read from a pipe
+    assert_clean_failure(cli("ask", video, "-", "-m", tiny_model), Exit.USAGE, "UTF-8")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
+from videoqa.errors import VideoQAError
 from videoqa.frames import Frames
 
 FRAME_RULE = "linspace(0,n-1,N)/v1"  # change when the frame sampling changes, to orphan old entries
@@ -24,7 +26,10 @@ def cache_dir() -> Path:
 
 
 def max_bytes() -> int:
-    return int(os.environ.get("VIDEOQA_CACHE_MAX_MB", "4096")) * 2**20
+    value = os.environ.get("VIDEOQA_CACHE_MAX_MB", "4096")
+    if not value.isdigit():
+        raise VideoQAError(f"VIDEOQA_CACHE_MAX_MB={value!r}: give the cache's bound as a whole number of MiB")
+    return int(value) * 2**20
 
 
 def model_identity(path: Path, dtype) -> str:
@@ -42,13 +47,15 @@ def file_hash(path: Path) -> str:
 class FeatureCache:
     def __init__(self, model: str, directory: Path | None = None):
         self.model, self.dir = model, directory or cache_dir()
-        self.keys: dict[tuple[Path, int], str] = {}  # hash each file once per process
+        self.keys: dict[tuple, str] = {}  # hash each file once per process, while it stays the same
 
     def key(self, video: Path, frames: int) -> str:
-        if (video, frames) not in self.keys:
+        stat = video.stat()
+        seen = (video, stat.st_size, stat.st_mtime_ns, frames)
+        if seen not in self.keys:
             parts = [file_hash(video), FRAME_RULE, str(frames), self.model]
-            self.keys[video, frames] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
-        return self.keys[video, frames]
+            self.keys[seen] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+        return self.keys[seen]
 
     def get(self, video: Path, frames: int):
         """(Frames without pixels, features) of a cached video, or None."""
@@ -64,30 +71,43 @@ class FeatureCache:
         frames = Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"]))
         return frames, features
 
-    def put(self, video: Path, frames: Frames, features) -> None:
+    def put(self, video: Path, frames: Frames, features) -> str | None:
+        """Store an entry; the cache is an optimisation, so a failure is returned as a reason, not raised."""
         from safetensors.torch import save_file
 
         key = self.key(video, len(frames.indices))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        partial = self.dir / f"{key}.partial"
         meta = {"indices": json.dumps(frames.indices), "times": json.dumps(frames.times)}
-        save_file({"features": features.detach().cpu().contiguous()}, partial, metadata=meta)
-        partial.replace(self.dir / f"{key}.safetensors")  # whole entries only
-        evict(self.dir, max_bytes())
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, partial = tempfile.mkstemp(dir=self.dir, suffix=".partial")  # one per writer
+            os.close(fd)
+            save_file({"features": features.detach().cpu().contiguous()}, partial, metadata=meta)
+            os.replace(partial, self.dir / f"{key}.safetensors")  # whole entries only
+            evict(self.dir, max_bytes())
+        except OSError as e:
+            return f"the feature cache in {self.dir} was not written ({e.strerror or e})"
+        return None
 
 
-def entries(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"), key=lambda f: f.stat().st_mtime_ns) if directory.is_dir() else []
+def entries(directory: Path, pattern: str = "*.safetensors") -> list[Path]:
+    """Entries, least recently used first (one that another process deletes meanwhile is left out)."""
+    stamped = []
+    for file in directory.glob(pattern) if directory.is_dir() else []:
+        try:
+            stamped.append((file.stat().st_mtime_ns, file))
+        except FileNotFoundError:
+            continue
+    return [file for _, file in sorted(stamped)]
 
 
 def evict(directory: Path, limit: int) -> None:
     """Delete the least recently used entries until the total fits `limit`."""
-    files = entries(directory)
-    total = sum(f.stat().st_size for f in files)
-    for file in files:
+    sized = [(f, f.stat().st_size) for f in entries(directory)]
+    total = sum(size for _, size in sized)
+    for file, size in sized:
         if total <= limit:
             break
-        total -= file.stat().st_size
+        total -= size
         file.unlink(missing_ok=True)
 
 
@@ -98,8 +118,9 @@ def info(directory: Path) -> dict:
 
 
 def clear(directory: Path) -> int:
+    """Delete every entry, and the temporary files of writes that never finished."""
     files = entries(directory)
-    for file in files:
+    for file in files + entries(directory, "*.partial"):
         file.unlink(missing_ok=True)
     return len(files)
 

@@ -40,38 +40,62 @@ def find_videos(paths: list[Path], glob: str, recursive: bool) -> list[Path]:
 
 
 class Output:
-    """JSONL or CSV records, appended whole: one `os.write` each to an O_APPEND file (or lines on stdout)."""
+    """JSONL or CSV records, appended whole: one `os.write` each to an O_APPEND file (or lines on stdout).
+
+    Checked when made, opened by `open()` once the model has loaded: a failed load leaves any old file untouched.
+    """
 
     def __init__(self, path: Path | None, fmt: str, resume: bool, overwrite: bool):
-        self.fmt, self.path = fmt, path
+        self.fmt, self.path, self.resume, self.overwrite = fmt, path, resume, overwrite
         self.done: set[str] = set()
+        self.fd: int | None = None
+        self.header = fmt == "csv"
         if path is None:
             if resume:
                 raise VideoQAError("--resume needs --out: there is no file to continue on stdout")
-            self.fd = None
-        else:
-            if path.exists() and path.stat().st_size and not (resume or overwrite):
-                raise VideoQAError(f"{path} exists: --resume to continue it, --overwrite to replace it")
-            if resume and path.exists():
-                self.done = self._repair_and_read(path)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if overwrite and not resume else 0)
-            try:
-                self.fd = os.open(path, flags, 0o644)
-            except OSError as e:
-                raise VideoQAError(f"{path}: cannot write ({e.strerror})", Exit.INPUT) from None
-        self.header = fmt == "csv" and (self.fd is None or os.fstat(self.fd).st_size == 0)
+        elif path.is_dir():
+            raise VideoQAError(f"--out {path} is a directory")
+        elif path.exists() and path.stat().st_size and not (resume or overwrite):
+            raise VideoQAError(f"{path} exists: --resume to continue it, --overwrite to replace it")
+        elif resume and path.exists():
+            self.done = self._read_done(path)
 
-    def _repair_and_read(self, path: Path) -> set[str]:
-        """Drop a trailing partial line (left by a crash mid-write elsewhere), return the videos already done."""
+    def _whole_lines(self, path: Path) -> bytes:
         data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            data = data[: data.rfind(b"\n") + 1]
-            with path.open("r+b") as f:
-                f.truncate(len(data))
-        text = data.decode()
+        return data[: data.rfind(b"\n") + 1]  # a trailing partial line (a crash mid-write elsewhere) is dropped
+
+    def _read_done(self, path: Path) -> set[str]:
+        """The videos the file already holds; anything but our own records is an error that names the line."""
+        try:
+            text = self._whole_lines(path).decode()
+        except UnicodeDecodeError:
+            raise VideoQAError(f"{path}: not a videoqa {self.fmt} file (not UTF-8); cannot resume it") from None
         if self.fmt == "csv":
-            return {row["video"] for row in csv.DictReader(io.StringIO(text))}
-        return {json.loads(line)["video"] for line in text.splitlines() if line.strip()}
+            reader = csv.DictReader(io.StringIO(text))
+            if text and reader.fieldnames != FIELDS:
+                raise VideoQAError(f"{path}: its header is not videoqa's CSV header; cannot resume it")
+            return {row["video"] for row in reader}
+        done = set()
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                done.add(json.loads(line)["video"])
+            except (ValueError, TypeError, KeyError):
+                raise VideoQAError(f"{path}:{number}: not a videoqa record; cannot resume it") from None
+        return done
+
+    def open(self) -> None:
+        if self.path is None:
+            return
+        try:
+            if self.resume and self.path.exists():
+                whole = len(self._whole_lines(self.path))
+                if whole != self.path.stat().st_size:
+                    os.truncate(self.path, whole)
+            truncate = os.O_TRUNC if self.overwrite and not self.resume else 0
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | truncate, 0o644)
+        except OSError as e:
+            raise VideoQAError(f"--out {self.path}: cannot write it ({e.strerror})") from None
+        self.header = self.fmt == "csv" and os.fstat(self.fd).st_size == 0
 
     def write(self, rec: dict) -> None:
         if self.fmt == "jsonl":

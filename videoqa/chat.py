@@ -20,10 +20,11 @@ from PIL import Image
 from videoqa.cache import FeatureCache
 from videoqa.conversation import Conversation, Settings, read, record, remember
 from videoqa.decode import Sampling
-from videoqa.errors import Exit, VideoQAError
-from videoqa.frames import Frames
-from videoqa.models import Model
-from videoqa.render import Interrupt, error, print_json, progress, stream
+from videoqa.errors import VideoQAError
+from videoqa.frames import Frames, is_image
+from videoqa.models import Model, check_frames, check_video
+from videoqa.prompt import check_question
+from videoqa.render import Interrupt, error, note, print_json, progress, stream
 
 HELP = """\
 /video PATH     switch to another video (a new conversation)
@@ -31,9 +32,14 @@ HELP = """\
 /reset          forget the conversation, keep the video
 /frames         the sampled frames: index and time
 /save FILE      save the conversation as Markdown (.md) or JSON (.json)
-/set [KEY VAL]  show or change temperature, top_k, top_p, seed, max_new_tokens, frames
+/set [KEY VAL]  show or change temperature, top_k, top_p, seed, max_new_tokens, frames (for the next /video)
 /help           this list
 /exit           leave (or Ctrl-D)"""
+
+
+def say(text: str) -> None:
+    """What a slash command shows goes to stderr: stdout holds answers only (and stays valid JSON with --json)."""
+    print(text, file=sys.stderr)
 
 
 def data_dir() -> Path:
@@ -83,6 +89,9 @@ class Chat:
 
     def open(self, path: Path) -> None:
         """Read a video or image: a new conversation about it."""
+        if not is_image(path):
+            check_video(self.model.net.config.model_type, self.model.name)
+            check_frames(self.model.net.config, self.settings.frames)
         start = time.perf_counter()
         with progress("Reading frames…"):
             media, features = read(path, self.settings.frames, self.cache)
@@ -91,10 +100,12 @@ class Chat:
 
     def start(self, path: Path, media: Frames | Image.Image, features=None) -> None:
         with progress("Encoding frames…"):
-            self.convo = Conversation(self.model, media, features, self.settings.compile)
-        remember(self.cache, path, self.convo)
-        self.path, self.turns = path, []
-        self.pending["vision"] = self.convo.timings["vision"]
+            convo = Conversation(self.model, media, features, self.settings.compile)
+        self.convo, self.path, self.turns = convo, path, []
+        self.pending["vision"] = convo.timings["vision"]
+        problem = remember(self.cache, path, convo)
+        if problem:
+            note(problem)
 
     def ask(self, question: str) -> None:
         if self.convo is None:
@@ -119,11 +130,18 @@ class Chat:
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave."""
-        name, *args = shlex.split(line[1:]) or [""]
+        try:
+            name, *args = shlex.split(line[1:]) or [""]
+        except ValueError as e:  # unbalanced quotes
+            raise VideoQAError(f"{line.strip()}: {e}") from None
         if name in ("exit", "quit"):
             return False
         if name in ("video", "image") and len(args) == 1:
-            self.open(Path(args[0]).expanduser())
+            path = Path(args[0]).expanduser()
+            if is_image(path) != (name == "image"):
+                raise VideoQAError(f"/{name} {path}: " + ("not an image (jpg, png, webp, ...): /video PATH"
+                                                          if name == "image" else "an image: /image PATH"))
+            self.open(path)
         elif name == "reset" and not args and self.convo is not None:
             self.convo.reset()
             self.turns = []
@@ -135,10 +153,10 @@ class Chat:
             if args:
                 self.settings = parse_setting(self.settings, *args)
             s = self.settings
-            print(f"temperature {s.sampling.temperature}  top_k {s.sampling.top_k}  top_p {s.sampling.top_p}  "
-                  f"seed {s.sampling.seed}  max_new_tokens {s.max_new_tokens}  frames {s.frames}")
+            say(f"temperature {s.sampling.temperature}  top_k {s.sampling.top_k}  top_p {s.sampling.top_p}  "
+                f"seed {s.sampling.seed}  max_new_tokens {s.max_new_tokens}  frames {s.frames}")
         elif name == "help":
-            print(HELP)
+            say(HELP)
         else:
             raise VideoQAError(f"unknown command or arguments: {line.strip()} (/help lists the commands)")
         return True
@@ -147,7 +165,7 @@ class Chat:
         if self.convo is None or not isinstance(self.convo.media, Frames):
             raise VideoQAError("no video is loaded: /frames lists a video's sampled frames")
         for index, time_s in zip(self.convo.media.indices, self.convo.media.times):
-            print(f"frame {index:>6}  {time_s:8.3f} s")
+            say(f"frame {index:>6}  {time_s:8.3f} s")
 
     def save(self, path: Path) -> None:
         if path.suffix not in (".md", ".json"):
@@ -162,8 +180,8 @@ class Chat:
         try:
             path.write_text(text + "\n")
         except OSError as e:
-            raise VideoQAError(f"/save {path}: {e.strerror}", Exit.INPUT) from None
-        print(f"saved {len(self.turns)} turns to {path}", file=sys.stderr)
+            raise VideoQAError(f"/save {path}: {e.strerror}") from None
+        say(f"saved {len(self.turns)} turns to {path}")
 
     def handle(self, line: str) -> bool:
         """One line of input; errors are reported and the session goes on. False means leave."""
@@ -172,7 +190,7 @@ class Chat:
             if line.startswith("/"):
                 return self.command(line)
             if line:
-                self.ask(line)
+                self.ask(check_question(line))
         except VideoQAError as e:
             error(str(e))
             self.failed = self.failed or e.code

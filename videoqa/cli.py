@@ -97,9 +97,9 @@ def read_question(question: str | None, prompt_file: Path | None) -> str:
         question = sys.stdin.read()
     if question is None:
         raise VideoQAError("no question: give QUESTION, - to read it from stdin, or --prompt-file")
-    if not question.strip():
-        raise VideoQAError("the question is empty")
-    return question.strip()
+    from videoqa.prompt import check_question
+
+    return check_question(question)
 
 
 def quiet_mode(quiet: bool) -> None:
@@ -165,6 +165,7 @@ def load_model(
         path, preset = models.resolve(model)
     if videos or (media is not None and not is_image(media)):
         models.check_video(preset.architecture, model)
+        models.check_frames(models.config_of(path), frames or preset.frames)
     torch_dtype = models.pick_dtype(dtype.value, torch_device)
     features_cache = FeatureCache(model_identity(path, torch_dtype)) if cache else None
     timings = {}
@@ -217,7 +218,7 @@ def ask(
     """
     from videoqa.conversation import Conversation, record, remember
     from videoqa.frames import Frames, check_file
-    from videoqa.render import print_json, progress, stream
+    from videoqa.render import note, print_json, progress, stream
 
     quiet_mode(quiet)
     question = read_question(question, prompt_file)
@@ -227,7 +228,9 @@ def ask(
     settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed, not no_compile)
     with progress("Encoding frames…"):
         convo = Conversation(loaded, media, ready.features, settings.compile)
-    remember(ready.cache, video, convo)
+    problem = remember(ready.cache, video, convo)
+    if problem:
+        note(problem)
     tokens = convo.ask(question, settings.max_new_tokens, settings.sampling)
     note_eager(ready, no_compile)
     if json_output:
@@ -342,8 +345,12 @@ def caption(
     if not videos:
         raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
     output = captioning.Output(out, fmt.value, resume, overwrite)
+    if all(str(v) in output.done for v in videos):
+        summary({"done": "0", "failed": "0", "skipped": str(len(videos)), "videos/s": "-"})
+        return
     try:
         ready = load_model(model, device, dtype, None, frames, cache=False, videos=True)
+        output.open()
         settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed)
         tally = captioning.run(ready.model, videos, question, settings, output, batch_size)
     finally:

@@ -41,10 +41,11 @@ def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | 
     return read_media(path, frames), None
 
 
-def remember(cache: FeatureCache | None, path: Path, convo: Conversation) -> None:
-    """Keep a video's newly computed features for the next process that asks about it."""
+def remember(cache: FeatureCache | None, path: Path, convo: Conversation) -> str | None:
+    """Keep a video's newly computed features for the next process that asks about it; why not, if it failed."""
     if cache is not None and isinstance(convo.media, Frames) and convo.media.pixels is not None:
-        cache.put(path, convo.media, convo.features)
+        return cache.put(path, convo.media, convo.features)
+    return None
 
 
 class Conversation:

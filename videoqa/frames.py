@@ -43,6 +43,7 @@ def check_file(path: Path) -> None:
 
 
 _fd2 = threading.Lock()  # frames are read on background threads too; one redirection at a time
+_damaged = threading.Lock()  # where decoding of damaged data stops varies if two decoders run at once
 
 
 @contextmanager
@@ -122,7 +123,8 @@ def read_frames(path: Path, count: int) -> Frames:
     except Exception:
         pixels = None
     if pixels is None:
-        indices, pixels = _decode_prefix(path, count, _decodable_count(path))
+        with _damaged:
+            indices, pixels = _decode_prefix(path, count, _decodable_count(path))
         if pixels is None:
             raise VideoQAError(f"{path}: video is corrupted or truncated, no frame decodes", Exit.INPUT)
     return Frames(pixels=pixels, indices=indices, times=_times(reader, indices))

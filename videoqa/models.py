@@ -171,11 +171,39 @@ class Model:
 
     @property
     def context(self) -> int:
-        """Positions the text model handles: linear RoPE scaling stretches them (LLaVA-NeXT-Video-7B: 4096 x 2)."""
-        text = self.net.config.text_config
-        rope = getattr(text, "rope_parameters", None) or {}
-        stretch = rope.get("factor", 1.0) if rope.get("rope_type") == "linear" else 1.0
-        return int(text.max_position_embeddings * stretch)
+        return context(self.net.config)
+
+
+def context(config) -> int:
+    """Positions the text model handles: linear RoPE scaling stretches them (LLaVA-NeXT-Video-7B: 4096 x 2)."""
+    text = config.text_config
+    rope = getattr(text, "rope_parameters", None) or {}
+    stretch = rope.get("factor", 1.0) if rope.get("rope_type") == "linear" else 1.0
+    return int(text.max_position_embeddings * stretch)
+
+
+def config_of(path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
+
+
+def frame_positions(config) -> int:
+    """Placeholder positions one video frame takes, known from the config before anything is decoded."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    if config.model_type == "video_llava":
+        return side * side + 1  # all patches and CLS
+    return (side // config.spatial_pool_stride) ** 2  # patches, pooled
+
+
+def check_frames(config, frames: int) -> None:
+    """Refuse a frame count whose video alone overflows the context, before decoding a single frame."""
+    needed = frames * frame_positions(config)
+    if needed >= context(config):
+        raise VideoQAError(
+            f"--frames {frames}: the video alone needs {needed} positions and the model's context holds "
+            f"{context(config)}; use at most {(context(config) - 1) // frame_positions(config)} frames"
+        )
 
 
 def load(name: str, path: Path, preset: Preset, device, dtype) -> Model:

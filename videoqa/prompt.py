@@ -10,6 +10,19 @@ from __future__ import annotations
 
 import torch
 
+from videoqa.errors import VideoQAError
+
+
+def check_question(question: str) -> str:
+    """The question stripped; empty text or bytes that are not UTF-8 (read from a pipe) are refused."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise VideoQAError("the question is not valid UTF-8 text") from None
+    if not question.strip():
+        raise VideoQAError("the question is empty")
+    return question.strip()
+
 
 def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
