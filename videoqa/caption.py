@@ -161,6 +161,12 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def failure(model: Model, video: Path, question: str, error: VideoQAError) -> dict:
+    """The record of a video that got no answer."""
+    prompt = model.preset.template.format(media="<video>", question=question)
+    return record(model, video, question, prompt, None, [], {}, error=str(error))
+
+
 def caption_batch(model: Model, batch: list[tuple[Path, Future]], question: str, settings: Settings) -> list[dict]:
     """Records for a batch, in order: an error record for each video that cannot be read, answers for the rest."""
     prompt = model.preset.template.format(media="<video>", question=question)
@@ -171,7 +177,7 @@ def caption_batch(model: Model, batch: list[tuple[Path, Future]], question: str,
         try:
             read.append((video, future.result(), time.perf_counter() - start))
         except VideoQAError as e:
-            records[video] = record(model, video, question, prompt, None, [], {}, error=str(e))
+            records[video] = failure(model, video, question, e)
     if read:
         answers, timings = answer_batch(model, [f for _, f, _ in read], [question] * len(read), settings)
         for (video, frames, waited), tokens in zip(read, answers):
@@ -188,8 +194,7 @@ def run(model: Model, videos: list[Path], question: str, settings: Settings, out
             try:
                 records = caption_batch(model, batch, question, settings)
             except VideoQAError as e:  # nothing in this batch can be answered, e.g. a prompt too long
-                prompt = model.preset.template.format(media="<video>", question=question)
-                records = [record(model, video, question, prompt, None, [], {}, error=str(e)) for video, _ in batch]
+                records = [failure(model, video, question, e) for video, _ in batch]
             for rec in records:
                 output.write(rec)
                 tally.failed += rec["error"] is not None

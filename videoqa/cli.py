@@ -257,6 +257,7 @@ def chat(
     json_output: JsonOpt = False,
     no_cache: NoCacheOpt = False,
     no_compile: NoCompileOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Talk about a video over several turns; the video is encoded once.
@@ -274,6 +275,7 @@ def chat(
     from videoqa.chat import Chat, run_interactive
     from videoqa.frames import check_file
 
+    quiet_mode(quiet)
     if video is not None:
         check_file(video)
     ready = load_model(model, device, dtype, video, frames, not no_cache)
