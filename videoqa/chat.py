@@ -142,7 +142,9 @@ class Chat:
                 raise VideoQAError(f"/{name} {path}: " + ("not an image (jpg, png, webp, ...): /video PATH"
                                                           if name == "image" else "an image: /image PATH"))
             self.open(path)
-        elif name == "reset" and not args and self.convo is not None:
+        elif name == "reset" and not args:
+            if self.convo is None:
+                raise VideoQAError("/reset: no video yet, nothing to forget")
             self.convo.reset()
             self.turns = []
         elif name == "frames" and not args:
