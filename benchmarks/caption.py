@@ -9,7 +9,6 @@ Frames are decoded on background threads as in `videoqa caption`; the first pass
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import shapes
 from shapes import build, videos
 from videoqa.caption import Output, run
 from videoqa.conversation import Settings
@@ -24,10 +24,7 @@ from videoqa.decode import Sampling
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "small", "7b"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser = shapes.parser(__doc__)
     parser.add_argument("--videos", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,4,8")

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+import shapes
 from shapes import build, videos
 from videoqa.conversation import Conversation
 from videoqa.decode import Sampling
@@ -66,10 +67,7 @@ def reference(model, frames, question: str, max_new: int, device: str, compile: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "small", "7b"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser = shapes.parser(__doc__)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -11,7 +11,6 @@ so the fair figure there is the peak against the weights in the *target* dtype.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -35,15 +34,11 @@ print(weights, (peak - before) * 1024, seconds)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="small", choices=["tiny", "small", "7b"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="bfloat16")
-    args = parser.parse_args()
-
     import torch
 
-    from shapes import build
+    from shapes import build, parser
+
+    args = parser(__doc__).parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build(args.shape, "cpu", torch.float32)

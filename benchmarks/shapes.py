@@ -34,6 +34,17 @@ SHAPES = {
 }
 
 
+def parser(doc: str):
+    """The command line every benchmark shares: which model shape, on which device, in which dtype."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    return parser
+
+
 def tokenizer():
     from transformers import LlamaTokenizer
 
