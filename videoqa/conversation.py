@@ -28,7 +28,7 @@ class Settings:
     frames: int
     max_new_tokens: int
     sampling: Sampling
-    compile: bool = False  # a static cache and the compiled decode step (CUDA)
+    compile: bool = False  # the compiled decode step (CUDA); the KV cache is static either way
 
 
 def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | Image.Image, torch.Tensor | None]:
@@ -46,6 +46,14 @@ def remember(cache: FeatureCache | None, path: Path, convo: Conversation) -> str
     if cache is not None and isinstance(convo.media, Frames) and convo.media.pixels is not None:
         return cache.put(path, convo.media, convo.features)
     return None
+
+
+def check_fits(model: Model, needed: int, follow_up: bool = False) -> None:
+    """Refuse a prompt that leaves no room in the model's context for even one answer token."""
+    if needed >= model.context:
+        what = "conversation too long: it" if follow_up else "question too long: the prompt"
+        hint = "; /reset to start over" if follow_up else ""
+        raise VideoQAError(f"{what} needs {needed} tokens and the model's context holds {model.context}{hint}")
 
 
 class Conversation:
@@ -100,12 +108,8 @@ class Conversation:
         preset = self.model.preset
         first = preset.template.format(media=self.placeholder, question=question)
         self.prompt = preset.followup.format(question=question) if self.ids else first
-        context = self.model.context
-        if len(ids) >= context:
-            what = "conversation too long: it" if self.ids else "question too long: the prompt"
-            hint = "; /reset to start over" if self.ids else ""
-            raise VideoQAError(f"{what} needs {len(ids)} tokens and the model's context holds {context}{hint}")
-        return self._answer(ids, min(max_new_tokens, context - len(ids)), sampling)
+        check_fits(self.model, len(ids), follow_up=bool(self.ids))
+        return self._answer(ids, min(max_new_tokens, self.model.context - len(ids)), sampling)
 
     def _answer(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         net, tokenizer = self.model.net, self.model.tokenizer
@@ -159,9 +163,7 @@ def answer_batch(model: Model, videos: list[Frames], questions: list[str], setti
         for v, q in zip(videos, questions)
     ]
     width = max(map(len, rows))
-    if width >= model.context:
-        raise VideoQAError(f"question too long: the prompt needs {width} tokens and the model's context holds "
-                           f"{model.context}")
+    check_fits(model, width)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=net.device)  # (B, L), left-padded
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=net.device)
