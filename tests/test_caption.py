@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,8 +92,8 @@ def wait_for_lines(out, count, process):
 
 
 def test_kill_9_then_resume_writes_every_video_exactly_once(tiny_model, folder, tmp_path, cli):
-    for i in range(6):  # more work, so the kill lands mid-run
-        (folder / f"copy{i}.mp4").symlink_to(asset(f"videos/{REAL[i % len(REAL)]}"))
+    for i in range(6):  # more work, so the kill lands mid-run (copies: a link to a video is that video)
+        shutil.copy(asset(f"videos/{REAL[i % len(REAL)]}"), folder / f"copy{i}.mp4")
     out = tmp_path / "captions.jsonl"
     process = caption_process(tiny_model, folder, out, "-b", "1", "-n", "300")
     wait_for_lines(out, 2, process)
@@ -123,7 +124,7 @@ def test_resume_repairs_a_half_written_last_line(cli, tiny_model, folder, tmp_pa
 
 def test_ctrl_c_finishes_the_batch_in_flight(tiny_model, folder, tmp_path):
     for i in range(5):
-        (folder / f"copy{i}.mp4").symlink_to(asset(f"videos/{REAL[i]}"))
+        shutil.copy(asset(f"videos/{REAL[i]}"), folder / f"copy{i}.mp4")
     out = tmp_path / "captions.jsonl"
     process = caption_process(tiny_model, folder, out, "-b", "2", "-n", "400", "--glob", "*.mp4")
     wait_for_lines(out, 1, process)

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import build_tokenizer, needs_assets
-from videoqa.render import texts
+from videoqa.output import texts
 
 
 @needs_assets

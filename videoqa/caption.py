@@ -1,8 +1,9 @@
 """`videoqa caption`: one question over many videos, in batches, appending one whole record per video.
 
-Frames of the next videos are decoded on background threads while the model works. Each record is one
-`write` to a file opened for appending, so a crash or `kill -9` never leaves half a line, and `--resume`
-skips every video the file already holds.
+Frames of the next videos are decoded and preprocessed on background threads while the model works. Each
+record is one `write` to a file opened for appending, so a crash or `kill -9` never leaves half a line, and
+`--resume` skips every video the file already holds. A video is known by its resolved path, so `clip.mp4` and
+`/videos/clip.mp4` are one video. No single video can stop the run: whatever fails for it becomes its record.
 """
 
 from __future__ import annotations
@@ -11,32 +12,59 @@ import csv
 import io
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from videoqa.conversation import Settings, answer_batch, record
+import numpy as np
+
+from videoqa.conversation import answer_batch, frame_pixels, record
 from videoqa.errors import Exit, VideoQAError
 from videoqa.frames import Frames, read_frames
 from videoqa.models import Model
-from videoqa.render import Interrupt, progress_bar
+from videoqa.output import FIELDS, FORMATS, display, split_lines, write
+from videoqa.render import STOP_SIGNALS, Interrupt, progress_bar
+from videoqa.settings import Settings
 
-FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "timings", "error"]
+
+def identity(path: Path | str) -> str:
+    """What makes two spellings of a path one video: the absolute path with links resolved, as text."""
+    return display(Path(os.path.abspath(path)).resolve())
+
+
+def patterns(glob: str) -> list[str]:
+    """The comma-separated --glob patterns; an empty or absolute one is a usage error."""
+    found = [p.strip() for p in glob.split(",")]
+    for pattern in found:
+        if not pattern or Path(pattern).is_absolute() or pattern.startswith("~"):
+            problem = "an empty pattern" if not pattern else f"{pattern!r} is not relative to the folder"
+            raise VideoQAError(f"--glob {glob!r}: {problem}; give file name patterns such as '*.mp4,*.mkv'")
+    return found
+
+
+def is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long, a loop of links: not a folder; its record will say what is wrong
+        return False
 
 
 def find_videos(paths: list[Path], glob: str, recursive: bool) -> list[Path]:
-    """Files as given; folders walked for names matching any of the comma-separated patterns."""
+    """Files as given; folders walked for names matching any of the patterns; each video once."""
+    wanted = patterns(glob)
     found: list[Path] = []
     for path in paths:
-        if not path.is_dir():
+        if not is_folder(path):
             found.append(path)  # a missing or unreadable file gets an error record, like any broken video
             continue
         walk = path.rglob if recursive else path.glob
-        found += sorted({f for pattern in glob.split(",") for f in walk(pattern.strip()) if f.is_file()})
-    return list(dict.fromkeys(found))
+        found += sorted({f for pattern in wanted for f in walk(pattern) if f.is_file()})
+    unique: dict[str, Path] = {}
+    for file in found:
+        unique.setdefault(identity(file), file)  # the first spelling of each video
+    return list(unique.values())
 
 
 class Output:
@@ -45,7 +73,8 @@ class Output:
     Checked when made, opened by `open()` once the model has loaded: a failed load leaves any old file untouched.
     """
 
-    def __init__(self, path: Path | None, fmt: str, resume: bool, overwrite: bool):
+    def __init__(self, path: Path | None, fmt: str, *, resume: bool, overwrite: bool, inputs: list[Path]):
+        path = None if path is not None and str(path) == "-" else path  # `--out -`: stdout, as most tools
         self.fmt, self.path, self.resume, self.overwrite = fmt, path, resume, overwrite
         self.done: set[str] = set()
         self.fd: int | None = None
@@ -53,15 +82,30 @@ class Output:
         if path is None:
             if resume:
                 raise VideoQAError("--resume needs --out: there is no file to continue on stdout")
-        elif path.is_dir():
-            raise VideoQAError(f"--out {path} is a directory")
-        elif path.exists() and path.stat().st_size and not (resume or overwrite):
-            raise VideoQAError(f"{path} exists: --resume to continue it, --overwrite to replace it")
-        elif resume and path.exists():
+            return
+        if identity(path) in {identity(v) for v in inputs}:
+            raise VideoQAError(f"--out {display(path)} is one of the videos to caption; give another file")
+        if is_folder(path):
+            raise VideoQAError(f"--out {display(path)} is a directory")
+        if self._size(path) and not (resume or overwrite):
+            raise VideoQAError(f"{display(path)} exists: --resume to continue it, --overwrite to replace it")
+        if resume and self._size(path) is not None:
             self.done = self._read_done(path)
 
+    @staticmethod
+    def _size(path: Path) -> int | None:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise VideoQAError(f"--out {display(path)}: {e.strerror}") from None
+
     def _whole_lines(self, path: Path) -> bytes:
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise VideoQAError(f"--out {display(path)}: cannot read it to resume ({e.strerror})") from None
         return data[: data.rfind(b"\n") + 1]  # a trailing partial line (a crash mid-write elsewhere) is dropped
 
     def _read_done(self, path: Path) -> set[str]:
@@ -69,18 +113,18 @@ class Output:
         try:
             text = self._whole_lines(path).decode()
         except UnicodeDecodeError:
-            raise VideoQAError(f"{path}: not a videoqa {self.fmt} file (not UTF-8); cannot resume it") from None
+            raise VideoQAError(f"{display(path)}: not a videoqa {self.fmt} file (not UTF-8); cannot resume it") from None
         if self.fmt == "csv":
-            reader = csv.DictReader(io.StringIO(text))
+            reader = csv.DictReader(io.StringIO(text, newline=""))
             if text and reader.fieldnames != FIELDS:
-                raise VideoQAError(f"{path}: its header is not videoqa's CSV header; cannot resume it")
-            return {row["video"] for row in reader}
+                raise VideoQAError(f"{display(path)}: its header is not videoqa's CSV header; cannot resume it")
+            return {identity(row["video"]) for row in reader}
         done = set()
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(split_lines(text), 1):
             try:
-                done.add(json.loads(line)["video"])
+                done.add(identity(json.loads(line)["video"]))
             except (ValueError, TypeError, KeyError):
-                raise VideoQAError(f"{path}:{number}: not a videoqa record; cannot resume it") from None
+                raise VideoQAError(f"{display(path)}:{number}: not a videoqa record; cannot resume it") from None
         return done
 
     def open(self) -> None:
@@ -93,27 +137,20 @@ class Output:
                     os.truncate(self.path, whole)
             truncate = os.O_TRUNC if self.overwrite and not self.resume else 0
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | truncate, 0o644)
+            self.header = self.fmt == "csv" and os.fstat(self.fd).st_size == 0
         except OSError as e:
-            raise VideoQAError(f"--out {self.path}: cannot write it ({e.strerror})") from None
-        self.header = self.fmt == "csv" and os.fstat(self.fd).st_size == 0
+            raise VideoQAError(f"--out {display(self.path)}: cannot write it ({e.strerror})") from None
 
     def write(self, rec: dict) -> None:
-        if self.fmt == "jsonl":
-            line = json.dumps(rec, ensure_ascii=False) + "\n"
-        else:
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, FIELDS, lineterminator="\n")
-            if self.header:
-                writer.writeheader()
-                self.header = False
-            flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in rec.items()}
-            writer.writerow(flat)
-            line = buffer.getvalue()
+        line = FORMATS[self.fmt](rec, self.header)
+        self.header = False
         if self.fd is None:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        else:
+            write(line)
+            return
+        try:
             os.write(self.fd, line.encode())
+        except OSError as e:
+            raise VideoQAError(f"--out {display(self.path)}: cannot write it ({e.strerror})") from None
 
     def close(self) -> None:
         if self.fd is not None:
@@ -125,29 +162,53 @@ class Tally:
     done: int = 0
     failed: int = 0
     skipped: int = 0
-    interrupted: bool = False
+    stopped: int = 0  # the exit code of the signal that stopped the run, 0 if none did
     start: float = field(default_factory=time.perf_counter)
 
     def exit_code(self) -> int:
-        if self.interrupted:
-            return Exit.INTERRUPTED
+        if self.stopped:
+            return self.stopped
         if self.failed == 0:
             return Exit.OK
         return Exit.ALL_FAILED if self.done == 0 else Exit.SOME_FAILED
 
 
-def prefetched(videos: list[Path], frames: int, ahead: int) -> Iterator[tuple[Path, Future]]:
-    """(video, future of its frames) in order, with up to `ahead` videos decoding in the background."""
+@dataclass
+class Ready:
+    """A video whose frames are decoded and preprocessed, or the reason they could not be."""
+
+    video: Path
+    frames: Frames | None = None
+    pixels: np.ndarray | None = None
+    error: str | None = None
+
+
+def prepare(model: Model, video: Path, count: int) -> Ready:
+    """Decode and preprocess one video on a background thread; any failure is this video's alone."""
+    try:
+        frames = read_frames(video, count)
+        return Ready(video, frames, frame_pixels(model, frames))
+    except VideoQAError as e:
+        return Ready(video, error=str(e))
+    except Exception as e:  # a bug shown on one record rather than the end of the run
+        return Ready(video, error=f"internal error: {type(e).__name__}: {e}")
+
+
+def prefetched(model: Model, videos: list[Path], frames: int, ahead: int) -> Iterator[Future]:
+    """Futures of `prepare` in order, with up to `ahead` videos decoding in the background."""
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frames")
-    futures: list[tuple[Path, Future]] = []
+    futures: list[Future] = []
     try:
         for video in videos:
-            futures.append((video, pool.submit(read_frames, video, frames)))
+            futures.append(pool.submit(prepare, model, video, frames))
             if len(futures) > ahead:
                 yield futures.pop(0)
-        yield from futures
-    finally:  # a stopped run does not wait for frames it will not use
-        pool.shutdown(cancel_futures=True)
+        while futures:
+            yield futures.pop(0)
+    finally:  # cancel only what was never handed out: a partial last batch still holds its futures
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=False)
 
 
 def batches(items: Iterable, size: int) -> Iterator[list]:
@@ -161,46 +222,53 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def failure(model: Model, video: Path, question: str, error: VideoQAError) -> dict:
+def failure(model: Model, video: Path, question: str, error: str) -> dict:
     """The record of a video that got no answer."""
     prompt = model.preset.template.format(media="<video>", question=question)
-    return record(model, video, question, prompt, None, [], {}, error=str(error))
+    return record(model, video, question, prompt, None, [], {}, error=error)
 
 
-def caption_batch(model: Model, batch: list[tuple[Path, Future]], question: str, settings: Settings) -> list[dict]:
-    """Records for a batch, in order: an error record for each video that cannot be read, answers for the rest."""
+def answered(model: Model, ready: list[tuple[Ready, float]], question: str, settings: Settings) -> list[dict]:
+    """Records of videos answered together; if the batch fails as a whole, each is tried alone."""
     prompt = model.preset.template.format(media="<video>", question=question)
-    read: list[tuple[Path, Frames, float]] = []
-    records: dict[Path, dict] = {}
-    for video, future in batch:
+    try:
+        answers, timings = answer_batch(model, [r.pixels for r, _ in ready], [question] * len(ready), settings)
+    except VideoQAError as e:  # nothing in this batch can be answered, e.g. a prompt too long
+        return [failure(model, r.video, question, str(e)) for r, _ in ready]
+    except Exception as e:
+        if len(ready) > 1:
+            return [rec for one in ready for rec in answered(model, [one], question, settings)]
+        return [failure(model, ready[0][0].video, question, f"internal error: {type(e).__name__}: {e}")]
+    return [
+        record(model, r.video, question, prompt, r.frames, tokens, {"frames": waited, **timings})
+        for (r, waited), tokens in zip(ready, answers)
+    ]
+
+
+def caption_batch(model: Model, batch: list[Future], question: str, settings: Settings) -> list[dict]:
+    """Records for a batch, in order: an error record for each video that cannot be read, answers for the rest."""
+    ready: list[tuple[Ready, float]] = []
+    for future in batch:
         start = time.perf_counter()
-        try:
-            read.append((video, future.result(), time.perf_counter() - start))
-        except VideoQAError as e:
-            records[video] = failure(model, video, question, e)
-    if read:
-        answers, timings = answer_batch(model, [f for _, f, _ in read], [question] * len(read), settings)
-        for (video, frames, waited), tokens in zip(read, answers):
-            records[video] = record(model, video, question, prompt, frames, tokens, {"frames": waited, **timings})
-    return [records[video] for video, _ in batch]
+        ready.append((future.result(), time.perf_counter() - start))
+    good = [(r, waited) for r, waited in ready if r.error is None]
+    answers = iter(answered(model, good, question, settings) if good else [])
+    return [next(answers) if r.error is None else failure(model, r.video, question, r.error) for r, _ in ready]
 
 
 def run(model: Model, videos: list[Path], question: str, settings: Settings, output: Output, batch_size: int) -> Tally:
-    """Caption every video not already in the output; stop cleanly after the batch in flight on Ctrl-C."""
-    todo = [v for v in videos if str(v) not in output.done]
+    """Caption every video not already in the output; stop cleanly after the batch in flight on Ctrl-C, SIGTERM
+    or SIGHUP. A reader of stdout that goes away stops the run quietly."""
+    todo = [v for v in videos if identity(v) not in output.done]
     tally = Tally(skipped=len(videos) - len(todo))
-    with Interrupt() as interrupt, progress_bar(len(todo), "captioning") as advance:
-        for batch in batches(prefetched(todo, settings.frames, ahead=2 * batch_size), batch_size):
-            try:
-                records = caption_batch(model, batch, question, settings)
-            except VideoQAError as e:  # nothing in this batch can be answered, e.g. a prompt too long
-                records = [failure(model, video, question, e) for video, _ in batch]
-            for rec in records:
+    with Interrupt(STOP_SIGNALS) as interrupt, progress_bar(len(todo), "captioning") as advance:
+        for batch in batches(prefetched(model, todo, settings.frames, ahead=2 * batch_size), batch_size):
+            for rec in caption_batch(model, batch, question, settings):
                 output.write(rec)
                 tally.failed += rec["error"] is not None
                 tally.done += rec["error"] is None
             advance(len(batch))
             if interrupt.requested:
-                tally.interrupted = True
+                tally.stopped = interrupt.code
                 break
     return tally

@@ -6,25 +6,24 @@ one question per line when stdin is a pipe.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import fields, replace
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
 
+from videoqa import output
 from videoqa.cache import FeatureCache
-from videoqa.conversation import Conversation, Settings, read, record, remember
-from videoqa.decode import Sampling
+from videoqa.conversation import Conversation, read, record, remember
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames, is_image
 from videoqa.models import Model, check_frames, check_video
-from videoqa.prompt import check_question
+from videoqa.questions import check_question
 from videoqa.render import Interrupt, error, note, print_json, progress, stream
+from videoqa.settings import SPECS, Settings
 
 HELP = """\
 /video PATH     switch to another video (a new conversation)
@@ -32,7 +31,7 @@ HELP = """\
 /reset          forget the conversation, keep the video
 /frames         the sampled frames: index and time
 /save FILE      save the conversation as Markdown (.md) or JSON (.json)
-/set [KEY VAL]  show or change temperature, top_k, top_p, seed, max_new_tokens, frames (for the next /video)
+/set [KEY VAL]  show or change {settings} (frames: from the next /video)
 /help           this list
 /exit           leave (or Ctrl-D)"""
 
@@ -51,35 +50,21 @@ def data_dir() -> Path:
 def parse_setting(settings: Settings, key: str, value: str) -> Settings:
     """A copy of `settings` with one option changed; bad keys and values raise with the accepted range."""
     key = key.replace("-", "_")
-    checks: dict[str, tuple[Callable, Callable, str]] = {
-        "temperature": (float, lambda v: v >= 0, ">= 0"),
-        "top_k": (int, lambda v: v >= 0, ">= 0"),
-        "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
-        "seed": (lambda v: None if v == "none" else int(v), lambda v: True, "an integer or none"),
-        "max_new_tokens": (int, lambda v: v >= 0, ">= 0"),
-        "frames": (int, lambda v: v >= 1, ">= 1"),
-    }
-    if key not in checks:
-        raise VideoQAError(f"/set: unknown setting {key!r}; settings: {', '.join(checks)}")
-    convert, valid, accepted = checks[key]
+    if key not in SPECS:
+        raise VideoQAError(f"/set: unknown setting {key!r}; settings: {', '.join(SPECS)}")
     try:
-        parsed = convert(value)
-        ok = valid(parsed)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise VideoQAError(f"/set {key}: {value!r} is not valid, it must be {accepted}")
-    if key in {f.name for f in fields(Sampling)}:
-        return replace(settings, sampling=replace(settings.sampling, **{key: parsed}))
-    return replace(settings, **{key: parsed})
+        return settings.changed(**{key: SPECS[key].parse(value)})
+    except VideoQAError as e:
+        raise VideoQAError(f"/set {e}") from None
 
 
 class Chat:
     def __init__(
         self, model: Model, settings: Settings, json_output: bool, timings: dict[str, float],
-        cache: FeatureCache | None = None,
+        cache: FeatureCache | None = None, compile: bool = False,
     ):
         self.model, self.settings, self.json_output, self.cache = model, settings, json_output, cache
+        self.compile = compile
         self.convo: Conversation | None = None
         self.path: Path | None = None
         self.turns: list[dict] = []
@@ -100,7 +85,7 @@ class Chat:
 
     def start(self, path: Path, media: Frames | Image.Image, features=None) -> None:
         with progress("Encoding frames…"):
-            convo = Conversation(self.model, media, features, self.settings.compile)
+            convo = Conversation(self.model, media, features, self.compile)
         self.convo, self.path, self.turns = convo, path, []
         self.pending["vision"] = convo.timings["vision"]
         problem = remember(self.cache, path, convo)
@@ -154,11 +139,9 @@ class Chat:
         elif name == "set" and len(args) in (0, 2):
             if args:
                 self.settings = parse_setting(self.settings, *args)
-            s = self.settings
-            say(f"temperature {s.sampling.temperature}  top_k {s.sampling.top_k}  top_p {s.sampling.top_p}  "
-                f"seed {s.sampling.seed}  max_new_tokens {s.max_new_tokens}  frames {s.frames}")
+            say(self.settings.show())
         elif name == "help":
-            say(HELP)
+            say(HELP.format(settings=", ".join(SPECS)))
         else:
             raise VideoQAError(f"unknown command or arguments: {line.strip()} (/help lists the commands)")
         return True
@@ -172,15 +155,10 @@ class Chat:
     def save(self, path: Path) -> None:
         if path.suffix not in (".md", ".json"):
             raise VideoQAError(f"/save {path}: use a .md or .json file name")
-        if path.suffix == ".json":
-            text = json.dumps({"model": self.model.name, "media": str(self.path), "turns": self.turns}, indent=2)
-        else:
-            lines = [f"# videoqa chat\n\nModel: `{self.model.name}`  \nMedia: `{self.path}`\n"]
-            for turn in self.turns:
-                lines.append(f"**You:** {turn['question']}\n\n**Answer:** {turn['answer']}\n")
-            text = "\n".join(lines)
+        form = output.conversation_json if path.suffix == ".json" else output.markdown
+        text = form(self.model.name, self.path, self.turns)
         try:
-            path.write_text(text + "\n")
+            path.write_text(text + "\n", encoding="utf-8")
         except OSError as e:
             raise VideoQAError(f"/save {path}: {e.strerror}") from None
         say(f"saved {len(self.turns)} turns to {path}")
@@ -206,19 +184,36 @@ class Chat:
         return self.failed
 
 
+class History:
+    """The readline history file; a location that cannot be used is a note, and the session goes on without it."""
+
+    def __init__(self, readline):
+        self.readline, self.file = readline, data_dir() / "history"
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            if self.file.exists():
+                readline.read_history_file(self.file)
+            readline.set_history_length(1000)
+            readline.write_history_file(self.file)  # trimmed to the last 1000
+        except OSError as e:
+            note(f"no chat history: {output.display(self.file)} cannot be used ({e.strerror or e})")
+            self.file = None
+
+    def add(self) -> None:
+        """Keep the line just entered, at once: a crash loses nothing."""
+        if self.file is not None:
+            try:
+                self.readline.append_history_file(1, self.file)
+            except OSError:
+                self.file = None
+
+
 def interactive_lines() -> Iterator[str]:
     """Lines from a readline prompt; each is added to the history file as soon as it is entered.
     Ctrl-C at the prompt clears the line, Ctrl-D ends."""
     import readline
 
-    history = data_dir() / "history"
-    history.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        readline.read_history_file(history)
-    except OSError:
-        pass
-    readline.set_history_length(1000)
-    readline.write_history_file(history)  # trimmed to the last 1000
+    history = History(readline)
     while True:
         try:
             line = input("> ")
@@ -229,7 +224,7 @@ def interactive_lines() -> Iterator[str]:
             print()
             return
         if line.strip():
-            readline.append_history_file(1, history)
+            history.add()
         yield line
 
 

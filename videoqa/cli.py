@@ -5,6 +5,9 @@ torch and transformers are imported inside the commands so `videoqa --help` stay
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -20,17 +23,19 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_show_locals=False,
-    no_args_is_help=True,
     add_completion=False,
     help="Ask local video-language models about video files. Exit codes: 0 ok, 1 internal error, "
     "2 bad usage or question, 3 unreadable video, 4 model not found or not loadable, 5 device not available, "
-    "6 caption: some videos failed, 7 caption: all failed, 130 interrupted.",
+    "6 caption: some videos failed, 7 caption: all failed, 129/143 caption stopped by SIGHUP/SIGTERM, "
+    "130 interrupted, 141 stdout's reader went away.",
 )
 
 
-@app.callback()
-def _group() -> None:
+@app.callback(invoke_without_command=True)
+def _group(ctx: typer.Context) -> None:
     """Ask local video-language models about video files."""
+    if ctx.invoked_subcommand is None:
+        raise VideoQAError("missing command: ask, chat, caption or cache (videoqa --help shows them)")
 
 
 class Device(str, Enum):
@@ -47,59 +52,65 @@ class DType(str, Enum):
     float32 = "float32"
 
 
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Preset name, local Hugging Face directory, or hub id.")
-]
-FramesOpt = Annotated[
-    Optional[int], typer.Option("--frames", "-f", min=1, help="Frames sampled uniformly \\[default: the preset's].")
-]
-MaxNewOpt = Annotated[
-    Optional[int], typer.Option("--max-new-tokens", "-n", min=0, help="Answer length limit \\[default: 256].")
-]
-TemperatureOpt = Annotated[
-    Optional[float], typer.Option("--temperature", "-t", min=0.0, help="0 is greedy \\[default: the preset's].")
-]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens (0: all).")]
+DEBUG = os.environ.get("VIDEOQA_DEBUG") == "1"  # or --debug: errors keep their exit code and show a traceback
 
 
-def _check_top_p(value: float | None) -> float | None:
-    if value is not None and not 0 < value <= 1:
-        raise typer.BadParameter(f"{value} is not in the range (0, 1]")
+def _debug(value: bool) -> bool:
+    global DEBUG
+    DEBUG = DEBUG or value
     return value
 
 
-TopPOpt = Annotated[
-    Optional[float], typer.Option("--top-p", callback=_check_top_p, help="Nucleus sampling mass, in (0, 1].")
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Preset name, local Hugging Face directory, or hub id.")
 ]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Same seed, same sampled answer.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: float16 on cuda/mps, float32 on cpu.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", callback=_debug, is_eager=True, help="Show the traceback of an error (or set VIDEOQA_DEBUG=1).")
+]
 NoCompileOpt = Annotated[
     bool, typer.Option("--no-compile", help="Decode eagerly, without torch.compile (which runs on CUDA only).")
 ]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the video feature cache.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr, only the answer (errors still).")]
 PromptFileOpt = Annotated[
-    Optional[Path], typer.Option("--prompt-file", help="Read the question from this file.", show_default=False)
+    Optional[Path], typer.Option("--prompt-file", help="Read the question from this file (at most 1 MB).", show_default=False)
 ]
 
 
-def read_question(question: str | None, prompt_file: Path | None) -> str:
-    """The question from the argument, `-` (stdin) or --prompt-file; never empty."""
-    if prompt_file is not None:
-        try:
-            question = prompt_file.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise VideoQAError(f"--prompt-file {prompt_file}: cannot read it ({type(e).__name__})") from None
-    elif question == "-":
-        question = sys.stdin.read()
-    if question is None:
-        raise VideoQAError("no question: give QUESTION, - to read it from stdin, or --prompt-file")
-    from videoqa.prompt import check_question
+def _checker(spec):
+    def check(value):
+        reason = None if value is None else spec.problem(value)
+        if reason:
+            raise typer.BadParameter(reason)
+        return value
 
-    return check_question(question)
+    return check
+
+
+def with_settings(command):
+    """Give `command` one option per setting of the one table (videoqa.settings.SPECS), handed to it as `given`:
+    the values given on the command line (None where not given)."""
+    from videoqa.settings import SPECS
+
+    params = list(inspect.signature(command, eval_str=True).parameters.values())
+    at = [p.name for p in params].index("given")
+    options = [
+        inspect.Parameter(spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            Optional[spec.kind], typer.Option(*spec.flags, help=spec.help, callback=_checker(spec), show_default=False)
+        ])
+        for spec in SPECS.values()
+    ]
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        given = {name: kwargs.pop(name) for name in SPECS}
+        return command(**kwargs, given=given)
+
+    run.__signature__ = inspect.Signature(params[:at] + options + params[at + 1 :])
+    return run
 
 
 def quiet_mode(quiet: bool) -> None:
@@ -117,24 +128,12 @@ def note_eager(ready: Ready, no_compile: bool) -> None:
         note(f"the decode step is compiled on CUDA only; decoding eagerly on {device} (--no-compile hides this)")
 
 
-def settings_from(ready: Ready, frames, max_new_tokens, temperature, top_k, top_p, seed, compile=False):
-    """Options given on the command line, the preset's defaults for the rest."""
-    from videoqa.conversation import Settings
-    from videoqa.decode import Sampling
+def settings_from(ready: Ready, given: dict):
+    """Options given on the command line over the preset's defaults."""
+    from videoqa.settings import defaults
 
-    device = ready.model.net.device.type
-    defaults = ready.model.preset.generation
-    return Settings(
-        compile=compile and device == "cuda",
-        frames=frames or ready.model.preset.frames,
-        max_new_tokens=defaults.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens,
-        sampling=Sampling(
-            temperature=defaults.get("temperature", 0.0) if temperature is None else temperature,
-            top_k=defaults.get("top_k", 0) if top_k is None else top_k,
-            top_p=defaults.get("top_p", 1.0) if top_p is None else top_p,
-            seed=seed,
-        ),
-    )
+    preset = ready.model.preset
+    return defaults(preset.frames, preset.generation).changed(**{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass
@@ -163,9 +162,10 @@ def load_model(
     torch_device = models.pick_device(device.value)
     with progress("Finding the model…"):
         path, preset = models.resolve(model)
+    config = models.config_of(path)
     if videos or (media is not None and not is_image(media)):
         models.check_video(preset.architecture, model)
-        models.check_frames(models.config_of(path), frames or preset.frames)
+        models.check_frames(config, frames or preset.frames)
     torch_dtype = models.pick_dtype(dtype.value, torch_device)
     features_cache = FeatureCache(model_identity(path, torch_dtype)) if cache else None
     timings = {}
@@ -181,6 +181,7 @@ def load_model(
 
 
 @app.command()
+@with_settings
 def ask(
     video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False)],
     question: Annotated[
@@ -188,12 +189,7 @@ def ask(
     ] = None,
     prompt_file: PromptFileOpt = None,
     model: ModelOpt = "video-llava-7b",
-    frames: FramesOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    seed: SeedOpt = None,
+    given: dict = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     json_output: JsonOpt = False,
@@ -218,16 +214,17 @@ def ask(
     """
     from videoqa.conversation import Conversation, record, remember
     from videoqa.frames import Frames, check_file
+    from videoqa.questions import read_question
     from videoqa.render import note, print_json, progress, stream
 
     quiet_mode(quiet)
     question = read_question(question, prompt_file)
     check_file(video)
-    ready = load_model(model, device, dtype, video, frames, not no_cache)
+    ready = load_model(model, device, dtype, video, given["frames"], not no_cache)
     loaded, media, timings = ready.model, ready.media, ready.timings
-    settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed, not no_compile)
+    settings = settings_from(ready, given)
     with progress("Encoding frames…"):
-        convo = Conversation(loaded, media, ready.features, settings.compile)
+        convo = Conversation(loaded, media, ready.features, compile_on(ready, no_compile))
     problem = remember(ready.cache, video, convo)
     if problem:
         note(problem)
@@ -242,16 +239,16 @@ def ask(
         stream(tokens, loaded.tokenizer)
 
 
+def compile_on(ready: Ready, no_compile: bool) -> bool:
+    return not no_compile and ready.model.net.device.type == "cuda"
+
+
 @app.command()
+@with_settings
 def chat(
     video: Annotated[Optional[Path], typer.Argument(help="Video or image file.", show_default=False)] = None,
     model: ModelOpt = "video-llava-7b",
-    frames: FramesOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    seed: SeedOpt = None,
+    given: dict = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     json_output: JsonOpt = False,
@@ -274,18 +271,20 @@ def chat(
     """
     from videoqa.chat import Chat, run_interactive
     from videoqa.frames import check_file
+    from videoqa.questions import lines, stdin_bytes
 
     quiet_mode(quiet)
+    stdin = stdin_bytes()
     if video is not None:
         check_file(video)
-    ready = load_model(model, device, dtype, video, frames, not no_cache)
-    settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed, not no_compile)
-    session = Chat(ready.model, settings, json_output, ready.timings, ready.cache)
+    ready = load_model(model, device, dtype, video, given["frames"], not no_cache)
+    session = Chat(ready.model, settings_from(ready, given), json_output, ready.timings, ready.cache,
+                   compile=compile_on(ready, no_compile))
     if video is not None:
         session.start(video, ready.media, ready.features)
     note_eager(ready, no_compile)
-    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not json_output
-    code = run_interactive(session) if interactive else session.run(sys.stdin)
+    interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not json_output
+    code = run_interactive(session) if interactive else session.run(lines(stdin))
     raise typer.Exit(code)
 
 
@@ -295,6 +294,7 @@ class Format(str, Enum):
 
 
 @app.command()
+@with_settings
 def caption(
     paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every video.")] = (
@@ -302,7 +302,7 @@ def caption(
     ),
     prompt_file: PromptFileOpt = None,
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output file [default: stdout].", show_default=False)
+        Optional[Path], typer.Option("--out", "-o", help="Output file; - or none: stdout.", show_default=False)
     ] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Record format.")] = Format.jsonl,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively.")] = False,
@@ -313,12 +313,7 @@ def caption(
     resume: Annotated[bool, typer.Option("--resume", help="Skip videos already in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
     model: ModelOpt = "video-llava-7b",
-    frames: FramesOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    seed: SeedOpt = None,
+    given: dict = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     quiet: QuietOpt = False,
@@ -327,8 +322,8 @@ def caption(
     """Caption (or question) many videos: one record per video, written as soon as it is done.
 
     A video that cannot be read gets a record with [bold]error[/bold] set and the run goes on.
-    Exit codes: 0 all captioned (or skipped), 6 some failed, 7 all failed, 130 stopped by Ctrl-C
-    (after writing the batch in flight).
+    Exit codes: 0 all captioned (or skipped), 6 some failed, 7 all failed, 130 stopped by Ctrl-C,
+    143 by SIGTERM, 129 by SIGHUP (each after writing the batch in flight).
 
     [bold]Examples[/bold]
 
@@ -339,6 +334,7 @@ def caption(
       videoqa caption a.mp4 b.mp4 --prompt "What sport is this?" --format csv > answers.csv
     """
     from videoqa import caption as captioning
+    from videoqa.questions import read_question
     from videoqa.render import summary
 
     quiet_mode(quiet)
@@ -346,15 +342,14 @@ def caption(
     videos = captioning.find_videos(paths, glob, recursive)
     if not videos:
         raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
-    output = captioning.Output(out, fmt.value, resume, overwrite)
-    if all(str(v) in output.done for v in videos):
+    output = captioning.Output(out, fmt.value, resume=resume, overwrite=overwrite, inputs=videos)
+    if all(captioning.identity(v) in output.done for v in videos):
         summary({"done": "0", "failed": "0", "skipped": str(len(videos)), "videos/s": "-"})
         return
     try:
-        ready = load_model(model, device, dtype, None, frames, cache=False, videos=True)
+        ready = load_model(model, device, dtype, None, given["frames"], cache=False, videos=True)
         output.open()
-        settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed)
-        tally = captioning.run(ready.model, videos, question, settings, output, batch_size)
+        tally = captioning.run(ready.model, videos, question, settings_from(ready, given), output, batch_size)
     finally:
         output.close()
     seconds = time.perf_counter() - tally.start
@@ -371,45 +366,53 @@ app.add_typer(cache_app, name="cache")
 def cache_info() -> None:
     """Where the cache is, how many videos it holds, its size and bound (VIDEOQA_CACHE_MAX_MB)."""
     from videoqa.cache import cache_dir, info
+    from videoqa.output import write
 
     facts = info(cache_dir())
-    print(f"directory  {facts['directory']}\nentries    {facts['entries']}\n"
-          f"size       {facts['bytes'] / 2**20:.1f} MiB of {facts['max_bytes'] / 2**20:.0f} MiB")
+    write(f"directory  {facts['directory']}\nentries    {facts['entries']}\n"
+          f"size       {facts['bytes'] / 2**20:.1f} MiB of {facts['max_bytes'] / 2**20:.0f} MiB\n")
 
 
 @cache_app.command("clear")
 def cache_clear() -> None:
     """Delete every cached entry."""
     from videoqa.cache import cache_dir, clear
+    from videoqa.output import write
 
-    print(f"removed {clear(cache_dir())} entries")
+    write(f"removed {clear(cache_dir())} entries\n")
 
 
 def main() -> None:
-    """Entry point: run the app and turn every failure into one line on stderr and an exit code."""
-    debug = "--debug" in sys.argv
+    """Entry point: run the app; every failure is one line on stderr and a documented exit code."""
+    sys.exit(run())
+
+
+def run() -> int:
+    from videoqa.output import OutputClosed
+
     try:
-        code = typer.main.get_command(app).main(standalone_mode=False)
-    except typer.Abort:  # Ctrl-C at a prompt
-        code = Exit.INTERRUPTED
-    except typer.TyperException as e:  # bad usage, reported by typer's parser (no message: help was shown)
-        _fail(e.format_message(), Exit.USAGE)
+        return typer.main.get_command(app).main(standalone_mode=False) or 0
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C
+        return Exit.INTERRUPTED
+    except typer.TyperException as e:  # bad usage, reported by typer's parser
+        return failed(e.format_message(), Exit.USAGE)
     except VideoQAError as e:
-        if debug:
-            raise
-        _fail(str(e), e.code)
-    except KeyboardInterrupt:
-        code = Exit.INTERRUPTED
+        return failed(str(e), e.code)
+    except (OutputClosed, BrokenPipeError):  # `| head -1`: end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # and let nothing flush into the closed pipe at exit
+        return Exit.PIPE
     except Exception as e:
-        if debug:
-            raise
-        _fail(f"internal error: {type(e).__name__}: {e}; run again with --debug for the traceback", Exit.INTERNAL)
-    sys.exit(code or 0)
+        return failed(f"internal error: {type(e).__name__}: {e}; run again with --debug for the traceback", Exit.INTERNAL)
 
 
-def _fail(message: str, code: int) -> None:
+def failed(message: str, code: int) -> int:
+    """Say what went wrong in one line (after the traceback, with --debug); the documented exit code."""
+    import traceback
+
     from videoqa.render import error
 
-    if message:
+    if DEBUG:
+        traceback.print_exc()
+    if message:  # typer's parser has already shown the help when there is none
         error(" ".join(message.split()))
-    sys.exit(code)
+    return code

@@ -4,31 +4,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from videoqa import output
 from videoqa.cache import FeatureCache
-from videoqa.decode import Sampling, capacity, compiled_step, decode_step, generate, grown, static_cache
+from videoqa.decode import capacity, compiled_step, decode_step, generate, grown, static_cache
 from videoqa.errors import VideoQAError
 from videoqa.features import image_features, video_features
 from videoqa.frames import Frames, check_file, is_image, read_media
 from videoqa.models import Model, check_video
 from videoqa.pixels import clip_pixels
 from videoqa.prompt import prompt_ids, splice, text_ids
-
-
-@dataclass
-class Settings:
-    """What a question is answered with: frames sampled, answer length, sampling."""
-
-    frames: int
-    max_new_tokens: int
-    sampling: Sampling
-    compile: bool = False  # the compiled decode step (CUDA); the KV cache is static either way
+from videoqa.settings import Sampling, Settings
 
 
 def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | Image.Image, torch.Tensor | None]:
@@ -71,7 +62,7 @@ class Conversation:
             if features is not None:  # from the feature cache
                 self.features = features.to(net.device, net.dtype)
             else:
-                self.features = video_features(net, clip_pixels(media.pixels, net.config.vision_config.image_size))
+                self.features = video_features(net, frame_pixels(model, media))
         else:
             self.placeholder = "<image>"
             self.features = image_features(net, media)
@@ -148,19 +139,23 @@ def truncate(cache, length: int) -> None:
             layer.crop(length - held)
 
 
-def answer_batch(model: Model, videos: list[Frames], questions: list[str], settings: Settings):
-    """Several videos prefilled and decoded together (left padding, per-row EOS); greedy answers equal `ask`'s.
+def frame_pixels(model: Model, frames: Frames) -> np.ndarray:
+    """(N, 3, S, S) tower input of a video's frames."""
+    return clip_pixels(frames.pixels, model.net.config.vision_config.image_size)
+
+
+def answer_batch(model: Model, pixels: list[np.ndarray], questions: list[str], settings: Settings):
+    """Several videos (their `frame_pixels`) prefilled and decoded together (left padding, per-row EOS); greedy
+    answers equal `ask`'s.
 
     Returns each row's tokens, up to and including its EOS, and the batch's timings.
     """
     net, tokenizer, preset = model.net, model.tokenizer, model.preset
     start = time.perf_counter()
-    pixels = np.concatenate([clip_pixels(v.pixels, net.config.vision_config.image_size) for v in videos])
-    features = video_features(net, pixels)  # (all frames * T, D), video after video
-    per_frame = features.shape[0] // pixels.shape[0]
+    features = video_features(net, np.concatenate(pixels))  # (all frames * T, D), video after video
+    per_frame = features.shape[0] // sum(len(p) for p in pixels)
     rows = [
-        prompt_ids(tokenizer, preset.template, q, "<video>", len(v.indices) * per_frame)
-        for v, q in zip(videos, questions)
+        prompt_ids(tokenizer, preset.template, q, "<video>", len(p) * per_frame) for p, q in zip(pixels, questions)
     ]
     width = max(map(len, rows))
     check_fits(model, width)
@@ -190,15 +185,7 @@ def record(
     model: Model, video: Path, question: str, prompt: str, frames: Frames | None, tokens: list[int],
     timings: dict[str, float], error: str | None = None,
 ) -> dict:
-    """The one schema of `ask --json`, chat turns and caption records (documented in the README)."""
-    return {
-        "video": str(video),
-        "question": question,
-        "prompt": prompt,
-        "answer": model.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-        "tokens": tokens,
-        "frames": [{"index": i, "time": t} for i, t in zip(frames.indices, frames.times)] if frames else [],
-        "model": model.name,
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-        "error": error,
-    }
+    """The record of one answer (or failure), in the one schema of the output layer."""
+    answer = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return output.record(video=video, question=question, prompt=prompt, answer=answer, tokens=tokens,
+                         frames=frames, model=model.name, timings=timings, error=error)

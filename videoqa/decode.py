@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 keeps every token
-    top_p: float = 1.0
-    seed: int | None = None
+from videoqa.settings import Sampling
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    logits = logits / temperature  # (B, V)
+    # Shifted so the largest is 0 before dividing: no temperature, however small, overflows to inf - inf = NaN;
+    # as it goes to 0 the distribution goes to the argmax (ties shared), as it should.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # (B, V)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

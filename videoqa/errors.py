@@ -12,12 +12,19 @@ class Exit(IntEnum):
     DEVICE = 5  # the requested device is not available
     SOME_FAILED = 6  # caption: some videos failed (their records carry the error)
     ALL_FAILED = 7  # caption: every video failed
-    INTERRUPTED = 130
+    HANGUP = 129  # caption stopped by SIGHUP, after the batch in flight (128 + the signal's number)
+    INTERRUPTED = 130  # Ctrl-C
+    PIPE = 141  # stdout's reader went away (`| head -1`): the run ends quietly, as cat does
+    TERMINATED = 143  # caption stopped by SIGTERM, after the batch in flight
 
 
 class VideoQAError(Exception):
-    """A problem the user can fix; the CLI prints it as one line and exits with `code`."""
+    """A problem the user can fix; the CLI prints it as one line and exits with `exit_code`."""
 
     def __init__(self, message: str, code: Exit = Exit.USAGE):
         super().__init__(message)
         self.code = code
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.code)

@@ -113,7 +113,10 @@ def check_dir(path: Path) -> str:
         raise VideoQAError(f"model directory {path} holds no .safetensors weights", Exit.MODEL)
     for file in weights:
         check_safetensors(file)
-    architecture = json.loads(config.read_text()).get("model_type", "?")
+    try:
+        architecture = json.loads(config.read_text()).get("model_type", "?")
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON (or not UTF-8), not an object
+        raise VideoQAError(f"{config}: not a valid config.json ({type(e).__name__})", Exit.MODEL) from None
     if architecture not in SUPPORTED:
         raise VideoQAError(
             f"{path}: unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED)}", Exit.MODEL
@@ -183,9 +186,18 @@ def context(config) -> int:
 
 
 def config_of(path: Path):
+    """The checkpoint's config, checked as far as videoqa reads it before loading: a malformed field is a model
+    error here, not a crash later."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        context(config)
+        if ARCHITECTURES[config.model_type].video:
+            frame_positions(config)
+    except Exception as e:
+        raise VideoQAError(f"{path}/config.json: {type(e).__name__}: {e}".splitlines()[0], Exit.MODEL) from None
+    return config
 
 
 def frame_positions(config) -> int:

@@ -1,19 +1,17 @@
-"""Stage 6: what the user sees. Answers go to stdout, progress and errors to stderr.
-
-On a terminal the answer streams through rich; into a pipe it is plain text.
-rich honours NO_COLOR by itself.
-"""
+"""The terminal: progress, notes and errors on stderr (rich, which honours NO_COLOR), the streamed answer,
+and stopping cleanly on Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import signal
-import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
+
+from videoqa.output import json_line, texts, write
 
 stderr = Console(stderr=True, highlight=False)  # progress and notices; `--quiet` silences it
 errors = Console(stderr=True, highlight=False)  # errors are never silenced
@@ -35,25 +33,11 @@ def progress(message: str) -> Iterator[None]:
 
 def note(message: str) -> None:
     """A one-line notice on stderr (silenced by --quiet)."""
-    stderr.print(f"[dim]note:[/] {message}", markup=True, soft_wrap=True)
+    stderr.print(f"[dim]note:[/] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def error(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
-
-
-def texts(tokens: Iterable[int], tokenizer) -> Iterator[str]:
-    """Decoded text deltas, each token decoded with one token of context so SentencePiece spaces come out right;
-    a delta that ends inside a multi-byte character waits for the next token."""
-    ids: list[int] = []
-    prefix = read = 0  # ids[prefix:read] is the context already shown
-    for token in tokens:
-        ids.append(token)
-        shown = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
-        text = tokenizer.decode(ids[prefix:], skip_special_tokens=True)
-        if len(text) > len(shown) and not text.endswith("\ufffd"):
-            yield text[len(shown) :]
-            prefix, read = read, len(ids)
+    errors.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def stream(tokens: Iterator[int], tokenizer, stop: Callable[[], bool] = lambda: False) -> list[int]:
@@ -71,40 +55,43 @@ def stream(tokens: Iterator[int], tokenizer, stop: Callable[[], bool] = lambda: 
             if stop():
                 raise KeyboardInterrupt
 
-    out = Console(highlight=False, soft_wrap=True) if sys.stdout.isatty() else None
     deltas = texts(record(), tokenizer)
     try:
         with progress("Reading the prompt…"):  # the prefill runs until the first token
             first = next(deltas, "").lstrip()
         for delta in itertools.chain([first], deltas):
-            if out is not None:
-                out.print(delta, end="", markup=False)
-            else:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
+            write(delta)
+    except KeyboardInterrupt:  # stopped: end the line before [stopped] is shown
+        write("\n")
+        raise
     finally:
         tokens.close()
-        print()
+    write("\n")
     return produced
 
 
 class Interrupt:
-    """While active, a first Ctrl-C only sets `requested` (the work stops at a safe point); a second stops at once."""
+    """While active, a first Ctrl-C (or SIGTERM, SIGHUP) only sets `requested`: the work stops at a safe point
+    and the exit code is 128 + the signal's number. A second stops at once, with the same code."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT,)):
+        self.signals, self.requested, self.code = signals, False, 0
 
     def __enter__(self) -> Interrupt:
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.requested, self.code = True, 128 + signum
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what a batch job finishes its batch for
 
 
 @contextmanager
@@ -129,4 +116,4 @@ def summary(rows: dict[str, str]) -> None:
 
 
 def print_json(record: dict) -> None:
-    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write(json_line(record))

@@ -1,0 +1,112 @@
+"""The settings a question is answered with, in one table: names, ranges, defaults and help.
+
+The command-line options, chat's `/set` (parse, check, display), the Python API's keywords and a
+preset's `[generation]` defaults all derive from SPECS, so a new setting is one entry here and one
+field of `Settings` or `Sampling`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from videoqa.errors import VideoQAError
+
+SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 keeps every token
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting: its type, range [low, high] (`open_low`: low itself excluded) and help."""
+
+    name: str
+    kind: type
+    help: str
+    flags: tuple[str, ...]
+    low: float = 0
+    high: float = math.inf
+    open_low: bool = False
+
+    def accepted(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        if self.high == math.inf:
+            return f"{what} {'>' if self.open_low else '>='} {self.low:g}"
+        high = "2^64-1" if self.high == SEED_MAX else f"{self.high:g}"
+        return f"{what} in {'(' if self.open_low else '['}{self.low:g}, {high}]"
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not allowed, or None; NaN and infinities never are."""
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return f"{value!r} is not {self.accepted()}"
+        above = value > self.low if self.open_low else value >= self.low
+        if self.kind is float and not math.isfinite(value) or not (above and value <= self.high):
+            return f"{value} is not {self.accepted()}"
+        return None
+
+    def parse(self, text: str) -> Any:
+        """`/set` and environment text -> a checked value; `none` unsets the seed."""
+        if self.name == "seed" and text.lower() == "none":
+            return None
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        reason = f"{text!r} is not {self.accepted()}" if value is None else self.problem(value)
+        if reason:
+            raise VideoQAError(f"{self.name}: {reason}")
+        return value
+
+
+SPECS = {
+    spec.name: spec
+    for spec in (
+        Spec("frames", int, "Frames sampled uniformly \\[default: the preset's].", ("--frames", "-f"), low=1),
+        Spec("max_new_tokens", int, "Answer length limit \\[default: 256].", ("--max-new-tokens", "-n")),
+        Spec("temperature", float, "0 is greedy \\[default: the preset's].", ("--temperature", "-t")),
+        Spec("top_k", int, "Sample from the k likeliest tokens (0: all).", ("--top-k",)),
+        Spec("top_p", float, "Nucleus sampling mass, in (0, 1].", ("--top-p",), high=1, open_low=True),
+        Spec("seed", int, "Same seed, same sampled answer (0 to 2^64-1).", ("--seed",), high=SEED_MAX),
+    )
+}
+SAMPLING = {f.name for f in fields(Sampling)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a question is answered with: frames sampled, answer length, sampling."""
+
+    frames: int
+    max_new_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def get(self, name: str) -> Any:
+        return getattr(self.sampling if name in SAMPLING else self, name)
+
+    def changed(self, **values: Any) -> Settings:
+        """A copy with some settings changed; unknown names and out-of-range values raise (seed None: unseeded)."""
+        for name, value in values.items():
+            if name not in SPECS:
+                raise VideoQAError(f"unknown setting {name!r}; settings: {', '.join(SPECS)}")
+            reason = None if value is None and name == "seed" else SPECS[name].problem(value)
+            if reason:
+                raise VideoQAError(f"{name}: {reason}")
+        sampling = replace(self.sampling, **{k: v for k, v in values.items() if k in SAMPLING})
+        return replace(self, sampling=sampling, **{k: v for k, v in values.items() if k not in SAMPLING})
+
+    def show(self) -> str:
+        """`/set`'s display: the sampling settings first."""
+        return "  ".join(f"{name} {self.get(name)}" for name in sorted(SPECS, key=lambda name: name not in SAMPLING))
+
+
+def defaults(frames: int, generation: dict[str, Any]) -> Settings:
+    """A preset's settings: its frame count and `[generation]` table over the built-in defaults."""
+    return Settings(frames=frames).changed(**generation)
