@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,10 @@ def reference_generate(model_dir: Path, frames, question: str, max_new_tokens: i
     net, tokenizer = reference_net(model_dir)
     ids = reference_prompt(net, tokenizer, frames, question)
     return reference_continue(net, ids, max_new_tokens, pixel_values_videos=reference_pixels(net, list(frames.pixels))[None])
+
+
+def run_videoqa(*args, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    """`python -m videoqa ARGS` as a real process: streams, signals and locales as a shell gives them."""
+    command = [sys.executable, "-m", "videoqa", *map(str, args)]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300, **popen)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import asset, needs_assets
+from conftest import assert_clean_failure, asset, needs_assets
 from videoqa.errors import Exit
 
 pytestmark = needs_assets
@@ -33,7 +33,7 @@ def folder(tmp_path):
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line]  # JSONL lines end at "\n" only
 
 
 def test_folder_of_real_and_broken_videos(cli, tiny_model, folder, tmp_path):
@@ -209,3 +209,96 @@ def test_resume_with_nothing_left_does_not_load_the_model(cli, tiny_model, folde
     monkeypatch.setattr(models, "load", lambda *a: pytest.fail("the model was loaded"))
     result = cli("caption", folder / REAL[0], "-m", tiny_model, "--out", out, "--resume")
     assert result.code == 0 and "skipped" in result.err and len(out.read_text().splitlines()) == 1
+
+
+def copies(folder, count):
+    """`count` distinct video files (copies: a link to a video is that video)."""
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"copy{i}.mp4")
+        shutil.copy(asset(f"videos/{REAL[i % len(REAL)]}"), paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("count, batch", [(3, []), (5, ["-b", "8"])])
+def test_a_partial_last_batch_is_captioned(cli, tiny_model, tmp_path, count, batch):
+    videos = copies(tmp_path, count)
+    result = cli("caption", *videos, "-m", tiny_model, "-n", 2, *batch)
+    assert result.code == 0, result
+    assert [json.loads(line)["video"] for line in result.out.splitlines()] == [str(v) for v in videos]
+
+
+def test_out_that_is_one_of_the_inputs_is_refused(cli, tiny_model, tmp_path):
+    first, second = copies(tmp_path, 2)
+    before = first.read_bytes()
+    result = cli("caption", first, second, "-m", tiny_model, "--out", first, "--overwrite")
+    assert result.code == Exit.USAGE and "one of the videos" in result.err and result.out == ""
+    assert first.read_bytes() == before
+    folder = cli("caption", tmp_path, "-m", tiny_model, "--out", tmp_path / "copy1.mp4", "--overwrite")
+    assert folder.code == Exit.USAGE and second.read_bytes() == asset(f"videos/{REAL[1]}").read_bytes()
+
+
+def test_resume_after_a_prompt_with_line_separators(cli, tiny_model, folder, tmp_path):
+    out, prompt = tmp_path / "captions.jsonl", "Describe\u2028this\u0085video."
+    assert cli("caption", folder / REAL[0], "-m", tiny_model, "-n", 2, "-p", prompt, "--out", out).code == 0
+    result = cli("caption", folder / REAL[0], folder / REAL[1], "-m", tiny_model, "-n", 2, "-p", prompt,
+                 "--out", out, "--resume")
+    assert result.code == 0, result
+    assert [r["video"] for r in read_jsonl(out)] == [str(folder / REAL[0]), str(folder / REAL[1])]
+    assert read_jsonl(out)[1]["question"] == prompt
+
+
+def test_one_video_by_relative_and_absolute_path_is_captioned_once(cli, tiny_model, folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(folder)
+    out = tmp_path / "captions.jsonl"
+    result = cli("caption", REAL[0], folder / REAL[0], f"./{REAL[0]}", "-m", tiny_model, "-n", 2, "--out", out)
+    assert result.code == 0 and [r["video"] for r in read_jsonl(out)] == [REAL[0]]
+    again = cli("caption", folder / REAL[0], "-m", tiny_model, "--out", out, "--resume")
+    assert again.code == 0 and "skipped" in again.err and len(read_jsonl(out)) == 1
+
+
+@pytest.mark.parametrize("glob", ["*.mp4,", "", "/videos/*.mp4"])
+def test_glob_patterns_that_cannot_be_used(cli, tiny_model, folder, glob):
+    assert_clean_failure(cli("caption", folder, "-m", tiny_model, "--glob", glob), Exit.USAGE, "--glob")
+
+
+def test_out_dash_is_stdout(cli, tiny_model, folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("caption", folder / REAL[0], "-m", tiny_model, "-n", 2, "--out", "-")
+    assert result.code == 0 and json.loads(result.out)["video"] == str(folder / REAL[0])
+    assert not (tmp_path / "-").exists()
+
+
+def test_a_file_name_too_long_is_one_record(cli, tiny_model, folder, tmp_path):
+    long = tmp_path / ("x" * 300 + ".mp4")
+    result = cli("caption", folder / REAL[0], long, "-m", tiny_model, "-n", 2)
+    assert result.code == Exit.SOME_FAILED, result
+    records = [json.loads(line) for line in result.out.splitlines()]
+    assert [r["video"] for r in records] == [str(folder / REAL[0]), str(long)]
+    assert records[0]["error"] is None and records[1]["error"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_finish_the_batch_in_flight(tiny_model, folder, tmp_path, sig):
+    copies(folder, 5)
+    out = tmp_path / "captions.jsonl"
+    process = caption_process(tiny_model, folder, out, "-b", "2", "-n", "400", "--glob", "*.mp4")
+    wait_for_lines(out, 1, process)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, err
+    lines = out.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+    assert len(lines) % 2 == 0 and len(lines) < 11  # whole batches of 2, and not all 11 videos
+    assert b"done" in err and b"videos/s" in err  # the summary
+
+
+def test_prompt_file_byte_order_mark_is_dropped(cli, tiny_model, tmp_path):
+    question = tmp_path / "q.txt"
+    question.write_bytes("\ufeffWhat happens?\n".encode())
+    video = asset(f"videos/{REAL[0]}")
+    record = json.loads(cli("ask", video, "--prompt-file", question, "-m", tiny_model, "-n", 4, "--json").out)
+    plain = json.loads(cli("ask", video, "What happens?", "-m", tiny_model, "-n", 4, "--json").out)
+    assert record["question"] == "What happens?" and record["tokens"] == plain["tokens"]
+    captioned = cli("caption", video, "--prompt-file", question, "-m", tiny_model, "-n", 4)
+    assert json.loads(captioned.out)["question"] == "What happens?"

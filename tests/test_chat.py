@@ -142,3 +142,13 @@ def test_image_answer_equals_generate_with_image_pixels(cli, tiny_model):
     pixels = reference_pixels(net, [Image.open(path).convert("RGB")])
     assert record["tokens"] == reference_continue(net, ids, 12, pixel_values=pixels)
     assert record["timings"]["prefill_tokens"] == len(ids)
+
+
+def test_set_out_of_range_seed_and_tiny_temperature_keep_the_session(chat, tiny_model):
+    lines = ["/set seed 1180591620717411303424", "/set temperature nan", "/set temperature 1e-40", "/set seed 7",
+             "Why?", "/set temperature 0", "/reset", "Why?"]
+    result = chat(lines, asset(VIDEO), "-m", tiny_model, "-n", 6, "--json")
+    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "seed" in errors[0] and "2^64-1" in errors[0] and "temperature" in errors[1]
+    tiny, greedy = turns(result)
+    assert tiny["tokens"] == greedy["tokens"]  # as the temperature goes to 0, sampling goes to the argmax

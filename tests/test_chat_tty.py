@@ -10,10 +10,10 @@ from conftest import asset, needs_assets
 pytestmark = needs_assets
 
 
-def spawn(tiny_model, tmp_path, *args):
+def spawn(tiny_model, tmp_path, *args, env=None):
     import pexpect
 
-    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", **(env or {})}
     command = [sys.executable, "-m", "videoqa", "chat", str(asset("videos/videollava_sample_demo_1.mp4")),
                "-m", str(tiny_model), *args]
     return pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
@@ -48,3 +48,23 @@ def test_prompt_streaming_ctrl_c_and_history(tiny_model, tmp_path):
     child.expect_exact("> ")
     child.sendline("/exit")
     child.expect(pytest.importorskip("pexpect").EOF)
+
+
+@pytest.mark.parametrize("where", ["a file", "under /proc", "history is a folder"])
+def test_an_unusable_history_location_is_a_note_and_chat_goes_on(tiny_model, tmp_path, where):
+    import pexpect
+
+    data = {"a file": tmp_path / "data", "under /proc": "/proc/videoqa-data", "history is a folder": tmp_path / "d"}
+    if where == "a file":
+        (tmp_path / "data").write_text("")
+    if where == "history is a folder":
+        (tmp_path / "d" / "videoqa" / "history").mkdir(parents=True)
+    child = spawn(tiny_model, tmp_path, "-n", "2", env={"XDG_DATA_HOME": str(data[where])})
+    child.expect_exact("no chat history")
+    child.expect_exact("> ")
+    child.sendline("Why?")
+    child.expect_exact("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

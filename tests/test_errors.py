@@ -160,3 +160,65 @@ def test_question_that_is_not_utf8(cli, tiny_model, video, monkeypatch):
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("\udcff\udcfe?\n"))  # bytes 0xff 0xfe read from a pipe
     assert_clean_failure(cli("ask", video, "-", "-m", tiny_model), Exit.USAGE, "UTF-8")
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "big"])
+def test_prompt_file_longer_than_1_mb(cli, video, tmp_path, source):
+    path = tmp_path / "big.txt" if source == "big" else source
+    if source == "big":
+        path.write_text("why " * 300_000)  # 1.2 MB
+    assert_clean_failure(cli("ask", video, "--prompt-file", path), Exit.USAGE, "1 MB")
+
+
+def test_question_longer_than_1_mb_from_stdin(cli, video, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("why " * 300_000))
+    assert_clean_failure(cli("ask", video, "-"), Exit.USAGE, "1 MB")
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--seed", "1180591620717411303424"), ("--seed", "-1"), ("--temperature", "nan"), ("--temperature", "inf"),
+     ("--top-p", "nan"), ("--max-new-tokens", "nan")],
+)
+def test_out_of_range_settings(cli, video, option, value):
+    assert_clean_failure(cli("ask", video, QUESTION, option, value), Exit.USAGE, option)
+
+
+@needs_assets
+@pytest.mark.parametrize("config", ["{not json", '{"model_type": "video_llava", "text_config": "oops"}', "[1, 2]"])
+def test_config_json_that_cannot_be_read(cli, video, tiny_model, tmp_path, config):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "config.json").write_text(config)
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", broken), Exit.MODEL, "config.json")
+
+
+def test_malformed_field_of_a_real_config(cli, video, tiny_model, tmp_path):
+    import json
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["text_config"] = "oops"
+    (broken / "config.json").write_text(json.dumps(config))
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", broken), Exit.MODEL, "config.json", "text_config")
+
+
+@pytest.mark.parametrize("how", ["--debug", "VIDEOQA_DEBUG"])
+def test_debug_keeps_the_exit_code_and_shows_the_traceback(cli, tmp_path, monkeypatch, how):
+    if how == "VIDEOQA_DEBUG":
+        monkeypatch.setenv("VIDEOQA_DEBUG", "1")
+    result = cli("ask", tmp_path / "nope.mp4", QUESTION, *(["--debug"] if how == "--debug" else []))
+    assert result.code == Exit.INPUT and "Traceback" in result.err
+    assert result.err.strip().splitlines()[-1].startswith("error: ") and "no such file" in result.err
+
+
+def test_no_command_is_a_usage_error_and_help_is_not(cli):
+    bare = cli()
+    assert bare.code == Exit.USAGE and bare.out == "" and bare.err.startswith("error: missing command")
+    assert len(bare.err.strip().splitlines()) == 1
+    helped = cli("--help")
+    assert helped.code == 0 and "Usage" in helped.out and helped.err == ""

@@ -52,7 +52,7 @@ class DType(str, Enum):
     float32 = "float32"
 
 
-DEBUG = os.environ.get("VIDEOQA_DEBUG") == "1"  # or --debug: errors keep their exit code and show a traceback
+DEBUG = False  # VIDEOQA_DEBUG=1 or --debug: errors keep their exit code and show a traceback too
 
 
 def _debug(value: bool) -> bool:
@@ -117,15 +117,6 @@ def quiet_mode(quiet: bool) -> None:
     from videoqa.render import stderr
 
     stderr.quiet = quiet
-
-
-def note_eager(ready: Ready, no_compile: bool) -> None:
-    """Say once, when an answer is about to start, that compilation was asked for but is not used here."""
-    from videoqa.render import note
-
-    device = ready.model.net.device.type
-    if not no_compile and device != "cuda":
-        note(f"the decode step is compiled on CUDA only; decoding eagerly on {device} (--no-compile hides this)")
 
 
 def settings_from(ready: Ready, given: dict):
@@ -229,7 +220,6 @@ def ask(
     if problem:
         note(problem)
     tokens = convo.ask(question, settings.max_new_tokens, settings.sampling)
-    note_eager(ready, no_compile)
     if json_output:
         with progress("Answering…"):
             tokens = list(tokens)
@@ -282,7 +272,6 @@ def chat(
                    compile=compile_on(ready, no_compile))
     if video is not None:
         session.start(video, ready.media, ready.features)
-    note_eager(ready, no_compile)
     interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not json_output
     code = run_interactive(session) if interactive else session.run(lines(stdin))
     raise typer.Exit(code)
@@ -390,6 +379,8 @@ def main() -> None:
 def run() -> int:
     from videoqa.output import OutputClosed
 
+    global DEBUG
+    DEBUG = os.environ.get("VIDEOQA_DEBUG") == "1"
     try:
         return typer.main.get_command(app).main(standalone_mode=False) or 0
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C

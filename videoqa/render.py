@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.markup import escape
 
-from videoqa.output import json_line, texts, write
+from videoqa.output import display, json_line, texts, write
 
 stderr = Console(stderr=True, highlight=False)  # progress and notices; `--quiet` silences it
 errors = Console(stderr=True, highlight=False)  # errors are never silenced
@@ -33,11 +33,12 @@ def progress(message: str) -> Iterator[None]:
 
 def note(message: str) -> None:
     """A one-line notice on stderr (silenced by --quiet)."""
-    stderr.print(f"[dim]note:[/] {escape(message)}", markup=True, soft_wrap=True)
+    stderr.print(f"[dim]note:[/] {escape(display(message))}", markup=True, soft_wrap=True)
 
 
 def error(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
+    """One line on stderr; file names that are not UTF-8 are shown with U+FFFD, like in records."""
+    errors.print(f"[bold red]error:[/] {escape(display(message))}", markup=True, soft_wrap=True)
 
 
 def stream(tokens: Iterator[int], tokenizer, stop: Callable[[], bool] = lambda: False) -> list[int]:
