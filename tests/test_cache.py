@@ -121,3 +121,63 @@ def test_a_bad_cache_bound_is_a_usage_error(cli, monkeypatch):
     monkeypatch.setenv("VIDEOQA_CACHE_MAX_MB", "lots")
     result = cli("cache", "info")
     assert result.code == 2 and "VIDEOQA_CACHE_MAX_MB" in result.err and result.out == ""
+
+
+
+def entry_parts(entry) -> tuple[dict, bytes]:
+    """A safetensors file's JSON header and tensor bytes (the format: an 8-byte little-endian header length)."""
+    raw = entry.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def write_entry(entry, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors pads it
+    entry.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+@needs_assets
+def test_damaged_tensor_bytes_are_recomputed_and_the_entry_replaced(cli, tiny_model, work):
+    first = ask(cli, tiny_model)
+    (entry,) = cache_dir().glob("*.safetensors")
+    good = entry_parts(entry)
+    raw = bytearray(entry.read_bytes())
+    middle = len(raw) - len(good[1]) // 2  # inside the tensor data; the header stays intact
+    raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+    entry.write_bytes(raw)
+    assert ask(cli, tiny_model)["tokens"] == first["tokens"] and work["tower"] == 2  # not used: recomputed
+    assert entry_parts(entry) == good  # and replaced by a good entry,
+    assert ask(cli, tiny_model)["tokens"] == first["tokens"] and work["tower"] == 2  # which is used
+
+
+def _meta(header: dict, **changes) -> dict:
+    meta = {k: v for k, v in {**header["__metadata__"], **changes}.items() if v is not None}
+    return {**header, "__metadata__": meta}
+
+
+def _features(header: dict, **changes) -> dict:
+    return {**header, "features": {**header["features"], **changes}}
+
+
+DAMAGES = {
+    "metadata not JSON": lambda h: _meta(h, indices="[0, 1,"),
+    "a metadata key missing": lambda h: _meta(h, times=None),
+    "metadata of the wrong type": lambda h: _meta(h, indices='"eight"'),
+    "metadata of the wrong length": lambda h: _meta(h, times="[0.0]"),
+    "no metadata": lambda h: {k: v for k, v in h.items() if k != "__metadata__"},
+    "features of another shape": lambda h: _features(h, shape=h["features"]["shape"][::-1]),
+    "features of another dtype": lambda h: _features(h, dtype="I32"),
+}
+
+
+@needs_assets
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_an_entry_not_exactly_as_written_is_recomputed(cli, tiny_model, work, damage):
+    first = ask(cli, tiny_model)
+    (entry,) = cache_dir().glob("*.safetensors")
+    header, data = good = entry_parts(entry)
+    write_entry(entry, DAMAGES[damage](header), data)
+    second = ask(cli, tiny_model)
+    assert second["tokens"] == first["tokens"] and second["frames"] == first["frames"] and work["tower"] == 2
+    assert entry_parts(entry) == good

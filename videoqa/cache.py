@@ -2,8 +2,9 @@
 the vision tower.
 
 An entry is keyed by the video file's content hash, the frame rule and count, and the model (checkpoint files
-and dtype). Entries are safetensors files (nothing is unpickled) under `$XDG_CACHE_HOME/videoqa/features`;
-the least recently used go first once the total passes `VIDEOQA_CACHE_MAX_MB` (default 4096).
+and dtype). Entries are safetensors files (nothing is unpickled) under `$XDG_CACHE_HOME/videoqa/features`, each with a
+sha256 of its contents and key, checked on every read: an entry not exactly as written is a miss, recomputed and
+replaced. The least recently used go first once the total passes `VIDEOQA_CACHE_MAX_MB` (default 4096).
 """
 
 from __future__ import annotations
@@ -58,35 +59,60 @@ class FeatureCache:
         return self.keys[seen]
 
     def get(self, video: Path, frames: int):
-        """(Frames without pixels, features) of a cached video, or None."""
-        from safetensors import safe_open
-
-        file = self.dir / f"{self.key(video, frames)}.safetensors"
-        try:
-            with safe_open(file, framework="pt") as f:
-                features, meta = f.get_tensor("features"), f.metadata()
-        except Exception:  # absent, or damaged: recomputed and rewritten
+        """(Frames without pixels, features) of a cached video, or None: absent, or not exactly as written (the
+        caller then recomputes it and `put` replaces it)."""
+        key = self.key(video, frames)
+        file = self.dir / f"{key}.safetensors"
+        entry = read_entry(file, key)
+        if entry is None:
             return None
+        features, meta = entry
         os.utime(file)  # recently used
-        frames = Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"]))
-        return frames, features
+        return Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"])), features
 
     def put(self, video: Path, frames: Frames, features) -> str | None:
         """Store an entry; the cache is an optimisation, so a failure is returned as a reason, not raised."""
         from safetensors.torch import save_file
 
         key = self.key(video, len(frames.indices))
+        features = features.detach().cpu().contiguous()
         meta = {"indices": json.dumps(frames.indices), "times": json.dumps(frames.times)}
+        meta["sha256"] = checksum(key, features, meta)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, partial = tempfile.mkstemp(dir=self.dir, suffix=".partial")  # one per writer
             os.close(fd)
-            save_file({"features": features.detach().cpu().contiguous()}, partial, metadata=meta)
+            save_file({"features": features}, partial, metadata=meta)
             os.replace(partial, self.dir / f"{key}.safetensors")  # whole entries only
             evict(self.dir, max_bytes())
         except OSError as e:
             return f"the feature cache in {self.dir} was not written ({e.strerror or e})"
         return None
+
+
+def checksum(key: str, features, meta: dict[str, str]) -> str:
+    """sha256 of everything an entry holds, and of its key: an entry is used only exactly as it was written, under
+    the name it was written to. (A safetensors header checks lengths, not bytes: damaged data would read fine.)"""
+    import torch
+
+    facts = [key, str(features.dtype), list(features.shape), meta]  # metadata comes back in any order: sorted
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+    digest.update(features.contiguous().view(torch.uint8).numpy())  # the tensor's bytes, whatever its dtype
+    return digest.hexdigest()
+
+
+def read_entry(file: Path, key: str):
+    """An entry's features and metadata (less its checksum), or None: absent, unreadable, or not as written."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            features, meta = f.get_tensor("features"), dict(f.metadata() or {})
+    except Exception:  # absent, or a damaged header
+        return None
+    if meta.pop("sha256", None) != checksum(key, features, meta):  # damaged data or metadata, or another entry's
+        return None
+    return features, meta
 
 
 def entries(directory: Path, pattern: str = "*.safetensors") -> list[Path]:
