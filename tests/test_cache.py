@@ -181,3 +181,67 @@ def test_an_entry_not_exactly_as_written_is_recomputed(cli, tiny_model, work, da
     second = ask(cli, tiny_model)
     assert second["tokens"] == first["tokens"] and second["frames"] == first["frames"] and work["tower"] == 2
     assert entry_parts(entry) == good
+
+
+@needs_assets
+def test_an_entry_removed_as_it_is_read_is_still_used(cli, tiny_model, work, monkeypatch):
+    first = ask(cli, tiny_model)
+
+    def removed(path, *args, **kwargs):  # another process cleared the cache just after this one read the entry
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(os, "utime", removed)
+    assert ask(cli, tiny_model)["tokens"] == first["tokens"] and work["tower"] == 1
+
+
+def fake_entries(count: int) -> None:
+    cache_dir().mkdir(parents=True)
+    for i in range(count):
+        (cache_dir() / f"{i:03}.safetensors").write_bytes(b"x" * 1000)
+
+
+def after_listing(monkeypatch, action) -> list:
+    """Run `action(files)` once, right after this process lists the entries, as if another process ran then;
+    returns the list that will hold what it returned."""
+    from videoqa import cache
+
+    real, done = cache.entries, []
+
+    def listed(directory, pattern="*.safetensors"):
+        files = real(directory, pattern)
+        if pattern == "*.safetensors" and not done:
+            done.append(action(files))
+        return files
+
+    monkeypatch.setattr(cache, "entries", listed)
+    return done
+
+
+def clear_in_another_process(files) -> str:
+    command = [sys.executable, "-m", "videoqa", "cache", "clear"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def test_cache_info_while_another_process_clears(cli, monkeypatch):
+    fake_entries(20)
+    cleared = after_listing(monkeypatch, clear_in_another_process)
+    result = cli("cache", "info")
+    assert result.code == 0 and cleared == ["removed 20 entries\n"], result
+    assert "entries    0\n" in result.out and "size       0.0 MiB" in result.out
+
+
+def test_two_concurrent_clears_remove_each_entry_once(cli, monkeypatch):
+    fake_entries(20)
+    cleared = after_listing(monkeypatch, clear_in_another_process)
+    result = cli("cache", "clear")
+    assert cleared == ["removed 20 entries\n"] and result.out == "removed 0 entries\n"
+
+
+def test_eviction_tolerates_entries_another_process_removes(tmp_path, monkeypatch):
+    for i, name in enumerate(["old", "middle", "new"]):
+        entry = tmp_path / f"{name}.safetensors"
+        entry.write_bytes(b"x" * 100)
+        os.utime(entry, ns=(i * 10**9, i * 10**9))
+    after_listing(monkeypatch, lambda files: files[0].unlink())  # "old" goes meanwhile
+    evict(tmp_path, 150)
+    assert [f.stem for f in tmp_path.glob("*")] == ["new"]

@@ -4,7 +4,8 @@ the vision tower.
 An entry is keyed by the video file's content hash, the frame rule and count, and the model (checkpoint files
 and dtype). Entries are safetensors files (nothing is unpickled) under `$XDG_CACHE_HOME/videoqa/features`, each with a
 sha256 of its contents and key, checked on every read: an entry not exactly as written is a miss, recomputed and
-replaced. The least recently used go first once the total passes `VIDEOQA_CACHE_MAX_MB` (default 4096).
+replaced. The least recently used go first once the total passes `VIDEOQA_CACHE_MAX_MB` (default 4096). Other
+processes may read, write, evict or clear the cache at any time: a file may vanish between any two steps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 
 from videoqa.errors import VideoQAError
@@ -67,7 +69,8 @@ class FeatureCache:
         if entry is None:
             return None
         features, meta = entry
-        os.utime(file)  # recently used
+        with suppress(OSError):  # another process may remove the entry meanwhile; it has been read whole
+            os.utime(file)  # recently used
         return Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"])), features
 
     def put(self, video: Path, frames: Frames, features) -> str | None:
@@ -126,9 +129,20 @@ def entries(directory: Path, pattern: str = "*.safetensors") -> list[Path]:
     return [file for _, file in sorted(stamped)]
 
 
+def sizes(files: list[Path]) -> list[tuple[Path, int]]:
+    """The files that still exist, with their sizes: another process may remove any of them at any time."""
+    sized = []
+    for file in files:
+        try:
+            sized.append((file, file.stat().st_size))
+        except FileNotFoundError:
+            continue
+    return sized
+
+
 def evict(directory: Path, limit: int) -> None:
     """Delete the least recently used entries until the total fits `limit`."""
-    sized = [(f, f.stat().st_size) for f in entries(directory)]
+    sized = sizes(entries(directory))
     total = sum(size for _, size in sized)
     for file, size in sized:
         if total <= limit:
@@ -138,15 +152,26 @@ def evict(directory: Path, limit: int) -> None:
 
 
 def info(directory: Path) -> dict:
-    files = entries(directory)
-    return {"directory": str(directory), "entries": len(files), "bytes": sum(f.stat().st_size for f in files),
+    """What the cache holds now: entries that vanish while it is looked at (another process clearing it) are
+    not counted."""
+    sized = sizes(entries(directory))
+    return {"directory": str(directory), "entries": len(sized), "bytes": sum(size for _, size in sized),
             "max_bytes": max_bytes()}
 
 
 def clear(directory: Path) -> int:
-    """Delete every entry, and the temporary files of writes that never finished."""
-    files = entries(directory)
-    for file in files + entries(directory, "*.partial"):
-        file.unlink(missing_ok=True)
-    return len(files)
+    """Delete every entry, and the temporary files of writes that never finished. Returns how many entries this
+    process removed: with two `clear`s at once, each entry counts for the one whose unlink succeeded."""
+    removed = sum(remove(file) for file in entries(directory))
+    for file in entries(directory, "*.partial"):
+        remove(file)
+    return removed
 
+
+def remove(file: Path) -> bool:
+    """Delete `file`; False if another process did first."""
+    try:
+        file.unlink()
+    except FileNotFoundError:
+        return False
+    return True
