@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import asset, needs_assets
+from conftest import assert_clean_failure, asset, needs_assets
 from videoqa.cache import cache_dir, evict
 
 VIDEO = "videos/videollava_sample_demo_1.mp4"
@@ -121,7 +121,6 @@ def test_a_bad_cache_bound_is_a_usage_error(cli, monkeypatch):
     monkeypatch.setenv("VIDEOQA_CACHE_MAX_MB", "lots")
     result = cli("cache", "info")
     assert result.code == 2 and "VIDEOQA_CACHE_MAX_MB" in result.err and result.out == ""
-
 
 
 def entry_parts(entry) -> tuple[dict, bytes]:
@@ -245,3 +244,27 @@ def test_eviction_tolerates_entries_another_process_removes(tmp_path, monkeypatc
     after_listing(monkeypatch, lambda files: files[0].unlink())  # "old" goes meanwhile
     evict(tmp_path, 150)
     assert [f.stem for f in tmp_path.glob("*")] == ["new"]
+
+
+@pytest.mark.parametrize("value", ["lots", "²", "-5", "1e3", "1_000", "+5", "12 MB", "9" * 19, "9" * 5000])
+def test_every_bad_cache_bound_is_a_usage_error_for_cache_info(cli, monkeypatch, value):
+    monkeypatch.setenv("VIDEOQA_CACHE_MAX_MB", value)
+    assert_clean_failure(cli("cache", "info"), 2, "VIDEOQA_CACHE_MAX_MB", "whole number of MiB")
+
+
+@pytest.mark.parametrize("value, shown", [(" 12 ", "12"), ("", "4096"), ("0", "0"), ("9" * 18, "9" * 18)])
+def test_cache_bounds_that_are_accepted(cli, monkeypatch, value, shown):
+    monkeypatch.setenv("VIDEOQA_CACHE_MAX_MB", value)
+    result = cli("cache", "info")
+    assert result.code == 0 and f"of {shown} MiB\n" in result.out, result
+
+
+@needs_assets
+def test_ask_with_a_bad_cache_bound_notes_it_and_keeps_the_default(cli, tiny_model, monkeypatch):
+    monkeypatch.setenv("VIDEOQA_CACHE_MAX_MB", "²")
+    result = cli("ask", asset(VIDEO), "Why?", "-m", tiny_model, "-n", 2, "--json", "--no-compile")
+    assert result.code == 0 and len(json.loads(result.out)["tokens"]) == 2, result
+    (line,) = result.err.splitlines()
+    assert line.startswith("note: VIDEOQA_CACHE_MAX_MB='²'") and "default, 4096 MiB" in line
+    assert len(list(cache_dir().glob("*.safetensors"))) == 1
+

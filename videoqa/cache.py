@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import suppress
 from pathlib import Path
@@ -21,6 +22,7 @@ from videoqa.errors import VideoQAError
 from videoqa.frames import Frames
 
 FRAME_RULE = "linspace(0,n-1,N)/v1"  # change when the frame sampling changes, to orphan old entries
+DEFAULT_MAX_MB = 4096
 
 
 def cache_dir() -> Path:
@@ -29,9 +31,18 @@ def cache_dir() -> Path:
 
 
 def max_bytes() -> int:
-    value = os.environ.get("VIDEOQA_CACHE_MAX_MB", "4096")
-    if not value.isdigit():
-        raise VideoQAError(f"VIDEOQA_CACHE_MAX_MB={value!r}: give the cache's bound as a whole number of MiB")
+    """The bound in VIDEOQA_CACHE_MAX_MB: ASCII digits, surrounding blanks ignored; unset or empty, the default.
+
+    Matched by a pattern: `str.isdigit` also takes digits `int` refuses ('²'), and `int` takes '+5' and '1_000'.
+    18 digits at most: a bound far past any disk, and one `cache info` can print.
+    """
+    value = os.environ.get("VIDEOQA_CACHE_MAX_MB", "").strip()
+    if not value:
+        return DEFAULT_MAX_MB * 2**20
+    if not re.fullmatch(r"[0-9]{1,18}", value):
+        shown = value if len(value) <= 20 else f"{value[:20]}…"
+        raise VideoQAError(f"VIDEOQA_CACHE_MAX_MB={shown!r}: give the cache's bound as a whole number of MiB "
+                           "(at most 18 digits)")
     return int(value) * 2**20
 
 
@@ -48,8 +59,8 @@ def file_hash(path: Path) -> str:
 
 
 class FeatureCache:
-    def __init__(self, model: str, directory: Path | None = None):
-        self.model, self.dir = model, directory or cache_dir()
+    def __init__(self, model: str, limit: int, directory: Path | None = None):
+        self.model, self.limit, self.dir = model, limit, directory or cache_dir()  # limit: bytes, from max_bytes()
         self.keys: dict[tuple, str] = {}  # hash each file once per process, while it stays the same
 
     def key(self, video: Path, frames: int) -> str:
@@ -87,7 +98,7 @@ class FeatureCache:
             os.close(fd)
             save_file({"features": features}, partial, metadata=meta)
             os.replace(partial, self.dir / f"{key}.safetensors")  # whole entries only
-            evict(self.dir, max_bytes())
+            evict(self.dir, self.limit)
         except OSError as e:
             return f"the feature cache in {self.dir} was not written ({e.strerror or e})"
         return None
@@ -154,9 +165,10 @@ def evict(directory: Path, limit: int) -> None:
 def info(directory: Path) -> dict:
     """What the cache holds now: entries that vanish while it is looked at (another process clearing it) are
     not counted."""
+    limit = max_bytes()
     sized = sizes(entries(directory))
     return {"directory": str(directory), "entries": len(sized), "bytes": sum(size for _, size in sized),
-            "max_bytes": max_bytes()}
+            "max_bytes": limit}
 
 
 def clear(directory: Path) -> int:
