@@ -268,3 +268,17 @@ def test_ask_with_a_bad_cache_bound_notes_it_and_keeps_the_default(cli, tiny_mod
     assert line.startswith("note: VIDEOQA_CACHE_MAX_MB='²'") and "default, 4096 MiB" in line
     assert len(list(cache_dir().glob("*.safetensors"))) == 1
 
+
+@needs_assets
+def test_a_file_that_is_not_a_video_is_refused_before_it_is_hashed(cli, tiny_model, tmp_path, monkeypatch):
+    from videoqa import cache
+
+    hashed = []
+    monkeypatch.setattr(cache, "file_hash", lambda path: hashed.append(path) or "0" * 64)
+    big = tmp_path / "big.mp4"
+    with big.open("wb") as f:
+        f.truncate(20 * 2**30)  # sparse: 20 GB that take no disk, but a minute to read and hash
+    assert_clean_failure(cli("ask", big, "What?", "-m", tiny_model), 3, "not a readable video")
+    assert hashed == []
+    ask(cli, tiny_model)
+    assert hashed == [asset(VIDEO)]  # a video is hashed (once), after it opened

@@ -72,6 +72,13 @@ def _open(path: Path, threads: int = 0):
         raise VideoQAError(f"{path}: not a readable video (no decodable video stream)", Exit.INPUT) from None
 
 
+def open_video(path: Path):
+    """A reader over the video, or the error that it is not one. Opening decodes no frame, and a file that is not
+    a video fails at its header: so it comes before anything that reads a whole file, such as hashing it."""
+    check_file(path)
+    return _open(path)
+
+
 def _decodable_count(path: Path) -> int:
     """Frames a broken or header-less container really yields: decode until the first failure.
 
@@ -114,8 +121,7 @@ def _times(reader, indices: list[int]) -> list[float]:
 
 def read_frames(path: Path, count: int) -> Frames:
     """Sample `count` frames; damaged videos are sampled over the part that decodes."""
-    check_file(path)
-    reader = _open(path)
+    reader = open_video(path)
     n = len(reader)
     indices = frame_indices(n, count) if n > 0 else []
     try:
