@@ -35,14 +35,15 @@ def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | 
     """The media and, for a video the cache knows, its features (then no frame is decoded).
 
     The video is opened before it is hashed for the cache's key: a file that is not a video is refused at once,
-    not after being read whole (a minute for 20 GB).
+    not after being read whole (a minute for 20 GB). On a miss the frames are read through that same reader.
     """
+    reader = None
     if cache is not None and not is_image(path):
-        open_video(path)
+        reader = open_video(path)
         hit = cache.get(path, frames)
         if hit is not None:
             return hit
-    return read_media(path, frames), None
+    return read_media(path, frames, reader), None
 
 
 def remember(cache: FeatureCache | None, path: Path, convo: Conversation) -> str | None:

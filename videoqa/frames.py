@@ -73,8 +73,9 @@ def _open(path: Path, threads: int = 0):
 
 
 def open_video(path: Path):
-    """A reader over the video, or the error that it is not one. Opening decodes no frame, and a file that is not
-    a video fails at its header: so it comes before anything that reads a whole file, such as hashing it."""
+    """A reader over the video, or the error that it is not one. A file that is not a video fails at its header, at
+    once; a video is read through (decord indexes its packets) but no frame is decoded. So this comes before hashing
+    a file for the feature cache: a 20 GB file that is not a video is refused without being read."""
     check_file(path)
     return _open(path)
 
@@ -119,9 +120,10 @@ def _times(reader, indices: list[int]) -> list[float]:
         return [round(i / fps, 3) for i in indices]
 
 
-def read_frames(path: Path, count: int) -> Frames:
-    """Sample `count` frames; damaged videos are sampled over the part that decodes."""
-    reader = open_video(path)
+def read_frames(path: Path, count: int, reader=None) -> Frames:
+    """Sample `count` frames; damaged videos are sampled over the part that decodes. `reader`: the video's, from
+    `open_video`, when the caller opened it already (opening reads the whole file)."""
+    reader = open_video(path) if reader is None else reader
     n = len(reader)
     indices = frame_indices(n, count) if n > 0 else []
     try:
@@ -156,6 +158,6 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_media(path: Path, frames: int):
-    """Images are read with Pillow, everything else as a video."""
-    return read_image(path) if is_image(path) else read_frames(path, frames)
+def read_media(path: Path, frames: int, reader=None):
+    """Images are read with Pillow, everything else as a video (with `reader`, if it is open already)."""
+    return read_image(path) if is_image(path) else read_frames(path, frames, reader)
