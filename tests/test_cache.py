@@ -269,16 +269,36 @@ def test_ask_with_a_bad_cache_bound_notes_it_and_keeps_the_default(cli, tiny_mod
     assert len(list(cache_dir().glob("*.safetensors"))) == 1
 
 
-@needs_assets
-def test_a_file_that_is_not_a_video_is_refused_before_it_is_hashed(cli, tiny_model, tmp_path, monkeypatch):
+def hashes(monkeypatch) -> list:
+    """The files hashed for a cache key from now on (not read: the hash is made up)."""
     from videoqa import cache
 
     hashed = []
     monkeypatch.setattr(cache, "file_hash", lambda path: hashed.append(path) or "0" * 64)
+    return hashed
+
+
+def sparse_non_video(tmp_path):
     big = tmp_path / "big.mp4"
     with big.open("wb") as f:
         f.truncate(20 * 2**30)  # sparse: 20 GB that take no disk, but a minute to read and hash
-    assert_clean_failure(cli("ask", big, "What?", "-m", tiny_model), 3, "not a readable video")
+    return big
+
+
+@needs_assets
+def test_a_file_that_is_not_a_video_is_refused_before_it_is_hashed(cli, tiny_model, tmp_path, monkeypatch):
+    hashed = hashes(monkeypatch)
+    assert_clean_failure(cli("ask", sparse_non_video(tmp_path), "What?", "-m", tiny_model), 3, "not a readable video")
     assert hashed == []
     ask(cli, tiny_model)
     assert hashed == [asset(VIDEO)]  # a video is hashed (once), after it opened
+
+
+@needs_assets
+def test_chat_refuses_a_file_that_is_not_a_video_before_hashing_it(cli, tiny_model, tmp_path, monkeypatch):
+    import io
+
+    hashed = hashes(monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {sparse_non_video(tmp_path)}\n"))
+    result = cli("chat", "-m", tiny_model, "--no-compile")
+    assert result.code == 3 and "not a readable video" in result.err and hashed == [], result
