@@ -2,8 +2,10 @@
 the vision tower.
 
 An entry is keyed by the video file's content hash, the frame rule and count, and the model (checkpoint files
-and dtype). Entries are safetensors files (nothing is unpickled) under `$XDG_CACHE_HOME/videoqa/features`;
-the least recently used go first once the total passes `VIDEOQA_CACHE_MAX_MB` (default 4096).
+and dtype). Entries are safetensors files (nothing is unpickled) under `$XDG_CACHE_HOME/videoqa/features`, each with a
+sha256 of its contents and key, checked on every read: an entry not exactly as written is a miss, recomputed and
+replaced. The least recently used go first once the total passes `VIDEOQA_CACHE_MAX_MB` (default 4096). Other
+processes may read, write, evict or clear the cache at any time: a file may vanish between any two steps.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames
 
 FRAME_RULE = "linspace(0,n-1,N)/v1"  # change when the frame sampling changes, to orphan old entries
+DEFAULT_MAX_MB = 4096
 
 
 def cache_dir() -> Path:
@@ -26,9 +31,18 @@ def cache_dir() -> Path:
 
 
 def max_bytes() -> int:
-    value = os.environ.get("VIDEOQA_CACHE_MAX_MB", "4096")
-    if not value.isdigit():
-        raise VideoQAError(f"VIDEOQA_CACHE_MAX_MB={value!r}: give the cache's bound as a whole number of MiB")
+    """The bound in VIDEOQA_CACHE_MAX_MB: ASCII digits, surrounding blanks ignored; unset or empty, the default.
+
+    Matched by a pattern: `str.isdigit` also takes digits `int` refuses ('²'), and `int` takes '+5' and '1_000'.
+    18 digits at most: a bound far past any disk, and one `cache info` can print.
+    """
+    value = os.environ.get("VIDEOQA_CACHE_MAX_MB", "").strip()
+    if not value:
+        return DEFAULT_MAX_MB * 2**20
+    if not re.fullmatch(r"[0-9]{1,18}", value):
+        shown = value if len(value) <= 20 else f"{value[:20]}…"
+        raise VideoQAError(f"VIDEOQA_CACHE_MAX_MB={shown!r}: give the cache's bound as a whole number of MiB "
+                           "(at most 18 digits)")
     return int(value) * 2**20
 
 
@@ -45,8 +59,8 @@ def file_hash(path: Path) -> str:
 
 
 class FeatureCache:
-    def __init__(self, model: str, directory: Path | None = None):
-        self.model, self.dir = model, directory or cache_dir()
+    def __init__(self, model: str, limit: int, directory: Path | None = None):
+        self.model, self.limit, self.dir = model, limit, directory or cache_dir()  # limit: bytes, from max_bytes()
         self.keys: dict[tuple, str] = {}  # hash each file once per process, while it stays the same
 
     def key(self, video: Path, frames: int) -> str:
@@ -58,35 +72,61 @@ class FeatureCache:
         return self.keys[seen]
 
     def get(self, video: Path, frames: int):
-        """(Frames without pixels, features) of a cached video, or None."""
-        from safetensors import safe_open
-
-        file = self.dir / f"{self.key(video, frames)}.safetensors"
-        try:
-            with safe_open(file, framework="pt") as f:
-                features, meta = f.get_tensor("features"), f.metadata()
-        except Exception:  # absent, or damaged: recomputed and rewritten
+        """(Frames without pixels, features) of a cached video, or None: absent, or not exactly as written (the
+        caller then recomputes it and `put` replaces it)."""
+        key = self.key(video, frames)
+        file = self.dir / f"{key}.safetensors"
+        entry = read_entry(file, key)
+        if entry is None:
             return None
-        os.utime(file)  # recently used
-        frames = Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"]))
-        return frames, features
+        features, meta = entry
+        with suppress(OSError):  # another process may remove the entry meanwhile; it has been read whole
+            os.utime(file)  # recently used
+        return Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"])), features
 
     def put(self, video: Path, frames: Frames, features) -> str | None:
         """Store an entry; the cache is an optimisation, so a failure is returned as a reason, not raised."""
         from safetensors.torch import save_file
 
         key = self.key(video, len(frames.indices))
+        features = features.detach().cpu().contiguous()
         meta = {"indices": json.dumps(frames.indices), "times": json.dumps(frames.times)}
+        meta["sha256"] = checksum(key, features, meta)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, partial = tempfile.mkstemp(dir=self.dir, suffix=".partial")  # one per writer
             os.close(fd)
-            save_file({"features": features.detach().cpu().contiguous()}, partial, metadata=meta)
+            save_file({"features": features}, partial, metadata=meta)
             os.replace(partial, self.dir / f"{key}.safetensors")  # whole entries only
-            evict(self.dir, max_bytes())
+            evict(self.dir, self.limit)
         except OSError as e:
             return f"the feature cache in {self.dir} was not written ({e.strerror or e})"
         return None
+
+
+def checksum(key: str, features, meta: dict[str, str]) -> str:
+    """sha256 of everything an entry holds, and of its key: an entry is used only exactly as it was written, under
+    the name it was written to. (A safetensors header checks lengths, not bytes: damaged data would read fine.)"""
+    import torch
+
+    facts = [key, str(features.dtype), list(features.shape), meta]  # metadata comes back in any order: sorted
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+    digest.update(features.contiguous().view(torch.uint8).numpy())  # the tensor's bytes, whatever its dtype
+    return digest.hexdigest()
+
+
+def read_entry(file: Path, key: str):
+    """An entry's features and metadata (less its checksum), or None: absent, unreadable, or not as written."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            features, meta = f.get_tensor("features"), dict(f.metadata() or {})
+    except Exception:  # absent, or a damaged header
+        return None
+    if meta.pop("sha256", None) != checksum(key, features, meta):  # damaged data or metadata, or another entry's
+        return None
+    return features, meta
 
 
 def entries(directory: Path, pattern: str = "*.safetensors") -> list[Path]:
@@ -100,9 +140,20 @@ def entries(directory: Path, pattern: str = "*.safetensors") -> list[Path]:
     return [file for _, file in sorted(stamped)]
 
 
+def sizes(files: list[Path]) -> list[tuple[Path, int]]:
+    """The files that still exist, with their sizes: another process may remove any of them at any time."""
+    sized = []
+    for file in files:
+        try:
+            sized.append((file, file.stat().st_size))
+        except FileNotFoundError:
+            continue
+    return sized
+
+
 def evict(directory: Path, limit: int) -> None:
     """Delete the least recently used entries until the total fits `limit`."""
-    sized = [(f, f.stat().st_size) for f in entries(directory)]
+    sized = sizes(entries(directory))
     total = sum(size for _, size in sized)
     for file, size in sized:
         if total <= limit:
@@ -112,15 +163,27 @@ def evict(directory: Path, limit: int) -> None:
 
 
 def info(directory: Path) -> dict:
-    files = entries(directory)
-    return {"directory": str(directory), "entries": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "max_bytes": max_bytes()}
+    """What the cache holds now: entries that vanish while it is looked at (another process clearing it) are
+    not counted."""
+    limit = max_bytes()
+    sized = sizes(entries(directory))
+    return {"directory": str(directory), "entries": len(sized), "bytes": sum(size for _, size in sized),
+            "max_bytes": limit}
 
 
 def clear(directory: Path) -> int:
-    """Delete every entry, and the temporary files of writes that never finished."""
-    files = entries(directory)
-    for file in files + entries(directory, "*.partial"):
-        file.unlink(missing_ok=True)
-    return len(files)
+    """Delete every entry, and the temporary files of writes that never finished. Returns how many entries this
+    process removed: with two `clear`s at once, each entry counts for the one whose unlink succeeded."""
+    removed = sum(remove(file) for file in entries(directory))
+    for file in entries(directory, "*.partial"):
+        remove(file)
+    return removed
 
+
+def remove(file: Path) -> bool:
+    """Delete `file`; False if another process did first."""
+    try:
+        file.unlink()
+    except FileNotFoundError:
+        return False
+    return True

@@ -136,6 +136,20 @@ class Ready:
     timings: dict[str, float]
 
 
+def open_cache(path: Path, dtype):
+    """The model's feature cache. A bad VIDEOQA_CACHE_MAX_MB is a note and the default bound here, not a failure:
+    the cache only saves time (`cache info`, which is about the cache, refuses it)."""
+    from videoqa.cache import DEFAULT_MAX_MB, FeatureCache, max_bytes, model_identity
+    from videoqa.render import note
+
+    try:
+        limit = max_bytes()
+    except VideoQAError as e:
+        note(f"{e}; using the default, {DEFAULT_MAX_MB} MiB")
+        limit = DEFAULT_MAX_MB * 2**20
+    return FeatureCache(model_identity(path, dtype), limit)
+
+
 def load_model(
     model: str, device: Device, dtype: DType, media: Path | None, frames: int | None, cache: bool,
     videos: bool = False,
@@ -145,7 +159,6 @@ def load_model(
     A video (`media`, or `videos` for caption) given to an image-only model is refused before the load too.
     """
     from videoqa import models
-    from videoqa.cache import FeatureCache, model_identity
     from videoqa.conversation import read
     from videoqa.frames import is_image
     from videoqa.render import progress
@@ -158,7 +171,7 @@ def load_model(
         models.check_video(preset.architecture, model)
         models.check_frames(config, frames or preset.frames)
     torch_dtype = models.pick_dtype(dtype.value, torch_device)
-    features_cache = FeatureCache(model_identity(path, torch_dtype)) if cache else None
+    features_cache = open_cache(path, torch_dtype) if cache else None
     timings = {}
     start = time.perf_counter()
     with progress("Reading frames…"):
@@ -359,7 +372,7 @@ def cache_info() -> None:
 
     facts = info(cache_dir())
     write(f"directory  {facts['directory']}\nentries    {facts['entries']}\n"
-          f"size       {facts['bytes'] / 2**20:.1f} MiB of {facts['max_bytes'] / 2**20:.0f} MiB\n")
+          f"size       {facts['bytes'] / 2**20:.1f} MiB of {facts['max_bytes'] // 2**20} MiB\n")
 
 
 @cache_app.command("clear")

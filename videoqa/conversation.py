@@ -15,7 +15,7 @@ from videoqa.cache import FeatureCache
 from videoqa.decode import capacity, compiled_step, decode_step, generate, grown, static_cache
 from videoqa.errors import VideoQAError
 from videoqa.features import image_features, video_features
-from videoqa.frames import Frames, check_file, is_image, read_media
+from videoqa.frames import Frames, is_image, open_video, read_media
 from videoqa.models import Model, check_video
 from videoqa.pixels import clip_pixels
 from videoqa.prompt import prompt_ids, splice, text_ids
@@ -23,13 +23,18 @@ from videoqa.settings import Sampling, Settings
 
 
 def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | Image.Image, torch.Tensor | None]:
-    """The media and, for a video the cache knows, its features (then no frame is decoded)."""
+    """The media and, for a video the cache knows, its features (then no frame is decoded).
+
+    The video is opened before it is hashed for the cache's key: a file that is not a video is refused at once,
+    not after being read whole (a minute for 20 GB). On a miss the frames are read through that same reader.
+    """
+    reader = None
     if cache is not None and not is_image(path):
-        check_file(path)
+        reader = open_video(path)
         hit = cache.get(path, frames)
         if hit is not None:
             return hit
-    return read_media(path, frames), None
+    return read_media(path, frames, reader), None
 
 
 def remember(cache: FeatureCache | None, path: Path, convo: Conversation) -> str | None:

@@ -72,6 +72,14 @@ def _open(path: Path, threads: int = 0):
         raise VideoQAError(f"{path}: not a readable video (no decodable video stream)", Exit.INPUT) from None
 
 
+def open_video(path: Path):
+    """A reader over the video, or the error that it is not one. A file that is not a video fails at its header, at
+    once; a video is read through (decord indexes its packets) but no frame is decoded. So this comes before hashing
+    a file for the feature cache: a 20 GB file that is not a video is refused without being read."""
+    check_file(path)
+    return _open(path)
+
+
 def _decodable_count(path: Path) -> int:
     """Frames a broken or header-less container really yields: decode until the first failure.
 
@@ -112,10 +120,10 @@ def _times(reader, indices: list[int]) -> list[float]:
         return [round(i / fps, 3) for i in indices]
 
 
-def read_frames(path: Path, count: int) -> Frames:
-    """Sample `count` frames; damaged videos are sampled over the part that decodes."""
-    check_file(path)
-    reader = _open(path)
+def read_frames(path: Path, count: int, reader=None) -> Frames:
+    """Sample `count` frames; damaged videos are sampled over the part that decodes. `reader`: the video's, from
+    `open_video`, when the caller opened it already (opening reads the whole file)."""
+    reader = open_video(path) if reader is None else reader
     n = len(reader)
     indices = frame_indices(n, count) if n > 0 else []
     try:
@@ -150,6 +158,6 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_media(path: Path, frames: int):
-    """Images are read with Pillow, everything else as a video."""
-    return read_image(path) if is_image(path) else read_frames(path, frames)
+def read_media(path: Path, frames: int, reader=None):
+    """Images are read with Pillow, everything else as a video (with `reader`, if it is open already)."""
+    return read_image(path) if is_image(path) else read_frames(path, frames, reader)
