@@ -144,13 +144,14 @@ def test_cuda_requested_without_cuda(cli, video):
     assert_clean_failure(cli("ask", video, QUESTION, "--device", "cuda"), Exit.DEVICE, "cuda")
 
 
-def test_too_many_frames_refused_before_decoding(cli, tiny_model, video, monkeypatch):
-    from videoqa import frames
-
-    monkeypatch.setattr(frames, "read_frames", lambda *a: pytest.fail("frames were decoded"))
+def test_too_many_frames_refused_before_decoding(cli, tiny_model, video, tmp_path):
     # 100000 frames x 5 positions (28 px tower: 4 patches + CLS) against a 4096-token context
     result = cli("ask", video, QUESTION, "-m", tiny_model, "--frames", 100000)
     assert_clean_failure(result, Exit.USAGE, "--frames 100000", "500000", "at most 819 frames")
+    not_a_video = tmp_path / "notes.mp4"
+    not_a_video.write_text("not a video\n")  # decoding it first would end with exit 3
+    result = cli("ask", not_a_video, QUESTION, "-m", tiny_model, "--frames", 100000)
+    assert_clean_failure(result, Exit.USAGE, "at most 819 frames")
 
 
 @needs_assets

@@ -19,7 +19,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from videoqa.errors import VideoQAError
-from videoqa.frames import Frames
+from videoqa.frames import Frames, open_video, read_frames
 
 FRAME_RULE = "linspace(0,n-1,N)/v1"  # change when the frame sampling changes, to orphan old entries
 DEFAULT_MAX_MB = 4096
@@ -187,3 +187,30 @@ def remove(file: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def open_cache(path: Path, dtype) -> FeatureCache:
+    """The model's feature cache. A bad VIDEOQA_CACHE_MAX_MB is a notice and the default bound here, not a failure:
+    the cache only saves time (`cache info`, which is about the cache, refuses it)."""
+    import logging
+
+    try:
+        limit = max_bytes()
+    except VideoQAError as e:
+        logging.getLogger("videoqa").warning(f"{e}; using the default, {DEFAULT_MAX_MB} MiB")
+        limit = DEFAULT_MAX_MB * 2**20
+    return FeatureCache(model_identity(path, dtype), limit)
+
+
+def read_video(path: Path, frames: int, cache: FeatureCache | None):
+    """(Frames, features) of a video the cache knows (then no frame is decoded), else (Frames, None).
+
+    The video is opened before it is hashed for the cache's key: a file that is not a video is refused at once,
+    not after being read whole (a minute for 20 GB). On a miss the frames are read through that same reader.
+    """
+    reader = open_video(path)
+    if cache is not None:
+        hit = cache.get(path, frames)
+        if hit is not None:
+            return hit
+    return read_frames(path, frames, reader), None

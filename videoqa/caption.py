@@ -13,19 +13,20 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from videoqa.conversation import answer_batch, frame_pixels, record
+from videoqa import output
 from videoqa.errors import Exit, VideoQAError
 from videoqa.frames import Frames, read_frames
-from videoqa.models import Model
 from videoqa.output import FIELDS, FORMATS, display, split_lines, write
 from videoqa.render import STOP_SIGNALS, Interrupt, progress_bar
+from videoqa.session import Model
 from videoqa.settings import Settings
 
 
@@ -184,10 +185,11 @@ class Ready:
 
 
 def prepare(model: Model, video: Path, count: int) -> Ready:
-    """Decode and preprocess one video on a background thread; any failure is this video's alone."""
+    """Decode and preprocess one video on a background thread (one decoder thread: two of these run beside the
+    model's own); any failure is this video's alone."""
     try:
-        frames = read_frames(video, count)
-        return Ready(video, frames, frame_pixels(model, frames))
+        frames = read_frames(video, count, threads=1)
+        return Ready(video, frames, model.family.frame_pixels(model.net.config, frames.pixels))
     except VideoQAError as e:
         return Ready(video, error=str(e))
     except Exception as e:  # a bug shown on one record rather than the end of the run
@@ -224,15 +226,43 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
 
 def failure(model: Model, video: Path, question: str, error: str) -> dict:
     """The record of a video that got no answer."""
-    prompt = model.preset.template.format(media="<video>", question=question)
-    return record(model, video, question, prompt, None, [], {}, error=error)
+    prompt = model.preset.template.format(media=model.family.video_token, question=question)
+    return output.record(video=video, question=question, prompt=prompt, answer="", tokens=[], frames=[],
+                         model=model.name, timings={}, error=error)
+
+
+def answer_batch(model: Model, pixels: list[np.ndarray], question: str, settings: Settings):
+    """Videos prefilled and decoded together on the one decode path (left padding, per-row EOS, static cache):
+    each row's tokens up to and including its EOS, and the batch's timings. Greedy answers equal `ask`'s."""
+    from videoqa.decode import static_cache
+    from videoqa.prompt import prompt_ids
+
+    start = time.perf_counter()
+    video = model.family.video_token
+    features = [model.family.video_features(model.net, p) for p in pixels]  # each video's own positions
+    rows = [prompt_ids(model.tokenizer, model.preset.template, question, video, f.shape[0]) for f in features]
+    width = max(map(len, rows))
+    model.check_fits(width)
+    budget = min(settings.max_new_tokens, model.context - width)
+    cache = static_cache(model.net.config.text_config, width + budget)
+    vision = time.perf_counter() - start
+    answers: list[list[int]] = [[] for _ in rows]
+    eos, prefill = model.tokenizer.eos_token_id, 0.0
+    for i, step in enumerate(model.generate(rows, torch.cat(features), video, cache, budget, settings)):
+        if i == 0:
+            prefill = time.perf_counter() - start - vision
+        for answer, token in zip(answers, step.tolist()):
+            if not answer or answer[-1] != eos:
+                answer.append(token)
+    decode = time.perf_counter() - start - vision - prefill
+    return answers, {"vision": vision, "prefill": prefill, "decode": decode}
 
 
 def answered(model: Model, ready: list[tuple[Ready, float]], question: str, settings: Settings) -> list[dict]:
     """Records of videos answered together; if the batch fails as a whole, each is tried alone."""
-    prompt = model.preset.template.format(media="<video>", question=question)
+    prompt = model.preset.template.format(media=model.family.video_token, question=question)
     try:
-        answers, timings = answer_batch(model, [r.pixels for r, _ in ready], [question] * len(ready), settings)
+        answers, timings = answer_batch(model, [r.pixels for r, _ in ready], question, settings)
     except VideoQAError as e:  # nothing in this batch can be answered, e.g. a prompt too long
         return [failure(model, r.video, question, str(e)) for r, _ in ready]
     except Exception as e:
@@ -240,7 +270,8 @@ def answered(model: Model, ready: list[tuple[Ready, float]], question: str, sett
             return [rec for one in ready for rec in answered(model, [one], question, settings)]
         return [failure(model, ready[0][0].video, question, f"internal error: {type(e).__name__}: {e}")]
     return [
-        record(model, r.video, question, prompt, r.frames, tokens, {"frames": waited, **timings})
+        output.record(video=r.video, question=question, prompt=prompt, answer=model.decode(tokens), tokens=tokens,
+                      frames=r.frames.listed(), model=model.name, timings={"frames": waited, **timings})
         for (r, waited), tokens in zip(ready, answers)
     ]
 
@@ -256,19 +287,26 @@ def caption_batch(model: Model, batch: list[Future], question: str, settings: Se
     return [next(answers) if r.error is None else failure(model, r.video, question, r.error) for r, _ in ready]
 
 
-def run(model: Model, videos: list[Path], question: str, settings: Settings, output: Output, batch_size: int) -> Tally:
+def records(model: Model, videos: list[Path], question: str, settings: Settings, batch_size: int,
+            stop: Callable[[], bool]) -> Iterator[dict]:
+    """One record per video, in order, a batch at a time; `stop()` is asked after each batch."""
+    for batch in batches(prefetched(model, videos, settings.frames, ahead=2 * batch_size), batch_size):
+        yield from caption_batch(model, batch, question, settings)
+        if stop():
+            return
+
+
+def run(model: Model, videos: list[Path], question: str, out: Output, batch_size: int, **settings) -> Tally:
     """Caption every video not already in the output; stop cleanly after the batch in flight on Ctrl-C, SIGTERM
     or SIGHUP. A reader of stdout that goes away stops the run quietly."""
-    todo = [v for v in videos if identity(v) not in output.done]
+    todo = [v for v in videos if identity(v) not in out.done]
     tally = Tally(skipped=len(videos) - len(todo))
     with Interrupt(STOP_SIGNALS) as interrupt, progress_bar(len(todo), "captioning") as advance:
-        for batch in batches(prefetched(model, todo, settings.frames, ahead=2 * batch_size), batch_size):
-            for rec in caption_batch(model, batch, question, settings):
-                output.write(rec)
-                tally.failed += rec["error"] is not None
-                tally.done += rec["error"] is None
-            advance(len(batch))
-            if interrupt.requested:
-                tally.stopped = interrupt.code
-                break
+        stop = lambda: interrupt.requested  # noqa: E731
+        for rec in model.caption(todo, question, batch_size=batch_size, stop=stop, **settings):
+            out.write(rec)
+            tally.failed += rec["error"] is not None
+            tally.done += rec["error"] is None
+            advance(1)
+        tally.stopped = interrupt.code
     return tally

@@ -1,4 +1,5 @@
-"""`videoqa chat`: a REPL over one Conversation, so a video is encoded once and each follow-up prefills only itself.
+"""`videoqa chat`: a REPL over one `videoqa.Chat` at a time, so a video is encoded once and each follow-up
+prefills only itself.
 
 Interactive on a terminal (readline editing, history across sessions, Ctrl-C stops an answer);
 one question per line when stdin is a pipe.
@@ -9,20 +10,14 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from PIL import Image
-
 from videoqa import output
-from videoqa.cache import FeatureCache
-from videoqa.conversation import Conversation, read, record, remember
 from videoqa.errors import VideoQAError
-from videoqa.frames import Frames, is_image
-from videoqa.models import Model, check_frames, check_video
-from videoqa.questions import check_question
+from videoqa.frames import is_image
 from videoqa.render import Interrupt, error, note, print_json, progress, stream
+from videoqa.session import Chat, Media, Model
 from videoqa.settings import SPECS, Settings
 
 HELP = """\
@@ -58,60 +53,38 @@ def parse_setting(settings: Settings, key: str, value: str) -> Settings:
         raise VideoQAError(f"/set {e}") from None
 
 
-class Chat:
-    def __init__(
-        self, model: Model, settings: Settings, json_output: bool, timings: dict[str, float],
-        cache: FeatureCache | None = None, compile: bool = False,
-    ):
-        self.model, self.settings, self.json_output, self.cache = model, settings, json_output, cache
-        self.compile = compile
-        self.convo: Conversation | None = None
-        self.path: Path | None = None
-        self.turns: list[dict] = []
-        self.pending = timings  # setup timings, reported with the next turn
+class Repl:
+    """The chat command over a session: the current conversation (a `videoqa.Chat`), its settings, the slash
+    commands, and what is printed for each turn."""
+
+    def __init__(self, model: Model, settings: Settings, json_output: bool):
+        self.model, self.settings, self.json_output = model, settings, json_output
+        self.chat: Chat | None = None
         self.failed = 0  # exit code of the first line that failed
         self.interrupt: Interrupt | None = None  # on a terminal: Ctrl-C stops the answer at the next token
 
-    def open(self, path: Path) -> None:
-        """Read a video or image: a new conversation about it."""
-        if not is_image(path):
-            check_video(self.model.net.config.model_type, self.model.name)
-            check_frames(self.model.net.config, self.settings.frames)
-        start = time.perf_counter()
-        with progress("Reading frames…"):
-            media, features = read(path, self.settings.frames, self.cache)
-        self.pending["frames"] = time.perf_counter() - start
-        self.start(path, media, features)
-
-    def start(self, path: Path, media: Frames | Image.Image, features=None) -> None:
+    def open(self, media: Path | Media) -> None:
+        """A new conversation about a video or image (read here unless it already is)."""
+        if not isinstance(media, Media):
+            with progress("Reading frames…"):
+                media = self.model.media(media, self.settings.frames)
         with progress("Encoding frames…"):
-            convo = Conversation(self.model, media, features, self.compile)
-        self.convo, self.path, self.turns = convo, path, []
-        self.pending["vision"] = convo.timings["vision"]
-        problem = remember(self.cache, path, convo)
-        if problem:
-            note(problem)
+            self.chat = self.model.chat(media, frames=self.settings.frames)
 
     def ask(self, question: str) -> None:
-        if self.convo is None:
+        if self.chat is None:
             raise VideoQAError("no video yet: /video PATH (or /image PATH) first")
-        settings = self.settings
-        tokens = self.convo.ask(question, settings.max_new_tokens, settings.sampling)
+        settings = {name: self.settings.get(name) for name in SPECS if name != "frames"}
         if self.json_output:
             with progress("Answering…"):
-                tokens = list(tokens)
+                answer = self.chat.ask(question, **settings)
+            print_json({**answer.record(), "turn": len(self.chat.answers)})
         else:
             stop = (lambda: self.interrupt.requested) if self.interrupt else (lambda: False)
-            tokens = stream(tokens, self.model.tokenizer, stop)
-        timings = {"load": 0.0, "frames": 0.0, "vision": 0.0, **self.pending, **self.convo.timings}
-        self.pending = {}
-        media = self.convo.media
-        frames = media if isinstance(media, Frames) else None
-        turn = record(self.model, self.path, question, self.convo.prompt, frames, tokens, timings)
-        turn["turn"] = len(self.turns) + 1
-        self.turns.append(turn)
-        if self.json_output:
-            print_json(turn)
+            stream(self.chat.stream(question, **settings), stop)
+
+    def turns(self) -> list[dict]:
+        return [{**a.record(), "turn": n} for n, a in enumerate(self.chat.answers if self.chat else [], 1)]
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave."""
@@ -128,10 +101,9 @@ class Chat:
                                                           if name == "image" else "an image: /image PATH"))
             self.open(path)
         elif name == "reset" and not args:
-            if self.convo is None:
+            if self.chat is None:
                 raise VideoQAError("/reset: no video yet, nothing to forget")
-            self.convo.reset()
-            self.turns = []
+            self.chat.reset()
         elif name == "frames" and not args:
             self.show_frames()
         elif name == "save" and len(args) == 1:
@@ -147,21 +119,22 @@ class Chat:
         return True
 
     def show_frames(self) -> None:
-        if self.convo is None or not isinstance(self.convo.media, Frames):
+        if self.chat is None or self.chat.media.frames is None:
             raise VideoQAError("no video is loaded: /frames lists a video's sampled frames")
-        for index, time_s in zip(self.convo.media.indices, self.convo.media.times):
-            say(f"frame {index:>6}  {time_s:8.3f} s")
+        for frame in self.chat.media.frames.listed():
+            say(f"frame {frame['index']:>6}  {frame['time']:8.3f} s")
 
     def save(self, path: Path) -> None:
         if path.suffix not in (".md", ".json"):
             raise VideoQAError(f"/save {path}: use a .md or .json file name")
         form = output.conversation_json if path.suffix == ".json" else output.markdown
-        text = form(self.model.name, self.path, self.turns)
+        turns = self.turns()
+        text = form(self.model.name, self.chat.media.path if self.chat else None, turns)
         try:
             path.write_text(text + "\n", encoding="utf-8")
         except OSError as e:
             raise VideoQAError(f"/save {path}: {e.strerror}") from None
-        say(f"saved {len(self.turns)} turns to {path}")
+        say(f"saved {len(turns)} turns to {path}")
 
     def handle(self, line: str) -> bool:
         """One line of input; errors are reported and the session goes on. False means leave."""
@@ -170,7 +143,7 @@ class Chat:
             if line.startswith("/"):
                 return self.command(line)
             if line:
-                self.ask(check_question(line))
+                self.ask(line)
         except VideoQAError as e:
             error(str(e))
             self.failed = self.failed or e.code
@@ -228,7 +201,7 @@ def interactive_lines() -> Iterator[str]:
         yield line
 
 
-def run_interactive(chat: Chat) -> int:
+def run_interactive(chat: Repl) -> int:
     """The terminal REPL: a Ctrl-C during an answer stops it and returns to the prompt."""
     print("videoqa chat: ask about the video, /help for commands, Ctrl-D to leave.", file=sys.stderr)
     for line in interactive_lines():

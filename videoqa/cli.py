@@ -10,10 +10,9 @@ import inspect
 import os
 import sys
 import time
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -119,69 +118,27 @@ def quiet_mode(quiet: bool) -> None:
     stderr.quiet = quiet
 
 
-def settings_from(ready: Ready, given: dict):
-    """Options given on the command line over the preset's defaults."""
-    from videoqa.settings import defaults
+def checkpoint(model: str, device: Device, dtype: DType, cache: bool):
+    """The model to load, resolved on first need: a bad file is refused before the model is looked for."""
+    from videoqa.session import Checkpoint
 
-    preset = ready.model.preset
-    return defaults(preset.frames, preset.generation).changed(**{k: v for k, v in given.items() if v is not None})
-
-
-@dataclass
-class Ready:
-    model: Any  # videoqa.models.Model
-    media: Any  # Frames, a PIL image, or None
-    features: Any  # the media's features from the feature cache, or None
-    cache: Any  # videoqa.cache.FeatureCache, or None with --no-cache
-    timings: dict[str, float]
+    return Checkpoint(model, device=device.value, dtype=dtype.value, cache=cache)
 
 
-def open_cache(path: Path, dtype):
-    """The model's feature cache. A bad VIDEOQA_CACHE_MAX_MB is a note and the default bound here, not a failure:
-    the cache only saves time (`cache info`, which is about the cache, refuses it)."""
-    from videoqa.cache import DEFAULT_MAX_MB, FeatureCache, max_bytes, model_identity
-    from videoqa.render import note
-
-    try:
-        limit = max_bytes()
-    except VideoQAError as e:
-        note(f"{e}; using the default, {DEFAULT_MAX_MB} MiB")
-        limit = DEFAULT_MAX_MB * 2**20
-    return FeatureCache(model_identity(path, dtype), limit)
-
-
-def load_model(
-    model: str, device: Device, dtype: DType, media: Path | None, frames: int | None, cache: bool,
-    videos: bool = False,
-) -> Ready:
-    """Resolve the model, read the media (or its cached features), then load the weights: a bad file fails fast.
-
-    A video (`media`, or `videos` for caption) given to an image-only model is refused before the load too.
-    """
-    from videoqa import models
-    from videoqa.conversation import read
-    from videoqa.frames import is_image
+def read_media(found, path: Path, frames: int | None):
     from videoqa.render import progress
 
-    torch_device = models.pick_device(device.value)
-    with progress("Finding the model…"):
-        path, preset = models.resolve(model)
-    config = models.config_of(path)
-    if videos or (media is not None and not is_image(media)):
-        models.check_video(preset.architecture, model)
-        models.check_frames(config, frames or preset.frames)
-    torch_dtype = models.pick_dtype(dtype.value, torch_device)
-    features_cache = open_cache(path, torch_dtype) if cache else None
-    timings = {}
-    start = time.perf_counter()
     with progress("Reading frames…"):
-        media_read, features = read(media, frames or preset.frames, features_cache) if media else (None, None)
-    timings["frames"] = time.perf_counter() - start
-    start = time.perf_counter()
-    with progress(f"Loading {model}…"):
-        loaded = models.load(model, path, preset, torch_device, torch_dtype)
-    timings["load"] = time.perf_counter() - start
-    return Ready(loaded, media_read, features, features_cache, timings)
+        return found.media(path, frames)
+
+
+def load(found, no_compile: bool):
+    from videoqa.render import progress
+
+    with progress("Finding the model…"):
+        found.resolve()
+    with progress(f"Loading {found.name}…"):
+        return found.load(compile=not no_compile)
 
 
 @app.command()
@@ -216,34 +173,21 @@ def ask(
 
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
-    from videoqa.conversation import Conversation, record, remember
-    from videoqa.frames import Frames, check_file
     from videoqa.questions import read_question
-    from videoqa.render import note, print_json, progress, stream
+    from videoqa.render import print_json, progress, stream
 
     quiet_mode(quiet)
     question = read_question(question, prompt_file)
-    check_file(video)
-    ready = load_model(model, device, dtype, video, given["frames"], not no_cache)
-    loaded, media, timings = ready.model, ready.media, ready.timings
-    settings = settings_from(ready, given)
+    found = checkpoint(model, device, dtype, cache=not no_cache)
+    media = read_media(found, video, given["frames"])
+    loaded = load(found, no_compile)
     with progress("Encoding frames…"):
-        convo = Conversation(loaded, media, ready.features, compile_on(ready, no_compile))
-    problem = remember(ready.cache, video, convo)
-    if problem:
-        note(problem)
-    tokens = convo.ask(question, settings.max_new_tokens, settings.sampling)
+        conversation = loaded.chat(media, **given)
     if json_output:
         with progress("Answering…"):
-            tokens = list(tokens)
-        frames_info = media if isinstance(media, Frames) else None
-        print_json(record(loaded, video, question, convo.prompt, frames_info, tokens, {**timings, **convo.timings}))
+            print_json(conversation.ask(question).record())
     else:
-        stream(tokens, loaded.tokenizer)
-
-
-def compile_on(ready: Ready, no_compile: bool) -> bool:
-    return not no_compile and ready.model.net.device.type == "cuda"
+        stream(conversation.stream(question))
 
 
 @app.command()
@@ -272,19 +216,16 @@ def chat(
 
       printf 'What happens?\\nWhy?\\n' | videoqa chat clip.mp4 --json
     """
-    from videoqa.chat import Chat, run_interactive
-    from videoqa.frames import check_file
+    from videoqa.chat import Repl, run_interactive
     from videoqa.questions import lines, stdin_bytes
 
     quiet_mode(quiet)
     stdin = stdin_bytes()
-    if video is not None:
-        check_file(video)
-    ready = load_model(model, device, dtype, video, given["frames"], not no_cache)
-    session = Chat(ready.model, settings_from(ready, given), json_output, ready.timings, ready.cache,
-                   compile=compile_on(ready, no_compile))
-    if video is not None:
-        session.start(video, ready.media, ready.features)
+    found = checkpoint(model, device, dtype, cache=not no_cache)
+    media = read_media(found, video, given["frames"]) if video is not None else None
+    session = Repl(load(found, no_compile), found.settings(**given), json_output)
+    if media is not None:
+        session.open(media)
     interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not json_output
     code = run_interactive(session) if interactive else session.run(lines(stdin))
     raise typer.Exit(code)
@@ -318,6 +259,7 @@ def caption(
     given: dict = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
+    no_compile: NoCompileOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -348,10 +290,12 @@ def caption(
     if all(captioning.identity(v) in output.done for v in videos):
         summary({"done": "0", "failed": "0", "skipped": str(len(videos)), "videos/s": "-"})
         return
+    found = checkpoint(model, device, dtype, cache=False)
+    found.check_videos(found.settings(**given).frames)  # before the slow load
     try:
-        ready = load_model(model, device, dtype, None, given["frames"], cache=False, videos=True)
+        loaded = load(found, no_compile)
         output.open()
-        tally = captioning.run(ready.model, videos, question, settings_from(ready, given), output, batch_size)
+        tally = captioning.run(loaded, videos, question, output, batch_size, **given)
     finally:
         output.close()
     seconds = time.perf_counter() - tally.start
@@ -391,9 +335,11 @@ def main() -> None:
 
 def run() -> int:
     from videoqa.output import OutputClosed
+    from videoqa.render import show_notes
 
     global DEBUG
     DEBUG = os.environ.get("VIDEOQA_DEBUG") == "1"
+    show_notes()
     try:
         return typer.main.get_command(app).main(standalone_mode=False) or 0
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C

@@ -1,14 +1,16 @@
-"""Stage 5: prefill and token-by-token decoding of the Llama language model with a KV cache.
+"""Stage 5: prefill and token-by-token decoding of the language model over a static, preallocated KV cache.
 
-Prefill runs the spliced prompt embeddings once; each decode step feeds one
-token and reuses the cache. Greedy by default; sampling applies temperature,
-then top-k, then top-p, in the order of transformers' logits warpers.
+Prefill runs the spliced prompt embeddings once; each decode step feeds one token and reuses the cache (the
+step is compiled with CUDA graphs on CUDA). A batch's rows are left-padded into one cache, each stopping at its
+EOS. Greedy by default; sampling applies temperature, then top-k, then top-p, in the order of transformers'
+logits warpers.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -38,21 +40,27 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def forward(net, embeds: torch.Tensor, cache, mask: torch.Tensor | None = None) -> torch.Tensor:
+class LanguageModel(NamedTuple):
+    """The parts of a checkpoint that decode: token embeddings, the transformer body, the LM head."""
+
+    embed: torch.nn.Module
+    body: torch.nn.Module
+    head: torch.nn.Module
+
+
+def forward(lm: LanguageModel, embeds: torch.Tensor, cache, mask=None, positions=None) -> torch.Tensor:
     """(B, T, D) new embeddings -> (B, V) float32 logits of the last position; extends the cache.
 
-    `mask` (B, cached + T) is 0 at left padding; positions then count real tokens only.
+    `mask` (B, cache capacity) is 0 at left padding and `positions` (B, T) count real tokens only; both None when
+    no row is padded, and positions then continue from the cache's length.
     """
-    positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1] :]
-    out = net.model.language_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-    )
-    return net.lm_head(out.last_hidden_state[:, -1]).float()
+    out = lm.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    return lm.head(out.last_hidden_state[:, -1]).float()
 
 
-def decode_step(net, token: torch.Tensor, cache, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 1) last tokens -> (B, V) logits: the unit that is compiled."""
-    return forward(net, net.get_input_embeddings()(token), cache, mask)
+def decode_step(lm: LanguageModel, token: torch.Tensor, cache, mask=None, positions=None) -> torch.Tensor:
+    """(B, 1) last tokens -> (B, V) logits: the unit that is compiled (every shape in it is fixed)."""
+    return forward(lm, lm.embed(token), cache, mask, positions)
 
 
 @functools.cache
@@ -65,17 +73,17 @@ def compiled_step():
 BUCKET = 256  # static caches are sized in multiples of this, to bound the number of compiled graphs
 
 
-def static_cache(net, length: int):
-    """A preallocated KV cache for `length` tokens, rounded up to a bucket."""
+def static_cache(text_config, length: int):
+    """A preallocated KV cache for `length` tokens (per row), rounded up to a bucket."""
     from transformers import StaticCache
 
-    return StaticCache(config=net.config.text_config, max_cache_len=-(-length // BUCKET) * BUCKET)
+    return StaticCache(config=text_config, max_cache_len=-(-length // BUCKET) * BUCKET)
 
 
-def grown(net, cache, length: int):
+def grown(text_config, cache, length: int):
     """A static cache for `length` tokens holding what `cache` holds: a conversation moves up a bucket
     without being prefilled again."""
-    bigger = static_cache(net, length)
+    bigger = static_cache(text_config, length)
     for old, new in zip(cache.layers, bigger.layers):
         if old.is_initialized:
             held = int(old.get_seq_length())
@@ -97,27 +105,46 @@ def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator 
     return torch.Generator(device=device).manual_seed(sampling.seed)
 
 
+def truncate(cache, length: int) -> None:
+    """Cut every layer back to `length` tokens; an interrupted forward may have extended only some of them."""
+    for layer in cache.layers:
+        held = int(layer.get_seq_length())
+        if held > length:
+            layer.crop(length - held)
+
+
+def padded(padding: torch.Tensor | None, cache):
+    """For left-padded rows (`padding` (B, T): 1 at real tokens) entering an empty cache: the (B, capacity) mask,
+    fixed for the whole answer, the prompt's positions (B, T) and the first answer token's (B, 1)."""
+    if padding is None:
+        return None, None, None
+    mask = padding.new_ones(padding.shape[0], capacity(cache))
+    mask[:, : padding.shape[1]] = padding
+    return mask, (padding.cumsum(-1) - 1).clamp(min=0), padding.sum(-1, keepdim=True)
+
+
 @torch.inference_mode()
 def generate(
-    net, embeds: torch.Tensor, cache, max_new_tokens: int, eos_id: int, sampling: Sampling,
-    mask: torch.Tensor | None = None, step=decode_step,
+    lm: LanguageModel, embeds: torch.Tensor, cache, max_new_tokens: int, eos_id: int, sampling: Sampling,
+    padding: torch.Tensor | None = None, step=decode_step,
 ) -> Iterator[torch.Tensor]:
     """Yield the (B,) next token ids, step by step, until every row has produced EOS or `max_new_tokens`.
 
-    `cache` holds everything before `embeds`. Rows that are done keep getting tokens: the caller drops them.
-    Prefill runs eagerly; `step` (eager or compiled) runs each new token.
+    One path for a question, a conversation's next turn and a batch of videos. `cache` (static) holds everything
+    before `embeds`; `padding` marks left padding of a batch's rows (None when no row is padded). Rows that are done
+    keep getting tokens: the caller drops them. Prefill runs eagerly; `step` (eager or compiled) runs each new token.
     """
     if max_new_tokens == 0:
         return
     generator = make_generator(sampling, embeds.device)
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
-    logits = forward(net, embeds, cache, mask)  # prefill
+    mask, positions, after = padded(padding, cache)
+    logits = forward(lm, embeds, cache, mask, positions)  # prefill
     for produced in range(1, max_new_tokens + 1):
         token = next_token(logits, sampling, generator)  # (B,)
         yield token
         done |= token == eos_id
         if produced == max_new_tokens or bool(done.all()):
             return
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-        logits = step(net, token[:, None], cache, mask)  # one decode step
+        logits = step(lm, token[:, None], cache, mask, after)  # one decode step
+        after = None if after is None else after + 1

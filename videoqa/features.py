@@ -1,17 +1,15 @@
 """Stage 3: pixels -> projected visual features, one row per placeholder position.
 
-Follows transformers' get_video_features / get_image_features of each architecture
-(`config.model_type`), with the layer(s), select strategy, pooling and grid read
-from the checkpoint's config:
-- video_llava: hidden layer `vision_feature_layer` (-2) of the video tower with all
-  257 tokens per frame (CLS kept); images through the image tower, CLS dropped
-  under the "default" strategy; then the two-layer GELU projector.
-- llava_next_video: one tower; video frames lose CLS and are 2x2-pooled by the
-  checkpoint's `vision_resampler` before the projector (144 tokens per 336 px frame).
-- llava_next and llava_next_video images: AnyRes tiles through the tower and
-  projector, then packed as transformers' `pack_image_features` does: the base tile,
-  then the tile grid unpadded to the image's aspect ratio with an `image_newline`
-  after each row.
+The building blocks the families (families.py) are made of. Each follows transformers' get_video_features /
+get_image_features, with the layer(s), select strategy, pooling and grid read from the checkpoint's config:
+- Video-LLaVA: hidden layer `vision_feature_layer` (-2) of the video tower with all 257 tokens per frame
+  (CLS kept); images through the image tower, CLS dropped under the "default" strategy; then the two-layer
+  GELU projector.
+- LLaVA-NeXT-Video: one tower; frames lose CLS and are 2x2-pooled by the checkpoint's `vision_resampler`
+  before the projector (144 tokens per 336 px frame).
+- LLaVA-NeXT(-Video) images: AnyRes tiles through the tower and projector, then packed as transformers'
+  `pack_image_features` does: the base tile, then the tile grid unpadded to the image's aspect ratio with an
+  `image_newline` after each row.
 """
 
 from __future__ import annotations
@@ -41,25 +39,31 @@ def _patches(net, tower, pixels: np.ndarray) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def video_features(net, pixels: np.ndarray) -> torch.Tensor:
-    """(N, 3, H, W) frames -> (N * tokens per frame, D) features, frame-major."""
-    model = net.model
-    if net.config.model_type == "video_llava":
-        hidden = _hidden(net, model.video_tower, pixels)
-    else:  # llava_next_video
-        hidden = model.vision_resampler(_patches(net, model.vision_tower, pixels))
-    return model.multi_modal_projector(hidden).flatten(0, 1)
+def video_llava_video(net, pixels: np.ndarray) -> torch.Tensor:
+    """Video-LLaVA: (N, 3, H, W) frames through the video tower, all tokens (CLS kept) -> (N * T, D), frame-major."""
+    return net.model.multi_modal_projector(_hidden(net, net.model.video_tower, pixels)).flatten(0, 1)
 
 
 @torch.inference_mode()
-def image_features(net, image: Image.Image) -> torch.Tensor:
-    """A still image -> (positions, D) features; the count depends on its size under AnyRes."""
-    model, size = net.model, net.config.vision_config.image_size
-    if net.config.model_type == "video_llava":
-        return model.multi_modal_projector(_patches(net, model.image_tower, clip_pixels([image], size))).flatten(0, 1)
-    tiles = model.multi_modal_projector(
-        _patches(net, model.vision_tower, anyres_pixels(image, size, net.config.image_grid_pinpoints))
-    )
+def video_llava_image(net, image: Image.Image) -> torch.Tensor:
+    """Video-LLaVA: a still image through the image tower, CLS dropped -> (256, D) at 224 px."""
+    size = net.config.vision_config.image_size
+    return net.model.multi_modal_projector(_patches(net, net.model.image_tower, clip_pixels([image], size))).flatten(0, 1)
+
+
+@torch.inference_mode()
+def pooled_video(net, pixels: np.ndarray) -> torch.Tensor:
+    """LLaVA-NeXT-Video: frames lose CLS and are 2x2-pooled by the `vision_resampler` before the projector."""
+    hidden = net.model.vision_resampler(_patches(net, net.model.vision_tower, pixels))
+    return net.model.multi_modal_projector(hidden).flatten(0, 1)
+
+
+@torch.inference_mode()
+def anyres_image(net, image: Image.Image) -> torch.Tensor:
+    """LLaVA-NeXT(-Video): AnyRes tiles through the tower and projector, packed -> (positions, D)."""
+    size = net.config.vision_config.image_size
+    pixels = anyres_pixels(image, size, net.config.image_grid_pinpoints)
+    tiles = net.model.multi_modal_projector(_patches(net, net.model.vision_tower, pixels))
     return pack(net, tiles, (image.height, image.width))
 
 

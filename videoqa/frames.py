@@ -26,6 +26,10 @@ class Frames:
     indices: list[int]  # index of each sampled frame in the video
     times: list[float]  # its presentation time in seconds
 
+    def listed(self) -> list[dict]:
+        """Each sampled frame's {"index", "time"}, as records show them."""
+        return [{"index": i, "time": t} for i, t in zip(self.indices, self.times)]
+
 
 def frame_indices(n: int, count: int) -> list[int]:
     """Uniform sample of `count` indices out of `n` frames (training-code rule)."""
@@ -72,12 +76,12 @@ def _open(path: Path, threads: int = 0):
         raise VideoQAError(f"{path}: not a readable video (no decodable video stream)", Exit.INPUT) from None
 
 
-def open_video(path: Path):
+def open_video(path: Path, threads: int = 0):
     """A reader over the video, or the error that it is not one. A file that is not a video fails at its header, at
     once; a video is read through (decord indexes its packets) but no frame is decoded. So this comes before hashing
     a file for the feature cache: a 20 GB file that is not a video is refused without being read."""
     check_file(path)
-    return _open(path)
+    return _open(path, threads)
 
 
 def _decodable_count(path: Path) -> int:
@@ -120,10 +124,10 @@ def _times(reader, indices: list[int]) -> list[float]:
         return [round(i / fps, 3) for i in indices]
 
 
-def read_frames(path: Path, count: int, reader=None) -> Frames:
+def read_frames(path: Path, count: int, reader=None, *, threads: int = 0) -> Frames:
     """Sample `count` frames; damaged videos are sampled over the part that decodes. `reader`: the video's, from
     `open_video`, when the caller opened it already (opening reads the whole file)."""
-    reader = open_video(path) if reader is None else reader
+    reader = open_video(path, threads) if reader is None else reader
     n = len(reader)
     indices = frame_indices(n, count) if n > 0 else []
     try:

@@ -15,38 +15,34 @@ from pathlib import Path
 from typing import Any
 
 from videoqa.errors import Exit, VideoQAError
+from videoqa import families
+from videoqa.families import Family
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# What a run needs from a repository: configs, tokenizer files and safetensors weights, never pickles.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 
 
 @dataclass(frozen=True)
-class Architecture:
-    """What videoqa needs to know of a model_type that its config.json does not say."""
-
-    model_class: str  # the transformers class that loads it
-    preset: str  # whose defaults (template, frames, generation) a directory or hub id of this architecture gets
-    video: bool = True  # False: it answers about still images only
-
-
-ARCHITECTURES = {  # by config.json's model_type
-    "video_llava": Architecture("VideoLlavaForConditionalGeneration", "video-llava-7b"),
-    "llava_next_video": Architecture("LlavaNextVideoForConditionalGeneration", "llava-next-video-7b"),
-    "llava_next": Architecture("LlavaNextForConditionalGeneration", "llava-v1.6-vicuna-7b", video=False),
-}
-SUPPORTED = tuple(ARCHITECTURES)
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# What a run needs from a repository: configs, tokenizer files and safetensors weights, never pickles.
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
-
-
-@dataclass
 class Preset:
+    """A checkpoint with a name: where it is on the hub, its family, and what it overrides of the family's defaults
+    (a local directory or hub id gets its family's defaults as they are)."""
+
     name: str
-    repo: str
+    repo: str | None
     revision: str
-    architecture: str
+    family: Family
     frames: int
-    template: str  # the first turn, {media} being the placeholder token
-    followup: str  # later turns, appended after the previous answer and its EOS
+    template: str
+    followup: str
     generation: dict[str, Any] = field(default_factory=dict)
+
+
+def of_family(family: Family, name: str = "", repo: str | None = None, revision: str = "main", **overrides) -> Preset:
+    defaults = dict(frames=family.frames, template=family.template, followup=family.followup,
+                    generation=dict(family.generation))
+    return Preset(name=name, repo=repo, revision=revision, family=family, **{**defaults, **overrides})
 
 
 def presets_dir() -> Path:
@@ -59,19 +55,8 @@ def presets() -> dict[str, Preset]:
     found = {}
     for file in sorted(presets_dir().glob("*.toml")):
         data = tomllib.loads(file.read_text())
-        found[file.stem] = Preset(name=file.stem, **data)
+        found[file.stem] = of_family(families.family(data.pop("architecture")), name=file.stem, **data)
     return found
-
-
-def preset_for(architecture: str) -> Preset:
-    """The defaults (frames, template, generation) of a directory or hub id come from its architecture's preset."""
-    return presets()[ARCHITECTURES[architecture].preset]
-
-
-def check_video(architecture: str, name: str) -> None:
-    """Refuse a video for an image-only model, before anything slow is done."""
-    if not ARCHITECTURES[architecture].video:
-        raise VideoQAError(f"{name} ({architecture}) answers about still images only, not videos: give it an image")
 
 
 def download(repo: str, revision: str) -> Path:
@@ -101,8 +86,8 @@ def check_safetensors(file: Path) -> None:
         raise VideoQAError(f"{file}: weights are truncated or corrupt; download the model again", Exit.MODEL)
 
 
-def check_dir(path: Path) -> str:
-    """Validate a checkpoint directory and return its architecture (config.json's model_type)."""
+def check_dir(path: Path) -> Family:
+    """Validate a checkpoint directory and return its family (by config.json's model_type)."""
     if not path.is_dir():
         raise VideoQAError(f"model directory {path} does not exist", Exit.MODEL)
     config = path / "config.json"
@@ -114,14 +99,10 @@ def check_dir(path: Path) -> str:
     for file in weights:
         check_safetensors(file)
     try:
-        architecture = json.loads(config.read_text()).get("model_type", "?")
+        model_type = json.loads(config.read_text()).get("model_type", "?")
     except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON (or not UTF-8), not an object
         raise VideoQAError(f"{config}: not a valid config.json ({type(e).__name__})", Exit.MODEL) from None
-    if architecture not in SUPPORTED:
-        raise VideoQAError(
-            f"{path}: unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED)}", Exit.MODEL
-        )
-    return architecture
+    return families.family(str(model_type), where=f"{path}: ")
 
 
 def resolve(spec: str) -> tuple[Path, Preset]:
@@ -140,8 +121,10 @@ def resolve(spec: str) -> tuple[Path, Preset]:
     else:
         path = download(spec, "main")
         preset = None
-    architecture = check_dir(path)
-    return path, preset or preset_for(architecture)
+    found = check_dir(path)
+    if preset is not None and preset.family is not found:
+        raise VideoQAError(f"{spec}: its config.json says {found.name}, its preset {preset.family.name}", Exit.MODEL)
+    return path, preset or of_family(found, name=spec)
 
 
 def pick_device(name: str):
@@ -165,18 +148,6 @@ def pick_dtype(name: str, device):
     return getattr(torch, name)
 
 
-@dataclass
-class Model:
-    name: str
-    preset: Preset
-    net: Any  # the ARCHITECTURES class of its model_type
-    tokenizer: Any
-
-    @property
-    def context(self) -> int:
-        return context(self.net.config)
-
-
 def context(config) -> int:
     """Positions the text model handles: linear RoPE scaling stretches them (LLaVA-NeXT-Video-7B: 4096 x 2)."""
     text = config.text_config
@@ -185,52 +156,37 @@ def context(config) -> int:
     return int(text.max_position_embeddings * stretch)
 
 
-def config_of(path: Path):
-    """The checkpoint's config, checked as far as videoqa reads it before loading: a malformed field is a model
-    error here, not a crash later."""
-    from transformers import AutoConfig
+def model_class(found: Family):
+    import transformers
 
+    return getattr(transformers, found.model_class)
+
+
+def config_of(path: Path, found: Family):
+    """The checkpoint's config, read with its family's class and checked as far as videoqa reads it before loading:
+    a malformed field is a model error here, not a crash later."""
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = model_class(found).config_class.from_pretrained(path)
         context(config)
-        if ARCHITECTURES[config.model_type].video:
-            frame_positions(config)
+        if found.video:
+            found.video_positions(config, 1)
     except Exception as e:
         raise VideoQAError(f"{path}/config.json: {type(e).__name__}: {e}".splitlines()[0], Exit.MODEL) from None
     return config
 
 
-def frame_positions(config) -> int:
-    """Placeholder positions one video frame takes, known from the config before anything is decoded."""
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    if config.model_type == "video_llava":
-        return side * side + 1  # all patches and CLS
-    return (side // config.spatial_pool_stride) ** 2  # patches, pooled
-
-
-def check_frames(config, frames: int) -> None:
-    """Refuse a frame count whose video alone overflows the context, before decoding a single frame."""
-    needed = frames * frame_positions(config)
-    if needed >= context(config):
-        raise VideoQAError(
-            f"--frames {frames}: the video alone needs {needed} positions and the model's context holds "
-            f"{context(config)}; use at most {(context(config) - 1) // frame_positions(config)} frames"
-        )
-
-
-def load(name: str, path: Path, preset: Preset, device, dtype) -> Model:
-    """Load weights straight to the target device in the target dtype, with the class of the preset's architecture."""
+def load(path: Path, found: Family, device, dtype):
+    """(net, tokenizer): weights straight to the target device in the target dtype, with the family's class."""
     import transformers
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # load reports and bars are noise for a CLI user
     logging.disable_progress_bar()
-    model_class = getattr(transformers, ARCHITECTURES[preset.architecture].model_class)
     try:
-        net = model_class.from_pretrained(  # device_map streams each tensor from the file to the device (accelerate)
+        net = model_class(found).from_pretrained(  # device_map streams each tensor from the file to the device
             path, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise VideoQAError(f"{path}: cannot load the model ({type(e).__name__}: {e})".splitlines()[0], Exit.MODEL)
-    return Model(name=name, preset=preset, net=net.eval(), tokenizer=tokenizer)
+    return net.eval(), tokenizer

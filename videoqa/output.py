@@ -44,8 +44,8 @@ def write(text: str) -> None:
 
 
 def record(
-    *, video: Path | str | None, question: str, prompt: str, answer: str, tokens: list[int], frames, model: str,
-    timings: dict[str, float], error: str | None = None,
+    *, video: Path | str | None, question: str, prompt: str, answer: str, tokens: list[int], frames: list[dict],
+    model: str, timings: dict[str, float], error: str | None = None,
 ) -> dict:
     """The one schema of `ask --json`, chat turns, caption records and the API's `Answer.record()`."""
     return {
@@ -54,7 +54,7 @@ def record(
         "prompt": prompt,
         "answer": answer,
         "tokens": tokens,
-        "frames": [{"index": i, "time": t} for i, t in zip(frames.indices, frames.times)] if frames else [],
+        "frames": frames,
         "model": model,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "error": error,

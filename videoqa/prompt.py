@@ -10,19 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from videoqa.errors import VideoQAError
-
-
-def check_question(question: str) -> str:
-    """The question stripped; empty text or bytes that are not UTF-8 (read from a pipe) are refused."""
-    try:
-        question.encode("utf-8")
-    except UnicodeEncodeError:
-        raise VideoQAError("the question is not valid UTF-8 text") from None
-    if not question.strip():
-        raise VideoQAError("the question is empty")
-    return question.strip()
-
 
 def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
@@ -31,7 +18,8 @@ def text_ids(tokenizer, text: str) -> list[int]:
 def prompt_ids(tokenizer, template: str, question: str, media: str, positions: int) -> list[int]:
     """BOS + the rendered template, its single `media` token expanded to `positions` copies."""
     media_id = tokenizer.convert_tokens_to_ids(media)
-    ids = [tokenizer.bos_token_id, *text_ids(tokenizer, template.format(media=media, question=question))]
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    ids = [*bos, *text_ids(tokenizer, template.format(media=media, question=question))]
     at = ids.index(media_id)
     return ids[:at] + [media_id] * positions + ids[at + 1 :]
 
@@ -41,3 +29,12 @@ def splice(embed: torch.nn.Module, ids: torch.Tensor, features: torch.Tensor, me
     embeds = embed(ids)  # (B, L, D)
     mask = (ids == media_id).unsqueeze(-1)  # (B, L, 1)
     return embeds.masked_scatter(mask, features.to(embeds.dtype))
+
+
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, L) ids with shorter rows padded on the left, and the (B, L) mask of real tokens (None: none padded)."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    if all(len(r) == width for r in rows):
+        return ids, None
+    return ids, torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)

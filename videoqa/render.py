@@ -4,6 +4,7 @@ and stopping cleanly on Ctrl-C, SIGTERM or SIGHUP."""
 from __future__ import annotations
 
 import itertools
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.markup import escape
 
-from videoqa.output import display, json_line, texts, write
+from videoqa.output import display, json_line, write
 
 stderr = Console(stderr=True, highlight=False)  # progress and notices; `--quiet` silences it
 errors = Console(stderr=True, highlight=False)  # errors are never silenced
@@ -36,39 +37,44 @@ def note(message: str) -> None:
     stderr.print(f"[dim]note:[/] {escape(display(message))}", markup=True, soft_wrap=True)
 
 
+class Notes(logging.Handler):
+    """What the library says on the "videoqa" logger (a feature cache not written, ...) is a note here."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        note(record.getMessage())
+
+
+def show_notes() -> None:
+    logger = logging.getLogger("videoqa")
+    if not any(isinstance(h, Notes) for h in logger.handlers):
+        logger.addHandler(Notes())
+        logger.propagate = False
+
+
 def error(message: str) -> None:
     """One line on stderr; file names that are not UTF-8 are shown with U+FFFD, like in records."""
     errors.print(f"[bold red]error:[/] {escape(display(message))}", markup=True, soft_wrap=True)
 
 
-def stream(tokens: Iterator[int], tokenizer, stop: Callable[[], bool] = lambda: False) -> list[int]:
-    """Print the answer as it is generated; return every token id produced.
+def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False) -> None:
+    """Print the answer's text as it is generated.
 
-    `stop()` is asked after each token: true ends the answer there with KeyboardInterrupt, and `tokens`
-    is closed, so its producer can undo the unfinished turn at once.
+    `stop()` is asked after each piece: true ends the answer there with KeyboardInterrupt, and `pieces` is
+    closed, so its producer drops the unfinished turn at once.
     """
-    produced: list[int] = []
-
-    def record() -> Iterator[int]:
-        for token in tokens:
-            produced.append(token)
-            yield token
+    try:
+        with progress("Reading the prompt…"):  # the prefill runs until the first piece
+            first = next(pieces, "").lstrip()
+        for piece in itertools.chain([first], pieces):
+            write(piece)
             if stop():
                 raise KeyboardInterrupt
-
-    deltas = texts(record(), tokenizer)
-    try:
-        with progress("Reading the prompt…"):  # the prefill runs until the first token
-            first = next(deltas, "").lstrip()
-        for delta in itertools.chain([first], deltas):
-            write(delta)
     except KeyboardInterrupt:  # stopped: end the line before [stopped] is shown
         write("\n")
         raise
     finally:
-        tokens.close()
+        pieces.close()
     write("\n")
-    return produced
 
 
 class Interrupt:

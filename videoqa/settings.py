@@ -17,19 +17,12 @@ SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 keeps every token
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
 class Spec:
     """One setting: its type, range [low, high] (`open_low`: low itself excluded) and help."""
 
     name: str
     kind: type
+    default: Any  # None: none (seed), or the preset's (frames)
     help: str
     flags: tuple[str, ...]
     low: float = 0
@@ -69,14 +62,24 @@ class Spec:
 SPECS = {
     spec.name: spec
     for spec in (
-        Spec("frames", int, "Frames sampled uniformly \\[default: the preset's].", ("--frames", "-f"), low=1),
-        Spec("max_new_tokens", int, "Answer length limit \\[default: 256].", ("--max-new-tokens", "-n")),
-        Spec("temperature", float, "0 is greedy \\[default: the preset's].", ("--temperature", "-t")),
-        Spec("top_k", int, "Sample from the k likeliest tokens (0: all).", ("--top-k",)),
-        Spec("top_p", float, "Nucleus sampling mass, in (0, 1].", ("--top-p",), high=1, open_low=True),
-        Spec("seed", int, "Same seed, same sampled answer (0 to 2^64-1).", ("--seed",), high=SEED_MAX),
+        Spec("frames", int, None, "Frames sampled uniformly \\[default: the model's, 8].", ("--frames", "-f"), low=1),
+        Spec("max_new_tokens", int, 256, "Answer length limit \\[default: 256].", ("--max-new-tokens", "-n")),
+        Spec("temperature", float, 0.0, "0 is greedy \\[default: 0].", ("--temperature", "-t")),
+        Spec("top_k", int, 0, "Sample from the k likeliest tokens (0: all).", ("--top-k",)),
+        Spec("top_p", float, 1.0, "Nucleus sampling mass, in (0, 1].", ("--top-p",), high=1, open_low=True),
+        Spec("seed", int, None, "Same seed, same sampled answer (0 to 2^64-1).", ("--seed",), high=SEED_MAX),
     )
 }
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = SPECS["temperature"].default  # 0 means greedy
+    top_k: int = SPECS["top_k"].default  # 0 keeps every token
+    top_p: float = SPECS["top_p"].default
+    seed: int | None = SPECS["seed"].default
+
+
 SAMPLING = {f.name for f in fields(Sampling)}
 
 
@@ -85,7 +88,7 @@ class Settings:
     """What a question is answered with: frames sampled, answer length, sampling."""
 
     frames: int
-    max_new_tokens: int = 256
+    max_new_tokens: int = SPECS["max_new_tokens"].default
     sampling: Sampling = field(default_factory=Sampling)
 
     def get(self, name: str) -> Any:

@@ -1,0 +1,111 @@
+"""Model families: everything that differs between Video-LLaVA, LLaVA-NeXT-Video and LLaVA-NeXT, in one object
+each, keyed by config.json's `model_type`.
+
+A family says which transformers class loads it, how frames and images become pixels and pixels become the
+rows spliced over its placeholder, how many positions a video takes (known from the config before anything is
+decoded), its prompt format and placeholder tokens, and which modules are the vision side (kept in the compute
+dtype when the language model is quantized). Adding a family is one `register(Family(...))`; a `model_type`
+that no family claims is an error everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from videoqa import features, pixels
+from videoqa.decode import LanguageModel
+from videoqa.errors import Exit, VideoQAError
+
+VICUNA = "USER: {media}\n{question} ASSISTANT:"  # llava_v1, as the HF ports render it; {media} is the placeholder
+VICUNA_FOLLOWUP = "USER: {question} ASSISTANT:"  # later turns: `... ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # config.json's model_type
+    model_class: str  # the transformers class that loads it
+    template: str  # the first turn; {media} is the placeholder, {question} the question
+    followup: str  # later turns, after the previous answer and its EOS, tokenised without BOS
+    image_features: Callable[[Any, Any], Any]  # (net, PIL image) -> (positions, D)
+    # Videos (None for a family that answers about still images only):
+    frame_pixels: Callable[[Any, Any], Any] | None = None  # (config, (N, H, W, 3) uint8) -> (N, 3, S, S) float32
+    video_features: Callable[[Any, Any], Any] | None = None  # (net, frame pixels) -> (positions, D)
+    video_positions: Callable[[Any, int], int] | None = None  # (config, frames) -> positions, before decoding
+    video_token: str = "<video>"
+    image_token: str = "<image>"
+    vision_modules: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")
+    frames: int = 8  # frames sampled by default (the model cards' examples)
+    generation: dict[str, Any] = field(default_factory=dict)  # setting defaults over the built-in ones
+    language_model: Callable[[Any], LanguageModel] = field(default=lambda net: LanguageModel(
+        net.get_input_embeddings(), net.model.language_model, net.lm_head))  # what decodes, in the loaded class
+
+    @property
+    def video(self) -> bool:
+        return self.frame_pixels is not None
+
+    def max_frames(self, config, context: int) -> int:
+        """The most frames whose video alone leaves a position free in `context`."""
+        empty, one = self.video_positions(config, 0), self.video_positions(config, 1)
+        return (context - 1 - empty) // (one - empty)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make a family known by its `model_type` (replacing one of the same name)."""
+    FAMILIES[family.name] = family
+    return family
+
+
+def family(model_type: str, where: str = "") -> Family:
+    if model_type not in FAMILIES:
+        raise VideoQAError(
+            f"{where}unsupported architecture {model_type!r}; supported: {', '.join(FAMILIES)}", Exit.MODEL
+        )
+    return FAMILIES[model_type]
+
+
+def clip_frames(config, frames):
+    return pixels.clip_pixels(frames, config.vision_config.image_size)
+
+
+def patches_per_side(config) -> int:
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+register(Family(
+    name="video_llava",
+    model_class="VideoLlavaForConditionalGeneration",
+    template=VICUNA,
+    followup=VICUNA_FOLLOWUP,
+    image_features=features.video_llava_image,
+    frame_pixels=clip_frames,
+    video_features=features.video_llava_video,
+    video_positions=lambda config, frames: frames * (patches_per_side(config) ** 2 + 1),  # all patches and CLS
+    vision_modules=("model.video_tower", "model.image_tower", "model.multi_modal_projector"),
+))
+register(Family(
+    name="llava_next_video",
+    model_class="LlavaNextVideoForConditionalGeneration",
+    template=VICUNA,
+    followup=VICUNA_FOLLOWUP,
+    image_features=features.anyres_image,
+    frame_pixels=clip_frames,
+    video_features=features.pooled_video,
+    video_positions=lambda config, frames: frames * (patches_per_side(config) // config.spatial_pool_stride) ** 2,
+    vision_modules=("model.vision_tower", "model.vision_resampler", "model.multi_modal_projector",
+                    "model.image_newline"),
+))
+register(Family(
+    name="llava_next",
+    model_class="LlavaNextForConditionalGeneration",
+    # vicuna_v1 with its system line, the format transformers' LLaVA-NeXT docs give for llava-v1.6-vicuna-7b-hf
+    template="A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions. " + VICUNA,
+    followup=VICUNA_FOLLOWUP,
+    image_features=features.anyres_image,
+    vision_modules=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
+))
