@@ -87,6 +87,36 @@ def _decodable_count(path: Path) -> int:
         count += 1
 
 
+def _unpadded(frame: np.ndarray) -> np.ndarray:
+    """The real (H, W, 3) pixels of a frame whose RGB rows FFmpeg padded for alignment.
+
+    When the padded row (`linesize`) is a multiple of the width, decord hands the frame over without copying, shaped
+    (H, W, linesize / W): the padding shows as extra channels (widths 1 to 48 px have 192-byte rows, 96 and 144 px
+    4 bytes a pixel). Keep the 3 W bytes of each row that are pixels; other frames arrive as (H, W, 3) already.
+    """
+    height, width, channels = frame.shape
+    if channels == 3:
+        return frame
+    return frame.reshape(height, width * channels)[:, : width * 3].reshape(height, width, 3)
+
+
+def _sample(reader, indices: list[int]) -> np.ndarray | None:
+    """The frames at `indices`, or None where the video is damaged.
+
+    decord's batch copy refuses frames with padded rows (see `_unpadded`); those are read one by one instead.
+    """
+    try:
+        return reader.get_batch(indices).asnumpy()
+    except Exception:
+        pass
+    try:
+        if reader[indices[0]].shape[2] == 3:
+            return None  # the batch failed on damaged data, not on padded rows
+        return np.stack([_unpadded(reader[i].asnumpy()) for i in indices])
+    except Exception:
+        return None
+
+
 def _decode_prefix(path: Path, count: int, n: int) -> tuple[list[int], np.ndarray | None]:
     """Sample `count` of the first `n` frames, decoding in order; if the damage comes earlier this time, sample less."""
     while n > 0:
@@ -95,7 +125,7 @@ def _decode_prefix(path: Path, count: int, n: int) -> tuple[list[int], np.ndarra
         kept, i = {}, 0
         try:
             for i in range(indices[-1] + 1):
-                frame = reader.next().asnumpy()
+                frame = _unpadded(reader.next().asnumpy())
                 if i in indices:
                     kept[i] = frame
             return indices, np.stack([kept[i] for i in indices])
@@ -118,10 +148,7 @@ def read_frames(path: Path, count: int) -> Frames:
     reader = _open(path)
     n = len(reader)
     indices = frame_indices(n, count) if n > 0 else []
-    try:
-        pixels = reader.get_batch(indices).asnumpy() if indices else None
-    except Exception:
-        pixels = None
+    pixels = _sample(reader, indices) if indices else None
     if pixels is None:
         with _damaged:
             indices, pixels = _decode_prefix(path, count, _decodable_count(path))
