@@ -182,7 +182,7 @@ def load_model(
 
 @app.command()
 def ask(
-    video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False)],
+    video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False, readable=False)],
     question: Annotated[
         Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False)
     ] = None,
@@ -244,7 +244,9 @@ def ask(
 
 @app.command()
 def chat(
-    video: Annotated[Optional[Path], typer.Argument(help="Video or image file.", show_default=False)] = None,
+    video: Annotated[
+        Optional[Path], typer.Argument(help="Video or image file.", show_default=False, readable=False)
+    ] = None,
     model: ModelOpt = "video-llava-7b",
     frames: FramesOpt = None,
     max_new_tokens: MaxNewOpt = None,
@@ -296,7 +298,7 @@ class Format(str, Enum):
 
 @app.command()
 def caption(
-    paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False)],
+    paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False, readable=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every video.")] = (
         "Describe this video."
     ),

@@ -8,7 +8,9 @@ with fewer than N frames repeats frames by the same rule.
 from __future__ import annotations
 
 import os
+import stat
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,12 +35,25 @@ def frame_indices(n: int, count: int) -> list[int]:
 
 
 def check_file(path: Path) -> None:
-    """Reject paths that cannot be media before handing them to a decoder."""
-    if not path.exists():
-        raise VideoQAError(f"{path}: no such file", Exit.INPUT)
-    if path.is_dir():
-        raise VideoQAError(f"{path}: is a directory, not a video file", Exit.INPUT)
-    if path.stat().st_size == 0:
+    """Reject what cannot be media before a decoder sees it, in one message that names the file and the problem.
+
+    A decoder would call any of these an unreadable video, and Python's own errors (a name past NAME_MAX, no
+    permission) would escape as tracebacks.
+    """
+    try:
+        status = path.stat()
+        if stat.S_ISREG(status.st_mode):
+            path.open("rb").close()  # the permission to read, which the decoders need
+    except FileNotFoundError:
+        raise VideoQAError(f"{path}: no such file", Exit.INPUT) from None
+    except OSError as e:
+        raise VideoQAError(f"{path}: cannot be read: {(e.strerror or str(e)).lower()}", Exit.INPUT) from None
+    if stat.S_ISDIR(status.st_mode):
+        raise VideoQAError(f"{path}: is a directory, not a video or image file", Exit.INPUT)
+    if not stat.S_ISREG(status.st_mode):
+        kind = "pipe" if stat.S_ISFIFO(status.st_mode) else "device or socket"
+        raise VideoQAError(f"{path}: is a {kind}, not a regular file (decoders need to seek)", Exit.INPUT)
+    if status.st_size == 0:
         raise VideoQAError(f"{path}: file is empty", Exit.INPUT)
 
 
@@ -61,13 +76,28 @@ def _stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
+@contextmanager
+def _decoder_name(path: Path) -> Iterator[str]:
+    """The path as decord can open it: absolute, since FFmpeg reads a relative `name:rest` as the protocol `name`
+    (`http:`, `concat:`); a name that is not UTF-8, which decord cannot pass on, through a symlink."""
+    absolute = os.path.abspath(path)
+    try:
+        absolute.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8, held by Python as surrogates
+        with tempfile.TemporaryDirectory(prefix="videoqa-") as folder:
+            os.symlink(absolute, os.path.join(folder, "video"))
+            yield os.path.join(folder, "video")
+        return
+    yield absolute
+
+
 def _open(path: Path, threads: int = 0):
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines would flood stderr
     try:
-        with _stderr_silenced():
-            return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=threads)
+        with _stderr_silenced(), _decoder_name(path) as name:
+            return decord.VideoReader(name, ctx=decord.cpu(0), num_threads=threads)
     except Exception:
         raise VideoQAError(f"{path}: not a readable video (no decodable video stream)", Exit.INPUT) from None
 
