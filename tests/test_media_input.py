@@ -171,3 +171,141 @@ def test_unreadable_video(tmp_path, how):
         assert lines == [f"VideoQAError 3 {path}: cannot be read: permission denied"] * 2
     finally:
         path.parent.chmod(0o755) if how == "folder" else path.chmod(0o644)
+
+
+# --- images told by their content ---
+
+def ask_json(cli, path: Path, model: Path) -> dict:
+    result = cli("ask", path, QUESTION, "-m", model, "-n", 4, "--json")
+    assert result.code == 0, result
+    return json.loads(result.out)
+
+
+@needs_assets
+@pytest.mark.parametrize("name, fmt", [("photo.tif", "TIFF"), ("photo.tiff", "TIFF"), ("photo.jpg.mp4", "PNG"),
+                                       ("photo", "PNG"), ("photo.dat", "BMP")])
+def test_images_are_told_by_their_content(cli, tiny_model, tmp_path, name, fmt):
+    """Saved losslessly from the same pixels as photo.png, each is answered as that image is."""
+    from PIL import Image
+
+    picture = Image.open(asset("images/videollava_waterview.jpg")).convert("RGB")
+    picture.save(tmp_path / "photo.png")
+    picture.save(tmp_path / name, format=fmt)
+    assert is_image(tmp_path / name)
+    record = ask_json(cli, tmp_path / name, tiny_model)
+    assert record["prompt"] == f"USER: <image>\n{QUESTION} ASSISTANT:" and record["frames"] == []
+    assert record["tokens"] == ask_json(cli, tmp_path / "photo.png", tiny_model)["tokens"]
+
+
+@needs_assets
+def test_a_jpeg_renamed_mp4_is_answered_as_an_image(cli, tiny_model, tmp_path):
+    path = tmp_path / "input.jpg.mp4"  # the file tests/test_errors.py once expected exit 3 for
+    shutil.copy(asset("images/videollava_desert.jpg"), path)
+    assert ask_json(cli, path, tiny_model)["prompt"].startswith("USER: <image>")
+
+
+@needs_assets
+def test_an_animated_gif_stays_an_image(cli, tiny_model, tmp_path):
+    from PIL import Image
+
+    frames = [Image.new("RGB", (64, 48), (60 * i, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=100)
+    assert ask_json(cli, tmp_path / "moving.gif", tiny_model)["frames"] == []
+
+
+def test_is_image_reads_no_more_than_it_can(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    os.mkfifo(tmp_path / "pipe")
+    assert not is_image(tmp_path / "missing.bin")
+    assert not is_image(tmp_path / "notes.txt")
+    assert not is_image(tmp_path / "pipe")  # not opened: a pipe with no writer would block
+    assert not is_image(tmp_path / f"{LONG_NAME}.bin")
+    assert is_image(tmp_path / "missing.jpg")  # a known image suffix is enough, as before
+
+
+@needs_assets
+@pytest.mark.parametrize("name", ["notes.mp4", "notes"])
+def test_neither_video_nor_image(cli, tiny_model, tmp_path, name):
+    (tmp_path / name).write_text("this is not a video\n" * 100)
+    result = cli("ask", tmp_path / name, QUESTION, "-m", tiny_model)
+    assert_clean_failure(result, Exit.INPUT, name, "not a readable video or image")
+
+
+# --- huge images and Pillow's warnings ---
+
+def huge_png(path: Path, side: int, mode: str) -> Path:
+    """A side x side PNG that compresses to little: a disc, in 1-bit or palette mode."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new(mode, (side, side), 0)
+    if mode == "P":
+        image.putpalette([0, 0, 0, 255, 200, 0])
+    ImageDraw.Draw(image).ellipse((side // 8, side // 8, side * 7 // 8, side * 7 // 8), fill=1)
+    image.save(path, compress_level=1)
+    return path
+
+
+@needs_assets
+@pytest.mark.parametrize("side, mode", [(10000, "P"), (14000, "1")])  # 100 megapixels (Pillow warns), 196 (refuses)
+def test_huge_image_is_answered(tiny_model, tmp_path, side, mode):
+    """In a real process: pytest would catch the warnings that reach stderr there."""
+    path = huge_png(tmp_path / "huge.png", side, mode)
+    result = run_python("-m", "videoqa", "ask", path, QUESTION, "-m", tiny_model, "-n", 2, "--json")
+    assert result.code == 0, result
+    assert json.loads(result.out)["prompt"].startswith("USER: <image>") and "Warning" not in result.err
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """Only a PNG's signature and IHDR (8-bit grey) and the start of its data: all a size check reads."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)))
+    return path
+
+
+@needs_assets
+def test_image_past_the_cap_is_refused(cli, tiny_model, tmp_path):
+    path = png_header(tmp_path / "bomb.png", 20000, 20000)
+    assert_clean_failure(cli("ask", path, QUESTION, "-m", tiny_model), Exit.INPUT, "bomb.png", "20000 x 20000", "268 megapixels")
+    assert is_image(path) and is_image(png_header(tmp_path / "bomb", 20000, 20000))
+
+
+@needs_assets
+@pytest.mark.parametrize("name", ["large.bmp", "large.jpg"])
+def test_large_images_are_shrunk_without_changing_what_the_tower_sees(tmp_path, name):
+    """6200 px a side: halved before the tower's resize (a box average; JPEG: decoded at half scale). The tower's
+    pixels stay within two grey levels of transformers' on the full image (2 / 255 / CLIP std = 0.03)."""
+    from PIL import Image
+
+    full = Image.open(asset("images/videollava_waterview.jpg")).convert("RGB").resize((6200, 6200), Image.BICUBIC)
+    full.save(tmp_path / name, quality=95)
+    ours = read_image(tmp_path / name)
+    assert ours.size == (3100, 3100)
+    with Image.open(tmp_path / name) as original:
+        reference = pil_reference([original], 336)
+    assert np.abs(clip_pixels([ours], 336) - reference).max() < 0.035
+
+
+@pytest.mark.parametrize("size", [224, 336])
+def test_transparency_is_composited_onto_white_as_transformers_does(tmp_path, size):
+    """A palette PNG with a transparent colour: no two-line UserWarning, and transformers' pixels."""
+    from PIL import Image
+
+    image = Image.new("P", (40, 30), 0)
+    image.putpalette([255, 0, 0, 0, 0, 255])
+    image.paste(1, (0, 0, 20, 30))
+    image.save(tmp_path / "logo.png", transparency=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = clip_pixels([read_image(tmp_path / "logo.png")], size)
+    assert caught == []
+    with Image.open(tmp_path / "logo.png") as original:
+        assert np.abs(ours - pil_reference([original], size)).max() < 1e-5
+        assert np.abs(clip_pixels([original], size) - ours).max() == 0  # a PIL image given straight to the tower
+    white = pil_reference([Image.new("RGB", (1, 1), "white")], size)[0, :, 0, 0]
+    assert ours[0, :, 0, -1] == pytest.approx(white)  # the right half is transparent red

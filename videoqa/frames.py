@@ -1,8 +1,11 @@
-"""Stage 1: decode N uniformly spaced RGB frames from a video file with decord.
+"""Stage 1: decode N uniformly spaced RGB frames from a video file with decord, or read a still image with Pillow.
 
 The sampling rule is the one of the original Video-LLaVA training code:
 `np.linspace(0, n - 1, N, dtype=int)`, first and last frame included. A video
 with fewer than N frames repeats frames by the same rule.
+
+Images are told from videos by their suffix or, failing that, their header. What
+cannot be read is refused here, as one VideoQAError(Exit.INPUT) naming the file.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import stat
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,7 +103,8 @@ def _open(path: Path, threads: int = 0):
         with _stderr_silenced(), _decoder_name(path) as name:
             return decord.VideoReader(name, ctx=decord.cpu(0), num_threads=threads)
     except Exception:
-        raise VideoQAError(f"{path}: not a readable video (no decodable video stream)", Exit.INPUT) from None
+        raise VideoQAError(f"{path}: not a readable video or image (no decodable video stream, no image format "
+                           "Pillow knows)", Exit.INPUT) from None
 
 
 def _decodable_count(path: Path) -> int:
@@ -187,24 +192,93 @@ def read_frames(path: Path, count: int) -> Frames:
     return Frames(pixels=pixels, indices=indices, times=_times(reader, indices))
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# Pillow formats that make a file an image whatever its name: formats with a signature, so no video is taken for one
+# (not TGA, which has none, nor MPEG, a video stream Pillow can size but not decode).
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "JPEG2000", "ICO", "PPM")
+MAX_IMAGE_PIXELS = 2**28  # 268 megapixels (16384 x 16384), about 800 MB as RGB; Pillow's own guard stops at 179
+KEEP_SIDE = 3072  # huge images are shrunk while both sides stay this long: 3x the largest AnyRes canvas side, 1008 px
+_pillow = threading.Lock()  # Pillow's guard and Python's warning filters are process-wide
+
+
+@contextmanager
+def _pillow_reading() -> Iterator[None]:
+    """Pillow as we read images: its decompression-bomb guard (a warning past 89 megapixels, an error past 179)
+    lifted, MAX_IMAGE_PIXELS being checked instead with a message that says so; its warnings about a file (odd
+    EXIF, palette transparency) kept off stderr, since the image is read as well as it can be either way."""
+    from PIL import Image
+
+    with _pillow, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _has_alpha(image) -> bool:
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def rgb(image):
+    """A Pillow image as RGB, transparency composited onto white as transformers' `convert_to_rgb` does (a plain
+    `convert("RGB")` shows the colours under transparent pixels, and warns for a palette with transparency)."""
+    from PIL import Image
+
+    if not _has_alpha(image):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _decoded(image):
+    """The image decoded as RGB, or RGBA with transparency; one at least twice KEEP_SIDE on both sides shrunk by the
+    largest whole factor that keeps both at KEEP_SIDE or more: JPEGs decoded at 1/2 to 1/8 scale (`draft`), others
+    box-averaged (`reduce`). The towers resize to 224-1008 px anyway, and from 3x the final size a bicubic resize of
+    the shrunk image matches one of the original within a grey level or two (Pillow's `reducing_gap`): the
+    shrinking saves memory and time, not pixels."""
+    mode = "RGBA" if _has_alpha(image) else "RGB"
+    if min(image.size) < 2 * KEEP_SIDE:
+        return image.convert(mode)
+    image.draft(mode, (KEEP_SIDE, KEEP_SIDE))
+    image = image.convert(mode)
+    factor = min(image.size) // KEEP_SIDE
+    return image.reduce(factor) if factor > 1 else image
 
 
 def read_image(path: Path):
-    """A still image, for the image tower; PIL reads it fully now so a broken file fails here."""
+    """A still image as RGB, for the image tower; Pillow reads it fully now so a broken file fails here."""
     from PIL import Image
 
     check_file(path)
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        with _pillow_reading(), Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise VideoQAError(f"{path}: a {width} x {height} image, past the {MAX_IMAGE_PIXELS // 10**6} "
+                                   "megapixels videoqa reads (a guard against decompression bombs)", Exit.INPUT)
+            return rgb(_decoded(image))
+    except VideoQAError:
+        raise
     except Exception:
         raise VideoQAError(f"{path}: not a readable image", Exit.INPUT) from None
 
 
 def is_image(path: Path) -> bool:
-    """Images are told from videos by their suffix."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    """An image by its suffix (`.jpg`, `.png`, ...) or, under any other name, by its content: Pillow identifies
+    the format from the header without decoding. What cannot be opened (missing, a pipe, ...) is not an image."""
+    from PIL import Image
+
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return False  # reading a pipe's header would take it from the decoder
+        with _pillow_reading(), Image.open(path, formats=IMAGE_FORMATS):
+            return True
+    except Exception:  # OSError, or Pillow's errors for what is no image of these formats
+        return False
 
 
 def read_media(path: Path, frames: int):
