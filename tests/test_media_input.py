@@ -309,3 +309,79 @@ def test_transparency_is_composited_onto_white_as_transformers_does(tmp_path, si
         assert np.abs(clip_pixels([original], size) - ours).max() == 0  # a PIL image given straight to the tower
     white = pil_reference([Image.new("RGB", (1, 1), "white")], size)[0, :, 0, 0]
     assert ours[0, :, 0, -1] == pytest.approx(white)  # the right half is transparent red
+
+
+# --- pipes ---
+
+def feed(fifo: Path, data: bytes) -> threading.Thread:
+    """Write `data` into a FIFO from a thread, as `cat clip.mp4 > fifo &` would."""
+    def write():
+        with fifo.open("wb") as pipe:
+            pipe.write(data)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+@needs_assets
+def test_video_through_a_fifo(cli, tiny_model, tmp_path):
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)
+    feed(fifo, asset(VIDEO).read_bytes())
+    piped = ask_json(cli, fifo, tiny_model)
+    assert piped["video"] == str(fifo)
+    assert piped["tokens"] == ask_json(cli, asset(VIDEO), tiny_model)["tokens"]
+    assert not list(Path(tempfile.gettempdir()).glob("videoqa-*/clip.mp4"))  # the copy is gone
+
+
+@needs_assets
+def test_chat_about_a_video_through_a_fifo(tiny_model, tmp_path):
+    """The session goes on after the copy is gone: the pipe, which cannot be read twice, is not hashed for the cache
+    (that would wait for a writer for ever; a real process, so that the timeout can end it)."""
+    fifo = tmp_path / "clip.mp4"
+    os.mkfifo(fifo)
+    feed(fifo, asset(VIDEO).read_bytes())
+    done = subprocess.run([sys.executable, "-m", "videoqa", "chat", fifo, "-m", tiny_model, "-n", "2", "--json"],
+                          cwd=ROOT, input="What happens?\nWhy?\n", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["turn"] for line in done.stdout.splitlines()] == [1, 2]
+
+
+def piped_python(source: Path | None, *args) -> Result:
+    """`cat SOURCE | python ARGS...`: stdin a real pipe (empty without a source)."""
+    with (source or Path(os.devnull)).open("rb") as data:
+        cat = subprocess.Popen(["cat"], stdin=data, stdout=subprocess.PIPE)
+        result = run_python(*args, stdin=cat.stdout)
+        cat.stdout.close()
+        cat.wait()
+    return result
+
+
+@needs_assets
+def test_video_piped_to_dev_stdin(tiny_model):
+    result = piped_python(asset(VIDEO), "-m", "videoqa", "ask", "/dev/stdin", QUESTION, "-m", tiny_model, "--json")
+    assert result.code == 0, result
+    record = json.loads(result.out)
+    assert record["video"] == "/dev/stdin" and len(record["frames"]) == 8
+
+
+@needs_assets
+def test_garbage_piped_to_dev_stdin_names_stdin(tiny_model, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a video\n" * 100)
+    result = piped_python(tmp_path / "notes.txt", "-m", "videoqa", "ask", "/dev/stdin", QUESTION, "-m", tiny_model)
+    assert_clean_failure(result, Exit.INPUT, "/dev/stdin:", "not a readable video or image")
+
+
+@pytest.mark.parametrize("args", [["ask", "/dev/stdin", "-"], ["ask", "/dev/stdin", "--prompt-file", "/dev/stdin"],
+                                  ["chat", "/dev/stdin"]])
+def test_video_and_questions_cannot_share_stdin(args):
+    assert_clean_failure(piped_python(None, "-m", "videoqa", *args), Exit.USAGE, "/dev/stdin", "stdin")
+
+
+def test_readers_refuse_a_pipe_they_would_consume(tmp_path):
+    os.mkfifo(tmp_path / "clip.mp4")
+    for read in (lambda path: read_frames(path, 8), read_image):
+        with pytest.raises(VideoQAError, match="is a pipe, not a regular file") as raised:
+            read(tmp_path / "clip.mp4")
+        assert raised.value.code == Exit.INPUT

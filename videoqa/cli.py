@@ -5,6 +5,7 @@ torch and transformers are imported inside the commands so `videoqa --help` stay
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -100,6 +101,14 @@ def read_question(question: str | None, prompt_file: Path | None) -> str:
     from videoqa.prompt import check_question
 
     return check_question(question)
+
+
+def is_stdin(path: Path | None) -> bool:
+    """Whether the file is this process's stdin (`/dev/stdin`, `/dev/fd/0`, or the file redirected into it)."""
+    try:
+        return path is not None and os.path.samestat(path.stat(), os.fstat(0))
+    except OSError:  # no stdin, or a path check_file will report
+        return False
 
 
 def quiet_mode(quiet: bool) -> None:
@@ -217,18 +226,21 @@ def ask(
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
     from videoqa.conversation import Conversation, record, remember
-    from videoqa.frames import Frames, check_file
+    from videoqa.frames import Frames, check_file, seekable
     from videoqa.render import note, print_json, progress, stream
 
     quiet_mode(quiet)
+    if is_stdin(video) and (question == "-" or is_stdin(prompt_file)):
+        raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
-    check_file(video)
-    ready = load_model(model, device, dtype, video, frames, not no_cache)
-    loaded, media, timings = ready.model, ready.media, ready.timings
-    settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed, not no_compile)
-    with progress("Encoding frames…"):
-        convo = Conversation(loaded, media, ready.features, settings.compile)
-    problem = remember(ready.cache, video, convo)
+    with seekable(video) as readable:  # a pipe is read to its end, into a temporary file
+        check_file(readable)
+        ready = load_model(model, device, dtype, readable, frames, not no_cache)
+        loaded, media, timings = ready.model, ready.media, ready.timings
+        settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed, not no_compile)
+        with progress("Encoding frames…"):
+            convo = Conversation(loaded, media, ready.features, settings.compile)
+        problem = remember(ready.cache, readable, convo)
     if problem:
         note(problem)
     tokens = convo.ask(question, settings.max_new_tokens, settings.sampling)
@@ -275,12 +287,15 @@ def chat(
       printf 'What happens?\\nWhy?\\n' | videoqa chat clip.mp4 --json
     """
     from videoqa.chat import Chat, run_interactive
-    from videoqa.frames import check_file
+    from videoqa.frames import check_file, seekable
 
     quiet_mode(quiet)
-    if video is not None:
-        check_file(video)
-    ready = load_model(model, device, dtype, video, frames, not no_cache)
+    if is_stdin(video):
+        raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
+    with seekable(video) as readable:  # a pipe is read to its end, into a temporary file
+        if readable is not None:
+            check_file(readable)
+        ready = load_model(model, device, dtype, readable, frames, not no_cache)
     settings = settings_from(ready, frames, max_new_tokens, temperature, top_k, top_p, seed, not no_compile)
     session = Chat(ready.model, settings, json_output, ready.timings, ready.cache)
     if video is not None:

@@ -42,8 +42,11 @@ def read(path: Path, frames: int, cache: FeatureCache | None) -> tuple[Frames | 
 
 
 def remember(cache: FeatureCache | None, path: Path, convo: Conversation) -> str | None:
-    """Keep a video's newly computed features for the next process that asks about it; why not, if it failed."""
-    if cache is not None and isinstance(convo.media, Frames) and convo.media.pixels is not None:
+    """Keep a video's newly computed features for the next process that asks about it; why not, if it failed.
+
+    A pipe (chat's VIDEO, read through a temporary copy) is not kept: its content, the key, cannot be read again.
+    """
+    if cache is not None and isinstance(convo.media, Frames) and convo.media.pixels is not None and path.is_file():
         return cache.put(path, convo.media, convo.features)
     return None
 

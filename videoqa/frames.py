@@ -11,6 +11,7 @@ cannot be read is refused here, as one VideoQAError(Exit.INPUT) naming the file.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import sys
 import tempfile
@@ -59,6 +60,38 @@ def check_file(path: Path) -> None:
         raise VideoQAError(f"{path}: is a {kind}, not a regular file (decoders need to seek)", Exit.INPUT)
     if status.st_size == 0:
         raise VideoQAError(f"{path}: file is empty", Exit.INPUT)
+
+
+@contextmanager
+def seekable(path: Path | None) -> Iterator[Path | None]:
+    """A pipe (`cat clip.mp4 | videoqa ask /dev/stdin ...`, a FIFO, `<(...)`) copied whole to a temporary file, since
+    decoders seek; the copy keeps the pipe's name, is deleted afterwards, and errors about it name the pipe.
+    Any other path (or None) as it is."""
+    if path is None or not _is_pipe(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="videoqa-") as folder:
+        copy = Path(folder) / path.name
+        _spool(path, copy)
+        try:
+            yield copy
+        except VideoQAError as e:
+            raise VideoQAError(str(e).replace(str(copy), str(path)), e.code) from None
+
+
+def _is_pipe(path: Path) -> bool:
+    try:
+        return stat.S_ISFIFO(path.stat().st_mode)
+    except OSError:  # check_file says what is wrong
+        return False
+
+
+def _spool(pipe: Path, copy: Path) -> None:
+    try:
+        with pipe.open("rb") as source, copy.open("wb") as target:
+            shutil.copyfileobj(source, target, 2**20)
+    except OSError as e:  # no permission, or no room in the temporary folder
+        raise VideoQAError(f"{pipe}: copying it to {copy.parent} failed: {e.strerror or e}", Exit.INPUT) from None
 
 
 _fd2 = threading.Lock()  # frames are read on background threads too; one redirection at a time
