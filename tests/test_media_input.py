@@ -385,3 +385,9 @@ def test_readers_refuse_a_pipe_they_would_consume(tmp_path):
         with pytest.raises(VideoQAError, match="is a pipe, not a regular file") as raised:
             read(tmp_path / "clip.mp4")
         assert raised.value.code == Exit.INPUT
+
+
+@pytest.mark.parametrize("name", ["x[/].mp4", "[red]x[/red].mp4", "[bold]clip.mp4"])
+def test_error_lines_show_names_as_they_are(cli, tmp_path, name):
+    """Names that look like rich markup: one line naming the file verbatim, not a MarkupError traceback."""
+    assert_clean_failure(cli("ask", tmp_path / name, QUESTION), Exit.INPUT, f"{name}: no such file")

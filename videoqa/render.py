@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 
 stderr = Console(stderr=True, highlight=False)  # progress and notices; `--quiet` silences it
 errors = Console(stderr=True, highlight=False)  # errors are never silenced
@@ -25,7 +26,7 @@ def progress(message: str) -> Iterator[None]:
     if not stderr.is_terminal or stderr.quiet:
         yield
         return
-    status = stderr.status(message)
+    status = stderr.status(escape(message))  # messages hold file and model names: "[" is no markup there
     try:  # not `with`: a Ctrl-C landing inside start() must still stop the spinner's thread
         status.start()
         yield
@@ -35,11 +36,12 @@ def progress(message: str) -> Iterator[None]:
 
 def note(message: str) -> None:
     """A one-line notice on stderr (silenced by --quiet)."""
-    stderr.print(f"[dim]note:[/] {message}", markup=True, soft_wrap=True)
+    stderr.print(f"[dim]note:[/] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def error(message: str) -> None:
-    errors.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    """The one error line; the message is plain text (a file named `x[/].mp4` is no markup)."""
+    errors.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def texts(tokens: Iterable[int], tokenizer) -> Iterator[str]:
