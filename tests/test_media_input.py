@@ -1,5 +1,5 @@
 """Awkward but valid media, and media that cannot be read: tiny frames, odd names, permissions, pipes, images by
-content, huge images. Valid input is answered; the rest is one `error:` line and exit code 3."""
+content, huge images. Valid input is answered; the rest is one `error:` line and a documented exit code."""
 
 from __future__ import annotations
 
@@ -44,8 +44,9 @@ def write_video(path: Path, width: int, height: int, count: int = 3) -> list[np.
     return frames
 
 
-# Widths whose RGB rows FFmpeg pads to a multiple of the width (1-48, 96, 144 px): decord then reports the padding
-# as extra channels. Heights of 1 and 2 px, and sizes that were already read right, for contrast.
+# Widths whose RGB rows FFmpeg pads to a multiple of the width (those dividing the 192 bytes of a row up to 64 px,
+# and 96 and 144 px): decord then reports the padding as extra channels. Heights of 1 and 2 px, and sizes that were
+# already read right, for contrast.
 SIZES = [(1, 1), (1, 24), (2, 24), (3, 5), (4, 24), (6, 24), (8, 24), (16, 24), (32, 24), (48, 10), (96, 4),
          (144, 4), (24, 1), (64, 2), (30, 24), (64, 24), (7, 5)]
 

@@ -191,6 +191,7 @@ def load_model(
 
 @app.command()
 def ask(
+    # readable=False on file arguments: check_file says why a file cannot be read (exit 3), click would say bad usage
     video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False, readable=False)],
     question: Annotated[
         Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False)

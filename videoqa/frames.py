@@ -159,8 +159,9 @@ def _unpadded(frame: np.ndarray) -> np.ndarray:
     """The real (H, W, 3) pixels of a frame whose RGB rows FFmpeg padded for alignment.
 
     When the padded row (`linesize`) is a multiple of the width, decord hands the frame over without copying, shaped
-    (H, W, linesize / W): the padding shows as extra channels (widths 1 to 48 px have 192-byte rows, 96 and 144 px
-    4 bytes a pixel). Keep the 3 W bytes of each row that are pixels; other frames arrive as (H, W, 3) already.
+    (H, W, linesize / W): the padding shows as extra channels (rows up to 64 px take 192 bytes, which 1-4, 6, 8, 12,
+    16, 24, 32 and 48 px divide; 96 and 144 px rows take 4 bytes a pixel). Keep the 3 W bytes of each row that are
+    pixels; other frames arrive as (H, W, 3) already.
     """
     height, width, channels = frame.shape
     if channels == 3:
