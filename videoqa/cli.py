@@ -112,6 +112,14 @@ def with_settings(command):
     return run
 
 
+def is_stdin(path: Path | None) -> bool:
+    """Whether the file is this process's stdin (`/dev/stdin`, `/dev/fd/0`, or the file redirected into it)."""
+    try:
+        return path is not None and os.path.samestat(path.stat(), os.fstat(0))
+    except OSError:  # no stdin, or a path check_file will report
+        return False
+
+
 def quiet_mode(quiet: bool) -> None:
     from videoqa.render import stderr
 
@@ -126,10 +134,15 @@ def checkpoint(model: str, device: Device, dtype: DType, cache: bool):
 
 
 def read_media(found, path: Path, frames: int | None):
+    """The video or image, read before the model loads (a bad file fails fast); a pipe through a temporary copy."""
+    from dataclasses import replace
+
+    from videoqa.frames import seekable
     from videoqa.render import progress
 
-    with progress("Reading frames…"):
-        return found.media(path, frames)
+    with progress("Reading frames…"), seekable(path) as readable:
+        media = found.media(readable, frames)
+    return replace(media, path=path)  # the answer names the pipe, not its copy
 
 
 def load(found, no_compile: bool):
@@ -144,7 +157,8 @@ def load(found, no_compile: bool):
 @app.command()
 @with_settings
 def ask(
-    video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False)],
+    # readable=False on file arguments: check_file says why a file cannot be read (exit 3), click would say bad usage
+    video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False, readable=False)],
     question: Annotated[
         Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False)
     ] = None,
@@ -177,6 +191,8 @@ def ask(
     from videoqa.render import print_json, progress, stream
 
     quiet_mode(quiet)
+    if is_stdin(video) and (question == "-" or is_stdin(prompt_file)):
+        raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
     found = checkpoint(model, device, dtype, cache=not no_cache)
     media = read_media(found, video, given["frames"])
@@ -193,7 +209,9 @@ def ask(
 @app.command()
 @with_settings
 def chat(
-    video: Annotated[Optional[Path], typer.Argument(help="Video or image file.", show_default=False)] = None,
+    video: Annotated[
+        Optional[Path], typer.Argument(help="Video or image file.", show_default=False, readable=False)
+    ] = None,
     model: ModelOpt = "video-llava-7b",
     given: dict = None,
     device: DeviceOpt = Device.auto,
@@ -221,6 +239,8 @@ def chat(
 
     quiet_mode(quiet)
     stdin = stdin_bytes()
+    if is_stdin(video):
+        raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
     found = checkpoint(model, device, dtype, cache=not no_cache)
     media = read_media(found, video, given["frames"]) if video is not None else None
     session = Repl(load(found, no_compile), found.settings(**given), json_output)
@@ -239,7 +259,7 @@ class Format(str, Enum):
 @app.command()
 @with_settings
 def caption(
-    paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False)],
+    paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False, readable=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every video.")] = (
         "Describe this video."
     ),

@@ -1,7 +1,8 @@
 """Stage 2: CLIP preprocessing with Pillow.
 
-Equal to transformers' `CLIPImageProcessorPil`: bicubic resize of the shortest
-edge, centre crop, rescale by 1/255, normalise with the OpenAI CLIP mean/std.
+Equal to transformers' `CLIPImageProcessorPil`: transparency composited onto white,
+bicubic resize of the shortest edge, centre crop, rescale by 1/255, normalise with
+the OpenAI CLIP mean/std.
 Ours because transformers' video processors need torchvision.
 
 LLaVA-NeXT's AnyRes for still images (equal to `LlavaNextImageProcessorPil`):
@@ -16,6 +17,8 @@ import math
 
 import numpy as np
 from PIL import Image
+
+from videoqa.frames import rgb
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -39,7 +42,7 @@ def clip_pixels(frames: np.ndarray | list[Image.Image], size: int) -> np.ndarray
     """(N, H, W, 3) uint8 frames or PIL images -> (N, 3, size, size) float32 tower input."""
     out = []
     for frame in frames:
-        image = frame.convert("RGB") if isinstance(frame, Image.Image) else Image.fromarray(frame)
+        image = rgb(frame) if isinstance(frame, Image.Image) else Image.fromarray(frame)
         image = center_crop(resize_shortest_edge(image, size), size)
         x = np.asarray(image).astype(np.float64) * (1 / 255)
         out.append(((x - CLIP_MEAN) / CLIP_STD).astype(np.float32).transpose(2, 0, 1))
@@ -78,7 +81,7 @@ def anyres_pixels(image: Image.Image, size: int, pinpoints: list[list[int]]) -> 
 
     (1 + tiles, 3, size, size) float32; equal to transformers' `LlavaNextImageProcessorPil`.
     """
-    image = image.convert("RGB")
+    image = rgb(image)
     grid_height, grid_width = best_resolution((image.height, image.width), pinpoints)
     padded = fit_and_pad(image, (grid_height, grid_width))
     tiles = [

@@ -24,7 +24,7 @@ def progress(message: str) -> Iterator[None]:
     if not stderr.is_terminal or stderr.quiet:
         yield
         return
-    status = stderr.status(message)
+    status = stderr.status(escape(message))  # messages hold file and model names: "[" is no markup there
     try:  # not `with`: a Ctrl-C landing inside start() must still stop the spinner's thread
         status.start()
         yield

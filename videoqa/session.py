@@ -193,7 +193,8 @@ class Model:
             return self.family.image_features(net, media.image)
         features = self.family.video_features(net, self.family.frame_pixels(net.config, media.frames.pixels))
         cache = self.checkpoint.cache
-        problem = cache.put(media.path, media.frames, features) if cache is not None else None
+        # a pipe (read through a copy) is not kept: its content, the key, cannot be read again
+        problem = cache.put(media.path, media.frames, features) if cache and media.path.is_file() else None
         if problem:
             log.warning(problem)
         return features
