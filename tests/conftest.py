@@ -217,3 +217,35 @@ def run_videoqa(*args, env: dict | None = None, **popen) -> subprocess.Completed
     command = [sys.executable, "-m", "videoqa", *map(str, args)]
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
     return subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=300, **popen)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Frame decodes and vision-tower runs, counted: `videoqa.frames.read_frames` wrapped, and each video family
+    registered again (the public registration point) with its `video_features` wrapped. `towers` lists the
+    frame count of each tower run."""
+    import dataclasses
+
+    import videoqa
+    from videoqa import families, frames
+
+    calls = {"frames": 0, "towers": []}
+    real_read = frames.read_frames
+
+    def read_frames(*args, **kwargs):
+        calls["frames"] += 1
+        return real_read(*args, **kwargs)
+
+    def counting(real):
+        def video_features(net, pixels):
+            calls["towers"].append(pixels.shape[0])
+            return real(net, pixels)
+
+        return video_features
+
+    monkeypatch.setattr(frames, "read_frames", read_frames)
+    monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))  # put back after the test
+    for family in list(families.FAMILIES.values()):
+        if family.video:
+            videoqa.register(dataclasses.replace(family, video_features=counting(family.video_features)))
+    return calls

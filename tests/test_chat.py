@@ -27,18 +27,8 @@ def chat(cli, monkeypatch):
 
 
 @pytest.fixture
-def tower_calls(monkeypatch):
-    from videoqa import conversation
-
-    calls = []
-    real = conversation.video_features
-
-    def counted(net, pixels):
-        calls.append(pixels.shape[0])
-        return real(net, pixels)
-
-    monkeypatch.setattr(conversation, "video_features", counted)
-    return calls
+def tower_calls(counted):
+    return counted["towers"]
 
 
 def turns(result):

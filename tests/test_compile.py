@@ -2,41 +2,36 @@
 graphs reused across questions of one bucket, a conversation that outgrows its cache re-prefilled correctly."""
 
 import pytest
-import torch
 
+import videoqa
 from conftest import asset, build_video_llava, needs_assets
-from videoqa.conversation import Conversation
-from videoqa.decode import BUCKET, Sampling, capacity, static_cache
-from videoqa.frames import read_frames
+from videoqa.decode import BUCKET, capacity, static_cache
 
 pytestmark = needs_assets
-GREEDY = Sampling()
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """Weights large enough that every answer depends on the whole cache, lost entries included."""
-    from videoqa import models
-
     path = build_video_llava(tmp_path_factory.mktemp("sensitive"), initializer_range=0.3)
-    path, preset = models.resolve(str(path))
-    return models.load(str(path), path, preset, torch.device("cpu"), torch.float32)
+    return videoqa.load(path, device="cpu", dtype="float32", cache=False)
 
 
 def answers(model, frames, questions, max_new, compile, room=None):
     """Each question's answer in one conversation (`max_new`: one budget, or one per question);
-    `room` preallocates a cache that never has to grow."""
-    convo = Conversation(model, frames, compile=compile)
+    `room` preallocates a cache that never has to grow. `compile` forces the CUDA path's compiled step."""
+    model.compiled = compile
+    chat = model.chat(frames)
     if room:
-        convo.cache = static_cache(model.net, room)
+        chat.cache = static_cache(model.net.config.text_config, room)
     budgets = max_new if isinstance(max_new, list) else [max_new] * len(questions)
-    return [list(convo.ask(q, n, GREEDY)) for q, n in zip(questions, budgets)], convo
+    return [chat.ask(q, max_new_tokens=n).tokens for q, n in zip(questions, budgets)], chat
 
 
 def test_compiled_static_decode_equals_eager(model):
     from torch._dynamo.utils import counters
 
-    frames = read_frames(asset("videos/videollava_sample_demo_1.mp4"), 8)
+    frames = model.media(asset("videos/videollava_sample_demo_1.mp4"))
     eager, _ = answers(model, frames, ["Why is this video funny?"], 24, compile=False)
     compiled, convo = answers(model, frames, ["Why is this video funny?"], 24, compile=True)
     assert compiled == eager
@@ -53,4 +48,4 @@ def test_compiled_static_decode_equals_eager(model):
     eager, _ = answers(model, frames, questions, budgets, compile=False, room=4 * BUCKET)
     compiled, convo = answers(model, frames, questions, budgets, compile=True)
     assert compiled == eager and capacity(convo.cache) == 2 * BUCKET
-    assert convo.timings["prefill_tokens"] < 20  # the grown cache kept the first turn: only the new tokens ran
+    assert convo.answers[-1].timings["prefill_tokens"] < 20  # the grown cache kept the first turn: only new tokens ran

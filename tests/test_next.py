@@ -112,15 +112,19 @@ def test_image_only_model_refuses_a_video(cli, tiny_next, monkeypatch):
     assert chat.code == Exit.USAGE and "images only" in chat.err and len(json.loads(chat.out)["tokens"]) == 2
 
 
-def test_presets_and_the_default_of_each_architecture():
-    from videoqa.models import SUPPORTED, preset_for, presets
+def test_presets_and_their_families():
+    from videoqa.models import presets
 
     found = presets()
     names = {"llava-next-video-7b", "llava-next-video-7b-dpo", "llava-next-video-34b", "llava-v1.6-vicuna-7b"}
     assert names <= found.keys()
     for preset in found.values():
-        assert preset.architecture in SUPPORTED and "{media}" in preset.template and "{question}" in preset.template
+        assert "{media}" in preset.template and "{question}" in preset.template
         assert "{question}" in preset.followup and preset.frames >= 1
-    assert {a: preset_for(a).name for a in SUPPORTED} == {
-        "video_llava": "video-llava-7b", "llava_next_video": "llava-next-video-7b", "llava_next": "llava-v1.6-vicuna-7b"
+    assert {name: p.family.name for name, p in found.items() if name in names | {"video-llava-7b"}} == {
+        "video-llava-7b": "video_llava", "llava-next-video-7b": "llava_next_video",
+        "llava-next-video-7b-dpo": "llava_next_video", "llava-next-video-34b": "llava_next_video",
+        "llava-v1.6-vicuna-7b": "llava_next",
     }
+    assert found["llava-next-video-34b"].template.startswith("<|im_start|>system")  # ChatML, its own
+    assert found["llava-next-video-7b"].template == "USER: {media}\n{question} ASSISTANT:"

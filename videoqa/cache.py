@@ -19,7 +19,8 @@ from contextlib import suppress
 from pathlib import Path
 
 from videoqa.errors import VideoQAError
-from videoqa.frames import Frames, open_video, read_frames
+from videoqa import frames as framing
+from videoqa.frames import Frames
 
 FRAME_RULE = "linspace(0,n-1,N)/v1"  # change when the frame sampling changes, to orphan old entries
 DEFAULT_MAX_MB = 4096
@@ -208,9 +209,9 @@ def read_video(path: Path, frames: int, cache: FeatureCache | None):
     The video is opened before it is hashed for the cache's key: a file that is not a video is refused at once,
     not after being read whole (a minute for 20 GB). On a miss the frames are read through that same reader.
     """
-    reader = open_video(path)
+    reader = framing.open_video(path)
     if cache is not None:
         hit = cache.get(path, frames)
         if hit is not None:
             return hit
-    return read_frames(path, frames, reader), None
+    return framing.read_frames(path, frames, reader), None

@@ -1,9 +1,8 @@
-"""`videoqa caption`: one question over many videos, in batches, appending one whole record per video.
+"""`videoqa caption`: folders to a file of records, one whole record per video, appended as each batch is done.
 
-Frames of the next videos are decoded and preprocessed on background threads while the model works. Each
-record is one `write` to a file opened for appending, so a crash or `kill -9` never leaves half a line, and
-`--resume` skips every video the file already holds. A video is known by its resolved path, so `clip.mp4` and
-`/videos/clip.mp4` are one video. No single video can stop the run: whatever fails for it becomes its record.
+The videos are answered by the API (`Model.caption`, batch.py). Each record is one `write` to a file opened for
+appending, so a crash or `kill -9` never leaves half a line, and `--resume` skips every video the file already
+holds. A video is known by its resolved path, so `clip.mp4` and `/videos/clip.mp4` are one video.
 """
 
 from __future__ import annotations
@@ -13,21 +12,13 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from videoqa import output
 from videoqa.errors import Exit, VideoQAError
-from videoqa.frames import Frames, read_frames
 from videoqa.output import FIELDS, FORMATS, display, split_lines, write
 from videoqa.render import STOP_SIGNALS, Interrupt, progress_bar
 from videoqa.session import Model
-from videoqa.settings import Settings
 
 
 def identity(path: Path | str) -> str:
@@ -172,128 +163,6 @@ class Tally:
         if self.failed == 0:
             return Exit.OK
         return Exit.ALL_FAILED if self.done == 0 else Exit.SOME_FAILED
-
-
-@dataclass
-class Ready:
-    """A video whose frames are decoded and preprocessed, or the reason they could not be."""
-
-    video: Path
-    frames: Frames | None = None
-    pixels: np.ndarray | None = None
-    error: str | None = None
-
-
-def prepare(model: Model, video: Path, count: int) -> Ready:
-    """Decode and preprocess one video on a background thread (one decoder thread: two of these run beside the
-    model's own); any failure is this video's alone."""
-    try:
-        frames = read_frames(video, count, threads=1)
-        return Ready(video, frames, model.family.frame_pixels(model.net.config, frames.pixels))
-    except VideoQAError as e:
-        return Ready(video, error=str(e))
-    except Exception as e:  # a bug shown on one record rather than the end of the run
-        return Ready(video, error=f"internal error: {type(e).__name__}: {e}")
-
-
-def prefetched(model: Model, videos: list[Path], frames: int, ahead: int) -> Iterator[Future]:
-    """Futures of `prepare` in order, with up to `ahead` videos decoding in the background."""
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frames")
-    futures: list[Future] = []
-    try:
-        for video in videos:
-            futures.append(pool.submit(prepare, model, video, frames))
-            if len(futures) > ahead:
-                yield futures.pop(0)
-        while futures:
-            yield futures.pop(0)
-    finally:  # cancel only what was never handed out: a partial last batch still holds its futures
-        for future in futures:
-            future.cancel()
-        pool.shutdown(wait=False)
-
-
-def batches(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def failure(model: Model, video: Path, question: str, error: str) -> dict:
-    """The record of a video that got no answer."""
-    prompt = model.preset.template.format(media=model.family.video_token, question=question)
-    return output.record(video=video, question=question, prompt=prompt, answer="", tokens=[], frames=[],
-                         model=model.name, timings={}, error=error)
-
-
-def answer_batch(model: Model, pixels: list[np.ndarray], question: str, settings: Settings):
-    """Videos prefilled and decoded together on the one decode path (left padding, per-row EOS, static cache):
-    each row's tokens up to and including its EOS, and the batch's timings. Greedy answers equal `ask`'s."""
-    from videoqa.decode import static_cache
-    from videoqa.prompt import prompt_ids
-
-    start = time.perf_counter()
-    video = model.family.video_token
-    features = [model.family.video_features(model.net, p) for p in pixels]  # each video's own positions
-    rows = [prompt_ids(model.tokenizer, model.preset.template, question, video, f.shape[0]) for f in features]
-    width = max(map(len, rows))
-    model.check_fits(width)
-    budget = min(settings.max_new_tokens, model.context - width)
-    cache = static_cache(model.net.config.text_config, width + budget)
-    vision = time.perf_counter() - start
-    answers: list[list[int]] = [[] for _ in rows]
-    eos, prefill = model.tokenizer.eos_token_id, 0.0
-    for i, step in enumerate(model.generate(rows, torch.cat(features), video, cache, budget, settings)):
-        if i == 0:
-            prefill = time.perf_counter() - start - vision
-        for answer, token in zip(answers, step.tolist()):
-            if not answer or answer[-1] != eos:
-                answer.append(token)
-    decode = time.perf_counter() - start - vision - prefill
-    return answers, {"vision": vision, "prefill": prefill, "decode": decode}
-
-
-def answered(model: Model, ready: list[tuple[Ready, float]], question: str, settings: Settings) -> list[dict]:
-    """Records of videos answered together; if the batch fails as a whole, each is tried alone."""
-    prompt = model.preset.template.format(media=model.family.video_token, question=question)
-    try:
-        answers, timings = answer_batch(model, [r.pixels for r, _ in ready], question, settings)
-    except VideoQAError as e:  # nothing in this batch can be answered, e.g. a prompt too long
-        return [failure(model, r.video, question, str(e)) for r, _ in ready]
-    except Exception as e:
-        if len(ready) > 1:
-            return [rec for one in ready for rec in answered(model, [one], question, settings)]
-        return [failure(model, ready[0][0].video, question, f"internal error: {type(e).__name__}: {e}")]
-    return [
-        output.record(video=r.video, question=question, prompt=prompt, answer=model.decode(tokens), tokens=tokens,
-                      frames=r.frames.listed(), model=model.name, timings={"frames": waited, **timings})
-        for (r, waited), tokens in zip(ready, answers)
-    ]
-
-
-def caption_batch(model: Model, batch: list[Future], question: str, settings: Settings) -> list[dict]:
-    """Records for a batch, in order: an error record for each video that cannot be read, answers for the rest."""
-    ready: list[tuple[Ready, float]] = []
-    for future in batch:
-        start = time.perf_counter()
-        ready.append((future.result(), time.perf_counter() - start))
-    good = [(r, waited) for r, waited in ready if r.error is None]
-    answers = iter(answered(model, good, question, settings) if good else [])
-    return [next(answers) if r.error is None else failure(model, r.video, question, r.error) for r, _ in ready]
-
-
-def records(model: Model, videos: list[Path], question: str, settings: Settings, batch_size: int,
-            stop: Callable[[], bool]) -> Iterator[dict]:
-    """One record per video, in order, a batch at a time; `stop()` is asked after each batch."""
-    for batch in batches(prefetched(model, videos, settings.frames, ahead=2 * batch_size), batch_size):
-        yield from caption_batch(model, batch, question, settings)
-        if stop():
-            return
 
 
 def run(model: Model, videos: list[Path], question: str, out: Output, batch_size: int, **settings) -> Tally:

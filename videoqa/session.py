@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,17 +172,22 @@ class Model:
             media = self.media(media, frames)
         return self.encode(media)
 
-    def caption(self, videos: Iterable[str | Path], prompt: str = "Describe this video.", *, batch_size: int = 4,
-                stop: Callable[[], bool] = lambda: False, **settings: Any) -> Iterator[dict]:
+    def caption(self, videos: Iterable[str | Path], prompt: str | Sequence[str] = "Describe this video.", *,
+                batch_size: int = 4, stop: Callable[[], bool] = lambda: False, **settings: Any) -> Iterator[dict]:
         """One record per video (the `--json` schema, `error` set for a video that could not be answered), in
-        order; videos are decoded ahead on background threads and answered `batch_size` at a time. `stop()` is
-        asked after each batch."""
-        from videoqa.caption import records
+        order. `prompt`: one question for every video, or one per video. Videos are decoded ahead on background
+        threads and answered `batch_size` at a time; `stop()` is asked after each batch."""
+        from videoqa.batch import records
         from videoqa.questions import check_question
 
         chosen = self.settings(**settings)
         self.checkpoint.check_videos(chosen.frames)
-        yield from records(self, [Path(v) for v in videos], check_question(prompt), chosen, batch_size, stop)
+        videos = [Path(v) for v in videos]
+        prompts = [prompt] * len(videos) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(videos):
+            raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
+        jobs = list(zip(videos, map(check_question, prompts)))
+        yield from records(self, jobs, chosen, batch_size, stop)
 
     def encode(self, media: Media):
         """The media's features: from the cache, or through the vision tower (then kept in the cache)."""
