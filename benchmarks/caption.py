@@ -4,23 +4,19 @@
     python benchmarks/caption.py --shape 7b --device cuda --dtype float16
 
 Every answer runs to --max-new-tokens (random weights rarely say EOS), so all batch sizes do the same work.
-Frames are decoded on background threads as in `videoqa caption`; the first pass is a warm-up.
+Frames are decoded on background threads, as `videoqa caption` does through the same `Model.caption`; the first
+pass is a warm-up.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import shapes
 from shapes import build, videos
-from videoqa.caption import Output, run
-from videoqa.conversation import Settings
-from videoqa.decode import Sampling
 
 
 def main() -> None:
@@ -32,18 +28,14 @@ def main() -> None:
 
     model = build(args.shape, args.device, getattr(torch, args.dtype))
     clips = [videos()[i % len(videos())] for i in range(args.videos)]
-    settings = Settings(frames=8, max_new_tokens=args.max_new_tokens, sampling=Sampling())
     results = {}
     for size in [int(s) for s in args.batch_sizes.split(",")]:
         for attempt in ("warm-up", "timed"):
-            with tempfile.TemporaryDirectory() as tmp:
-                output = Output(Path(tmp) / "out.jsonl", "jsonl", resume=False, overwrite=False)
-                output.open()
-                start = time.perf_counter()
-                tally = run(model, clips, "Describe this video.", settings, output, size)
-                seconds = time.perf_counter() - start
-                output.close()
-            assert tally.done == len(clips), tally
+            start = time.perf_counter()
+            records = list(model.caption(clips, "Describe this video.", batch_size=size,
+                                         max_new_tokens=args.max_new_tokens))
+            seconds = time.perf_counter() - start
+            assert all(r["error"] is None for r in records), records
         results[size] = len(clips) / seconds
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     base = results[min(results)]

@@ -18,9 +18,6 @@ import torch
 
 import shapes
 from shapes import build, videos
-from videoqa.conversation import Conversation
-from videoqa.decode import Sampling
-from videoqa.frames import read_frames
 
 
 def sync(device: str) -> None:
@@ -28,12 +25,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model, frames, question: str, max_new: int, device: str, compile: bool) -> tuple[list[int], float, float]:
+def ours(model, media, question: str, max_new: int, device: str, compile: bool) -> tuple[list[int], float, float]:
     """(tokens, time to first token, decode tokens/s) of one videoqa answer, vision included in the first token."""
+    model.compiled = compile
     start = time.perf_counter()
-    convo = Conversation(model, frames, compile=compile)
+    chat = model.chat(media)
     tokens, first = [], 0.0
-    for token in convo.ask(question, max_new, Sampling()):
+    for token in chat.tokens(question, max_new_tokens=max_new):
         if not tokens:
             sync(device)
             first = time.perf_counter() - start
@@ -43,20 +41,18 @@ def ours(model, frames, question: str, max_new: int, device: str, compile: bool)
     return tokens, first, (len(tokens) - 1) / (time.perf_counter() - decode_start)
 
 
-def reference(model, frames, question: str, max_new: int, device: str, compile: bool) -> tuple[list[int], float, float]:
+def reference(model, media, question: str, max_new: int, device: str, compile: bool) -> tuple[list[int], float, float]:
     """The same through `generate`: first token from a 1-token call, decode speed from the full call's remainder."""
-    from videoqa.pixels import clip_pixels
     from videoqa.prompt import prompt_ids
 
-    net, tok = model.net, model.tokenizer
-    patches = (net.config.vision_config.image_size // net.config.vision_config.patch_size) ** 2 + 1
-    ids = torch.tensor([prompt_ids(tok, model.preset.template, question, "<video>", len(frames.indices) * patches)],
-                       device=device)
+    net, tok, frames = model.net, model.tokenizer, media.frames
+    positions = model.family.video.positions(net.config, len(frames.indices))
+    ids = torch.tensor([prompt_ids(tok, model.preset.template, question, "<video>", positions)], device=device)
     timings = []
     for n in (1, max_new):
         sync(device)
         start = time.perf_counter()  # preprocessing timed on both sides
-        pixels = torch.from_numpy(clip_pixels(frames.pixels, net.config.vision_config.image_size))[None]
+        pixels = torch.from_numpy(model.family.video.pixels(net.config, frames.pixels))[None]
         out = net.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=pixels.to(device, net.dtype),
             do_sample=False, eos_token_id=None, max_new_tokens=n,
@@ -77,7 +73,7 @@ def main() -> None:
 
     model = build(args.shape, args.device, getattr(torch, args.dtype))
     model.net.generation_config.eos_token_id = None  # both sides decode the full budget
-    frames = read_frames(videos()[0], 8)
+    frames = model.media(videos()[0], 8)
     question = "Why is this video funny?"
     compile = args.device == "cuda" if args.compile is None else args.compile
     results = {}

@@ -18,14 +18,10 @@ import tempfile
 from pathlib import Path
 
 CHILD = """
-import resource, sys, time, torch
-from pathlib import Path
-from videoqa import models
-path = Path(sys.argv[1])
+import resource, sys, time, torch, transformers, videoqa
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-_, preset = models.resolve(str(path))
-model = models.load(str(path), path, preset, torch.device(sys.argv[2]), getattr(torch, sys.argv[3]))
+model = videoqa.load(sys.argv[1], device=sys.argv[2], dtype=sys.argv[3], cache=False)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 weights = sum(p.numel() * p.element_size() for p in model.net.parameters())
@@ -36,16 +32,13 @@ print(weights, (peak - before) * 1024, seconds)
 def main() -> None:
     import torch
 
-    from shapes import build, parser
+    from shapes import parser, save
 
     args = parser(__doc__).parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = build(args.shape, "cpu", torch.float32)
-        model.net.save_pretrained(tmp)
-        model.tokenizer.save_pretrained(tmp)
+        save(args.shape, Path(tmp), torch.float32)
         file_bytes = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
-        del model
         out = subprocess.run([sys.executable, "-c", CHILD, tmp, args.device, args.dtype], capture_output=True,
                              text=True, check=True).stdout.split()
     weights, peak_growth, seconds = int(out[0]), int(out[1]), float(out[2])

@@ -56,11 +56,9 @@ def tokenizer():
     return tok
 
 
-def build(shape: str, device: str, dtype: torch.dtype):
-    """A videoqa Model around a random VideoLlavaForConditionalGeneration of `shape`."""
+def save(shape: str, folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A random VideoLlavaForConditionalGeneration of `shape`, saved in `dtype` with the real tokenizer."""
     from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
-
-    from videoqa.models import Model, preset_for
 
     dims = SHAPES[shape]
     vision = CLIPVisionConfig(**dims["vision"])
@@ -68,9 +66,18 @@ def build(shape: str, device: str, dtype: torch.dtype):
                        pad_token_id=32002, **dims["text"])
     config = VideoLlavaConfig(vision_config=vision, text_config=text)
     torch.manual_seed(0)
-    with torch.device(device):
-        net = VideoLlavaForConditionalGeneration(config).to(dtype).eval()
-    return Model(name=f"random-{shape}", preset=preset_for("video_llava"), net=net, tokenizer=tokenizer())
+    VideoLlavaForConditionalGeneration(config).to(dtype).eval().save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def build(shape: str, device: str, dtype: torch.dtype, **load):
+    """A videoqa Model (the public API's) of a random checkpoint of `shape`, saved to a temporary folder and
+    loaded as any checkpoint is."""
+    import videoqa
+
+    folder = save(shape, Path(tempfile.mkdtemp()), torch.float16 if shape == "7b" else torch.float32)
+    return videoqa.load(folder, device=device, dtype=str(dtype).removeprefix("torch."), cache=False, **load)
 
 
 def videos() -> list[Path]:

@@ -222,7 +222,7 @@ def run_videoqa(*args, env: dict | None = None, **popen) -> subprocess.Completed
 @pytest.fixture
 def counted(monkeypatch):
     """Frame decodes and vision-tower runs, counted: `videoqa.frames.read_frames` wrapped, and each video family
-    registered again (the public registration point) with its `video_features` wrapped. `towers` lists the
+    registered again (the public registration point) with its video features function wrapped. `towers` lists the
     frame count of each tower run."""
     import dataclasses
 
@@ -247,5 +247,6 @@ def counted(monkeypatch):
     monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))  # put back after the test
     for family in list(families.FAMILIES.values()):
         if family.video:
-            videoqa.register(dataclasses.replace(family, video_features=counting(family.video_features)))
+            video = dataclasses.replace(family.video, features=counting(family.video.features))
+            videoqa.register(dataclasses.replace(family, video=video))
     return calls

@@ -221,3 +221,16 @@ def test_no_command_is_a_usage_error_and_help_is_not(cli):
     assert len(bare.err.strip().splitlines()) == 1
     helped = cli("--help")
     assert helped.code == 0 and "Usage" in helped.out and helped.err == ""
+
+
+@needs_assets
+def test_weights_missing_from_the_checkpoint(cli, video, tiny_model, tmp_path):
+    """transformers would fill a missing weight with random numbers and answer nonsense; it is a model error."""
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_model, partial)
+    weights = load_file(partial / "model.safetensors")
+    dropped = next(k for k in weights if k.endswith("class_embedding"))
+    save_file({k: v for k, v in weights.items() if k != dropped}, partial / "model.safetensors", metadata={"format": "pt"})
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", partial), Exit.MODEL, "lacks", "class_embedding")

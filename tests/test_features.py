@@ -33,7 +33,7 @@ def next_image(tiny_next):
 
 def video_reference(model, get_features, media):
     """transformers' features of the pixels our family makes of the same frames."""
-    pixels = model.family.frame_pixels(model.net.config, media.frames.pixels)
+    pixels = model.family.video.pixels(model.net.config, media.frames.pixels)
     with torch.inference_mode():
         return get_features(pixel_values_videos=torch.from_numpy(pixels)[None]).pooler_output.flatten(0, 1)
 

@@ -22,6 +22,7 @@ _LAZY = {
     "Answer": "videoqa.session",
     "Media": "videoqa.session",
     "Family": "videoqa.families",
+    "Videos": "videoqa.families",
     "register": "videoqa.families",
     "family": "videoqa.families",
 }

@@ -40,7 +40,7 @@ def prepare(model: Model, video: Path, question: str, count: int) -> Ready:
     model's own); any failure is this video's alone."""
     try:
         frames = framing.read_frames(video, count, threads=1)
-        return Ready(video, question, frames, model.family.frame_pixels(model.net.config, frames.pixels))
+        return Ready(video, question, frames, model.family.video.pixels(model.net.config, frames.pixels))
     except VideoQAError as e:
         return Ready(video, question, error=str(e))
     except Exception as e:  # a bug shown on one record rather than the end of the run
@@ -92,7 +92,7 @@ def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[
 
     start = time.perf_counter()
     video = model.family.video_token
-    features = [model.family.video_features(model.net, r.pixels) for r in ready]  # each video's own positions
+    features = [model.family.video.features(model.net, r.pixels) for r in ready]  # each video's own positions
     rows = [prompt_ids(model.tokenizer, model.preset.template, r.question, video, f.shape[0])
             for r, f in zip(ready, features)]
     width = max(map(len, rows))

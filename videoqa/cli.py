@@ -10,6 +10,7 @@ import inspect
 import os
 import sys
 import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -89,27 +90,51 @@ def _checker(spec):
     return check
 
 
-def with_settings(command):
-    """Give `command` one option per setting of the one table (videoqa.settings.SPECS), handed to it as `given`:
-    the values given on the command line (None where not given)."""
+@dataclass(frozen=True)
+class Run:
+    """The options every answering command shares: which model, on what, how loud."""
+
+    model: str
+    device: Device
+    dtype: DType
+    no_compile: bool
+    quiet: bool
+
+
+RUN_OPTIONS = {  # Run's fields, then --debug (read by its callback)
+    "model": (ModelOpt, "video-llava-7b"), "device": (DeviceOpt, Device.auto), "dtype": (DTypeOpt, DType.auto),
+    "no_compile": (NoCompileOpt, False), "quiet": (QuietOpt, False), "debug": (DebugOpt, False),
+}
+
+
+def _setting(spec) -> inspect.Parameter:
+    option = typer.Option(*spec.flags, help=spec.help, callback=_checker(spec), show_default=False)
+    return inspect.Parameter(spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                             annotation=Annotated[Optional[spec.kind], option])
+
+
+def shared_options(command):
+    """Give `command` the options it shares with the others, in place of two parameters: `given`, one option per
+    setting of the one table (videoqa.settings.SPECS; None where not given), and `run`, the Run options."""
     from videoqa.settings import SPECS
 
     params = list(inspect.signature(command, eval_str=True).parameters.values())
-    at = [p.name for p in params].index("given")
-    options = [
-        inspect.Parameter(spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
-            Optional[spec.kind], typer.Option(*spec.flags, help=spec.help, callback=_checker(spec), show_default=False)
-        ])
-        for spec in SPECS.values()
-    ]
+    shared = {
+        "given": [_setting(spec) for spec in SPECS.values()],
+        "run": [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+                for name, (kind, default) in RUN_OPTIONS.items()],
+    }
 
     @functools.wraps(command)
-    def run(**kwargs):
+    def wrapper(**kwargs):
         given = {name: kwargs.pop(name) for name in SPECS}
-        return command(**kwargs, given=given)
+        run = Run(**{name: kwargs.pop(name) for name in RUN_OPTIONS if name != "debug"})
+        kwargs.pop("debug")
+        quiet_mode(run.quiet)
+        return command(**kwargs, given=given, run=run)
 
-    run.__signature__ = inspect.Signature(params[:at] + options + params[at + 1 :])
-    return run
+    wrapper.__signature__ = inspect.Signature([q for p in params for q in shared.get(p.name, [p])])
+    return wrapper
 
 
 def is_stdin(path: Path | None) -> bool:
@@ -126,11 +151,11 @@ def quiet_mode(quiet: bool) -> None:
     stderr.quiet = quiet
 
 
-def checkpoint(model: str, device: Device, dtype: DType, cache: bool):
+def checkpoint(run: Run, cache: bool):
     """The model to load, resolved on first need: a bad file is refused before the model is looked for."""
     from videoqa.session import Checkpoint
 
-    return Checkpoint(model, device=device.value, dtype=dtype.value, cache=cache)
+    return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache)
 
 
 def read_media(found, path: Path, frames: int | None):
@@ -155,7 +180,7 @@ def load(found, no_compile: bool):
 
 
 @app.command()
-@with_settings
+@shared_options
 def ask(
     # readable=False on file arguments: check_file says why a file cannot be read (exit 3), click would say bad usage
     video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False, readable=False)],
@@ -163,15 +188,10 @@ def ask(
         Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False)
     ] = None,
     prompt_file: PromptFileOpt = None,
-    model: ModelOpt = "video-llava-7b",
     given: dict = None,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.auto,
+    run: Run = None,
     json_output: JsonOpt = False,
     no_cache: NoCacheOpt = False,
-    no_compile: NoCompileOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Answer a question about a video (or an image); the answer streams to stdout.
 
@@ -187,16 +207,17 @@ def ask(
 
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
+    from videoqa.output import check_stdout
     from videoqa.questions import read_question
     from videoqa.render import print_json, progress, stream
 
-    quiet_mode(quiet)
+    check_stdout()
     if is_stdin(video) and (question == "-" or is_stdin(prompt_file)):
         raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
-    found = checkpoint(model, device, dtype, cache=not no_cache)
+    found = checkpoint(run, cache=not no_cache)
     media = read_media(found, video, given["frames"])
-    loaded = load(found, no_compile)
+    loaded = load(found, run.no_compile)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
     if json_output:
@@ -207,20 +228,15 @@ def ask(
 
 
 @app.command()
-@with_settings
+@shared_options
 def chat(
     video: Annotated[
         Optional[Path], typer.Argument(help="Video or image file.", show_default=False, readable=False)
     ] = None,
-    model: ModelOpt = "video-llava-7b",
     given: dict = None,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.auto,
+    run: Run = None,
     json_output: JsonOpt = False,
     no_cache: NoCacheOpt = False,
-    no_compile: NoCompileOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Talk about a video over several turns; the video is encoded once.
 
@@ -235,15 +251,16 @@ def chat(
       printf 'What happens?\\nWhy?\\n' | videoqa chat clip.mp4 --json
     """
     from videoqa.chat import Repl, run_interactive
+    from videoqa.output import check_stdout
     from videoqa.questions import lines, stdin_bytes
 
-    quiet_mode(quiet)
+    check_stdout()
     stdin = stdin_bytes()
     if is_stdin(video):
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
-    found = checkpoint(model, device, dtype, cache=not no_cache)
+    found = checkpoint(run, cache=not no_cache)
     media = read_media(found, video, given["frames"]) if video is not None else None
-    session = Repl(load(found, no_compile), found.settings(**given), json_output)
+    session = Repl(load(found, run.no_compile), found.settings(**given), json_output)
     if media is not None:
         session.open(media)
     interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not json_output
@@ -257,7 +274,7 @@ class Format(str, Enum):
 
 
 @app.command()
-@with_settings
+@shared_options
 def caption(
     paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False, readable=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every video.")] = (
@@ -275,13 +292,8 @@ def caption(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos decoded together.")] = 4,
     resume: Annotated[bool, typer.Option("--resume", help="Skip videos already in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
-    model: ModelOpt = "video-llava-7b",
     given: dict = None,
-    device: DeviceOpt = Device.auto,
-    dtype: DTypeOpt = DType.auto,
-    no_compile: NoCompileOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    run: Run = None,
 ) -> None:
     """Caption (or question) many videos: one record per video, written as soon as it is done.
 
@@ -301,7 +313,6 @@ def caption(
     from videoqa.questions import read_question
     from videoqa.render import summary
 
-    quiet_mode(quiet)
     question = read_question(prompt, prompt_file)
     videos = captioning.find_videos(paths, glob, recursive)
     if not videos:
@@ -310,10 +321,10 @@ def caption(
     if all(captioning.identity(v) in output.done for v in videos):
         summary({"done": "0", "failed": "0", "skipped": str(len(videos)), "videos/s": "-"})
         return
-    found = checkpoint(model, device, dtype, cache=False)
+    found = checkpoint(run, cache=False)
     found.check_videos(found.settings(**given).frames)  # before the slow load
     try:
-        loaded = load(found, no_compile)
+        loaded = load(found, run.no_compile)
         output.open()
         tally = captioning.run(loaded, videos, question, output, batch_size, **given)
     finally:

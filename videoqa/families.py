@@ -23,16 +23,27 @@ VICUNA_FOLLOWUP = "USER: {question} ASSISTANT:"  # later turns: `... ASSISTANT: 
 
 
 @dataclass(frozen=True)
+class Videos:
+    """How a family answers about videos: frames to pixels, pixels to rows, and the rows' count in advance."""
+
+    pixels: Callable[[Any, Any], Any]  # (config, (N, H, W, 3) uint8 frames) -> (N, 3, S, S) float32
+    features: Callable[[Any, Any], Any]  # (net, pixels) -> (positions, D)
+    positions: Callable[[Any, int], int]  # (config, frames) -> positions, known before anything is decoded
+
+    def max_frames(self, config, context: int) -> int:
+        """The most frames whose video alone leaves a position free in `context`."""
+        empty, one = self.positions(config, 0), self.positions(config, 1)
+        return (context - 1 - empty) // (one - empty)
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # config.json's model_type
     model_class: str  # the transformers class that loads it
-    template: str  # the first turn; {media} is the placeholder, {question} the question
-    followup: str  # later turns, after the previous answer and its EOS, tokenised without BOS
     image_features: Callable[[Any, Any], Any]  # (net, PIL image) -> (positions, D)
-    # Videos (None for a family that answers about still images only):
-    frame_pixels: Callable[[Any, Any], Any] | None = None  # (config, (N, H, W, 3) uint8) -> (N, 3, S, S) float32
-    video_features: Callable[[Any, Any], Any] | None = None  # (net, frame pixels) -> (positions, D)
-    video_positions: Callable[[Any, int], int] | None = None  # (config, frames) -> positions, before decoding
+    template: str = VICUNA  # the first turn; {media} is the placeholder, {question} the question
+    followup: str = VICUNA_FOLLOWUP  # later turns, after the previous answer and its EOS, tokenised without BOS
+    video: Videos | None = None  # None: the family answers about still images only
     video_token: str = "<video>"
     image_token: str = "<image>"
     vision_modules: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")
@@ -40,15 +51,6 @@ class Family:
     generation: dict[str, Any] = field(default_factory=dict)  # setting defaults over the built-in ones
     language_model: Callable[[Any], LanguageModel] = field(default=lambda net: LanguageModel(
         net.get_input_embeddings(), net.model.language_model, net.lm_head))  # what decodes, in the loaded class
-
-    @property
-    def video(self) -> bool:
-        return self.frame_pixels is not None
-
-    def max_frames(self, config, context: int) -> int:
-        """The most frames whose video alone leaves a position free in `context`."""
-        empty, one = self.video_positions(config, 0), self.video_positions(config, 1)
-        return (context - 1 - empty) // (one - empty)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -76,36 +78,21 @@ def patches_per_side(config) -> int:
     return config.vision_config.image_size // config.vision_config.patch_size
 
 
-register(Family(
-    name="video_llava",
-    model_class="VideoLlavaForConditionalGeneration",
-    template=VICUNA,
-    followup=VICUNA_FOLLOWUP,
-    image_features=features.video_llava_image,
-    frame_pixels=clip_frames,
-    video_features=features.video_llava_video,
-    video_positions=lambda config, frames: frames * (patches_per_side(config) ** 2 + 1),  # all patches and CLS
+register(Family(  # all 257 tokens of a frame (CLS kept); images through their own tower
+    "video_llava", "VideoLlavaForConditionalGeneration", features.video_llava_image,
+    video=Videos(clip_frames, features.video_llava_video, lambda config, n: n * (patches_per_side(config) ** 2 + 1)),
     vision_modules=("model.video_tower", "model.image_tower", "model.multi_modal_projector"),
 ))
-register(Family(
-    name="llava_next_video",
-    model_class="LlavaNextVideoForConditionalGeneration",
-    template=VICUNA,
-    followup=VICUNA_FOLLOWUP,
-    image_features=features.anyres_image,
-    frame_pixels=clip_frames,
-    video_features=features.pooled_video,
-    video_positions=lambda config, frames: frames * (patches_per_side(config) // config.spatial_pool_stride) ** 2,
-    vision_modules=("model.vision_tower", "model.vision_resampler", "model.multi_modal_projector",
-                    "model.image_newline"),
+register(Family(  # frames 2x2-pooled (144 tokens at 336 px); AnyRes images
+    "llava_next_video", "LlavaNextVideoForConditionalGeneration", features.anyres_image,
+    video=Videos(clip_frames, features.pooled_video,
+                 lambda config, n: n * (patches_per_side(config) // config.spatial_pool_stride) ** 2),
+    vision_modules=("model.vision_tower", "model.vision_resampler", "model.multi_modal_projector", "model.image_newline"),
 ))
-register(Family(
-    name="llava_next",
-    model_class="LlavaNextForConditionalGeneration",
+register(Family(  # still images only, AnyRes
+    "llava_next", "LlavaNextForConditionalGeneration", features.anyres_image,
     # vicuna_v1 with its system line, the format transformers' LLaVA-NeXT docs give for llava-v1.6-vicuna-7b-hf
     template="A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions. " + VICUNA,
-    followup=VICUNA_FOLLOWUP,
-    image_features=features.anyres_image,
     vision_modules=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
 ))

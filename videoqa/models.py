@@ -162,31 +162,47 @@ def model_class(found: Family):
     return getattr(transformers, found.model_class)
 
 
+def quiet_transformers() -> None:
+    """transformers' load reports, warnings and bars are noise for a CLI user; its errors still become ours."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def config_of(path: Path, found: Family):
     """The checkpoint's config, read with its family's class and checked as far as videoqa reads it before loading:
     a malformed field is a model error here, not a crash later."""
+    quiet_transformers()
     try:
         config = model_class(found).config_class.from_pretrained(path)
+        # The class's own model_type: transformers picks the checkpoint's key renames by it, and a registered
+        # family may name another (a renamed copy of Video-LLaVA's entry is still read as Video-LLaVA)
+        config.model_type = type(config).model_type
         context(config)
         if found.video:
-            found.video_positions(config, 1)
+            found.video.positions(config, 1)
     except Exception as e:
         raise VideoQAError(f"{path}/config.json: {type(e).__name__}: {e}".splitlines()[0], Exit.MODEL) from None
     return config
 
 
-def load(path: Path, found: Family, device, dtype):
-    """(net, tokenizer): weights straight to the target device in the target dtype, with the family's class."""
+def load(path: Path, found: Family, config, device, dtype):
+    """(net, tokenizer): weights straight to the target device in the target dtype, with the family's class.
+    A weight the checkpoint lacks is an error: transformers would fill it with random numbers."""
     import transformers
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()  # load reports and bars are noise for a CLI user
-    logging.disable_progress_bar()
+    quiet_transformers()
     try:
-        net = model_class(found).from_pretrained(  # device_map streams each tensor from the file to the device
-            path, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False
+        net, info = model_class(found).from_pretrained(  # device_map streams each tensor from the file to the device
+            path, config=config, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False,
+            output_loading_info=True,
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         raise VideoQAError(f"{path}: cannot load the model ({type(e).__name__}: {e})".splitlines()[0], Exit.MODEL)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise VideoQAError(f"{path}: the checkpoint lacks {len(missing)} weights of {found.model_class} "
+                           f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", Exit.MODEL)
     return net.eval(), tokenizer

@@ -30,10 +30,15 @@ def display(path: Path | str) -> str:
     return os.fsencode(path).decode("utf-8", "replace")
 
 
+def check_stdout() -> None:
+    """Before any slow work, for commands that answer on stdout: one started with stdout closed (`>&-`) fails now."""
+    if sys.stdout is None:
+        raise VideoQAError("cannot write to stdout: it is closed")
+
+
 def write(text: str) -> None:
     """Write to stdout at once (answers stream, records are seen as they are done)."""
-    if sys.stdout is None:  # started with stdout closed (`>&-`)
-        raise VideoQAError("cannot write to stdout: it is closed")
+    check_stdout()
     try:
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -92,11 +92,11 @@ class Checkpoint:
         if not self.resolve().family.video:
             raise VideoQAError(f"{self.name} ({self.family.name}) answers about still images only, not videos: "
                                "give it an image")
-        needed = self.family.video_positions(self.config, frames)
+        needed = self.family.video.positions(self.config, frames)
         if needed >= self.context:
             raise VideoQAError(
                 f"--frames {frames}: the video alone needs {needed} positions and the model's context holds "
-                f"{self.context}; use at most {self.family.max_frames(self.config, self.context)} frames"
+                f"{self.context}; use at most {self.family.video.max_frames(self.config, self.context)} frames"
             )
 
     def media(self, path: str | Path, frames: int | None = None) -> Media:
@@ -118,7 +118,7 @@ class Checkpoint:
         """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only)."""
         self.resolve()
         start = time.perf_counter()
-        net, tokenizer = models.load(self.path, self.family, self.device, self.dtype)
+        net, tokenizer = models.load(self.path, self.family, self.config, self.device, self.dtype)
         return Model(self, net, tokenizer, compile=compile and self.device.type == "cuda",
                      seconds=time.perf_counter() - start)
 
@@ -196,7 +196,8 @@ class Model:
             return media.features.to(net.device, net.dtype)
         if media.image is not None:
             return self.family.image_features(net, media.image)
-        features = self.family.video_features(net, self.family.frame_pixels(net.config, media.frames.pixels))
+        video = self.family.video
+        features = video.features(net, video.pixels(net.config, media.frames.pixels))
         cache = self.checkpoint.cache
         # a pipe (read through a copy) is not kept: its content, the key, cannot be read again
         problem = cache.put(media.path, media.frames, features) if cache and media.path.is_file() else None
