@@ -118,3 +118,11 @@ def test_a_temperature_near_zero_samples_the_greedy_answer(cli, tiny_model):
     tiny = cli("ask", path, "Why?", "-m", tiny_model, "-n", 8, "--json", "-t", "1e-40", "--seed", 3)
     assert tiny.code == 0, tiny
     assert json.loads(tiny.out)["tokens"] == greedy["tokens"]
+
+
+def test_format_json_is_json(cli, tiny_model):
+    path = asset("videos/videollava_sample_demo_1.mp4")
+    shown = json.loads(cli("ask", path, "Why?", "-m", tiny_model, "-n", 4, "--format", "json").out)
+    assert shown["tokens"] == json.loads(cli("ask", path, "Why?", "-m", tiny_model, "-n", 4, "--json").out)["tokens"]
+    text = cli("ask", path, "Why?", "-m", tiny_model, "-n", 4, "--format", "text")
+    assert text.out == shown["answer"] + "\n"

@@ -16,7 +16,8 @@ from pathlib import Path
 from videoqa import output
 from videoqa.errors import VideoQAError
 from videoqa.frames import is_image
-from videoqa.render import Interrupt, error, note, print_json, progress, stream
+from videoqa.output import print_json, stream
+from videoqa.render import Interrupt, error, note, progress
 from videoqa.session import Chat, Media, Model
 from videoqa.settings import SPECS, Settings
 

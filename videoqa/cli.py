@@ -66,7 +66,14 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: float16 on cuda/mps, float32 on cpu.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of streaming.")]
+class Shown(str, Enum):
+    text = "text"
+    json = "json"
+
+
+ShownOpt = Annotated[Shown, typer.Option("--format", help="text: the answer as it streams; json: one JSON object "
+                                         "(chat: one per turn), the record schema.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Short for --format json.")]
 DebugOpt = Annotated[
     bool, typer.Option("--debug", callback=_debug, is_eager=True, help="Show the traceback of an error (or set VIDEOQA_DEBUG=1).")
 ]
@@ -190,6 +197,7 @@ def ask(
     prompt_file: PromptFileOpt = None,
     given: dict = None,
     run: Run = None,
+    shown: ShownOpt = Shown.text,
     json_output: JsonOpt = False,
     no_cache: NoCacheOpt = False,
 ) -> None:
@@ -207,9 +215,9 @@ def ask(
 
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
-    from videoqa.output import check_stdout
+    from videoqa.output import check_stdout, print_json, stream
     from videoqa.questions import read_question
-    from videoqa.render import print_json, progress, stream
+    from videoqa.render import progress
 
     check_stdout()
     if is_stdin(video) and (question == "-" or is_stdin(prompt_file)):
@@ -220,7 +228,7 @@ def ask(
     loaded = load(found, run.no_compile)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
-    if json_output:
+    if json_output or shown is Shown.json:
         with progress("Answering…"):
             print_json(conversation.ask(question).record())
     else:
@@ -235,6 +243,7 @@ def chat(
     ] = None,
     given: dict = None,
     run: Run = None,
+    shown: ShownOpt = Shown.text,
     json_output: JsonOpt = False,
     no_cache: NoCacheOpt = False,
 ) -> None:
@@ -260,6 +269,7 @@ def chat(
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
     found = checkpoint(run, cache=not no_cache)
     media = read_media(found, video, given["frames"]) if video is not None else None
+    json_output = json_output or shown is Shown.json
     session = Repl(load(found, run.no_compile), found.settings(**given), json_output)
     if media is not None:
         session.open(media)

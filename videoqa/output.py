@@ -1,5 +1,5 @@
 """What goes to stdout or an output file: the one record schema, its JSON / JSONL / CSV / Markdown forms, and
-plain streamed text.
+the answer streamed as plain text.
 
 stdout failures are decided here once: a reader that went away (a closed pipe) ends the run quietly, any
 other failure to write (a full disk, a closed stdout) is a one-line error with exit code 2.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import sys
@@ -68,6 +69,33 @@ def record(
 
 def json_line(rec: dict) -> str:
     return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+def print_json(rec: dict) -> None:
+    write(json_line(rec))
+
+
+def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False) -> None:
+    """Print the answer's text as it is generated.
+
+    `stop()` is asked after each piece: true ends the answer there with KeyboardInterrupt, and `pieces` is
+    closed, so its producer drops the unfinished turn at once.
+    """
+    from videoqa.render import progress
+
+    try:
+        with progress("Reading the prompt…"):  # the prefill runs until the first piece
+            first = next(pieces, "").lstrip()
+        for piece in itertools.chain([first], pieces):
+            write(piece)
+            if stop():
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:  # stopped: end the line before [stopped] is shown
+        write("\n")
+        raise
+    finally:
+        pieces.close()
+    write("\n")
 
 
 def csv_lines(rec: dict, header: bool) -> str:

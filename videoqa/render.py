@@ -1,9 +1,8 @@
-"""The terminal: progress, notes and errors on stderr (rich, which honours NO_COLOR), the streamed answer,
-and stopping cleanly on Ctrl-C, SIGTERM or SIGHUP."""
+"""The terminal's stderr: progress, notes and errors (rich, which honours NO_COLOR), and stopping cleanly on
+Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import signal
 from collections.abc import Callable, Iterator
@@ -12,7 +11,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.markup import escape
 
-from videoqa.output import display, json_line, write
+from videoqa.output import display
 
 stderr = Console(stderr=True, highlight=False)  # progress and notices; `--quiet` silences it
 errors = Console(stderr=True, highlight=False)  # errors are never silenced
@@ -54,27 +53,6 @@ def show_notes() -> None:
 def error(message: str) -> None:
     """One line on stderr; file names that are not UTF-8 are shown with U+FFFD, like in records."""
     errors.print(f"[bold red]error:[/] {escape(display(message))}", markup=True, soft_wrap=True)
-
-
-def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False) -> None:
-    """Print the answer's text as it is generated.
-
-    `stop()` is asked after each piece: true ends the answer there with KeyboardInterrupt, and `pieces` is
-    closed, so its producer drops the unfinished turn at once.
-    """
-    try:
-        with progress("Reading the prompt…"):  # the prefill runs until the first piece
-            first = next(pieces, "").lstrip()
-        for piece in itertools.chain([first], pieces):
-            write(piece)
-            if stop():
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:  # stopped: end the line before [stopped] is shown
-        write("\n")
-        raise
-    finally:
-        pieces.close()
-    write("\n")
 
 
 class Interrupt:
@@ -121,6 +99,3 @@ def summary(rows: dict[str, str]) -> None:
         table.add_row(name, value)
     stderr.print(table)
 
-
-def print_json(record: dict) -> None:
-    write(json_line(record))
