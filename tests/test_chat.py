@@ -142,3 +142,10 @@ def test_set_out_of_range_seed_and_tiny_temperature_keep_the_session(chat, tiny_
     assert len(errors) == 2 and "seed" in errors[0] and "2^64-1" in errors[0] and "temperature" in errors[1]
     tiny, greedy = turns(result)
     assert tiny["tokens"] == greedy["tokens"]  # as the temperature goes to 0, sampling goes to the argmax
+
+
+def test_a_line_over_1_mb_is_refused_and_the_session_goes_on(chat, tiny_model):
+    result = chat(["why " * 300_000, "Why?"], asset(VIDEO), "-m", tiny_model, "-n", 3, "--json")
+    errors = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "1 MB" in errors[0] and result.code == 2
+    assert [json.loads(line)["question"] for line in result.out.splitlines()] == ["Why?"]

@@ -158,10 +158,14 @@ def run_python(*args, prefix: list[str] = (), stdin=None) -> Result:
 
 @needs_assets
 @pytest.mark.parametrize("how", ["file", "folder"])
-def test_unreadable_video(tmp_path, how):
+def test_unreadable_video(tmp_path, how, tiny_model):
     prefix = without_permission_checks_bypassed()
     path = unreadable(tmp_path, how)
     try:
+        captioned = run_python("-m", "videoqa", "caption", asset(VIDEO), path, "-m", tiny_model, "-n", 2, prefix=prefix)
+        records = [json.loads(line) for line in captioned.out.splitlines()]
+        assert captioned.code == Exit.SOME_FAILED and [r["error"] is None for r in records] == [True, False]
+        assert records[1]["error"] == f"{path}: cannot be read: permission denied"
         assert_clean_failure(run_python("-m", "videoqa", "ask", path, QUESTION, prefix=prefix), Exit.INPUT,
                              str(path), "permission denied")
         script = ("import sys; from pathlib import Path; from videoqa.frames import read_frames, read_image\n"

@@ -108,10 +108,25 @@ class Run:
     quiet: bool
 
 
+@dataclass(frozen=True)
+class Reply:
+    """The options of the commands that answer on stdout (ask, chat): how, and with the feature cache or not."""
+
+    json: bool
+    cache: bool
+
+
+def _options(table: dict) -> list[inspect.Parameter]:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return [inspect.Parameter(name, kind, default=default, annotation=annotation)
+            for name, (annotation, default) in table.items()]
+
+
 RUN_OPTIONS = {  # Run's fields, then --debug (read by its callback)
     "model": (ModelOpt, "video-llava-7b"), "device": (DeviceOpt, Device.auto), "dtype": (DTypeOpt, DType.auto),
     "no_compile": (NoCompileOpt, False), "quiet": (QuietOpt, False), "debug": (DebugOpt, False),
 }
+REPLY_OPTIONS = {"shown": (ShownOpt, Shown.text), "json_output": (JsonOpt, False), "no_cache": (NoCacheOpt, False)}
 
 
 def _setting(spec) -> inspect.Parameter:
@@ -120,25 +135,33 @@ def _setting(spec) -> inspect.Parameter:
                              annotation=Annotated[Optional[spec.kind], option])
 
 
+def _gather(kwargs: dict) -> dict:
+    """The shared options' values out of `kwargs`, as the commands take them: given, run, reply."""
+    from videoqa.settings import SPECS
+
+    kwargs.pop("debug")
+    run = Run(**{name: kwargs.pop(name) for name in RUN_OPTIONS if name != "debug"})
+    quiet_mode(run.quiet)
+    gathered = {"given": {name: kwargs.pop(name) for name in SPECS}, "run": run}
+    if "shown" in kwargs:
+        shown, json_output = kwargs.pop("shown"), kwargs.pop("json_output")
+        gathered["reply"] = Reply(json=json_output or shown is Shown.json, cache=not kwargs.pop("no_cache"))
+    return gathered
+
+
 def shared_options(command):
-    """Give `command` the options it shares with the others, in place of two parameters: `given`, one option per
-    setting of the one table (videoqa.settings.SPECS; None where not given), and `run`, the Run options."""
+    """Give `command` the options it shares with the others, in place of its parameters `given` (one option per
+    setting of the one table, videoqa.settings.SPECS; None where not given), `run` (Run) and `reply` (Reply)."""
     from videoqa.settings import SPECS
 
     params = list(inspect.signature(command, eval_str=True).parameters.values())
-    shared = {
-        "given": [_setting(spec) for spec in SPECS.values()],
-        "run": [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
-                for name, (kind, default) in RUN_OPTIONS.items()],
-    }
+    shared = {"given": [_setting(spec) for spec in SPECS.values()], "run": _options(RUN_OPTIONS),
+              "reply": _options(REPLY_OPTIONS)}
 
     @functools.wraps(command)
     def wrapper(**kwargs):
-        given = {name: kwargs.pop(name) for name in SPECS}
-        run = Run(**{name: kwargs.pop(name) for name in RUN_OPTIONS if name != "debug"})
-        kwargs.pop("debug")
-        quiet_mode(run.quiet)
-        return command(**kwargs, given=given, run=run)
+        gathered = _gather(kwargs)  # takes the shared options out of kwargs
+        return command(**kwargs, **gathered)
 
     wrapper.__signature__ = inspect.Signature([q for p in params for q in shared.get(p.name, [p])])
     return wrapper
@@ -197,9 +220,7 @@ def ask(
     prompt_file: PromptFileOpt = None,
     given: dict = None,
     run: Run = None,
-    shown: ShownOpt = Shown.text,
-    json_output: JsonOpt = False,
-    no_cache: NoCacheOpt = False,
+    reply: Reply = None,
 ) -> None:
     """Answer a question about a video (or an image); the answer streams to stdout.
 
@@ -223,12 +244,12 @@ def ask(
     if is_stdin(video) and (question == "-" or is_stdin(prompt_file)):
         raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
-    found = checkpoint(run, cache=not no_cache)
+    found = checkpoint(run, cache=reply.cache)
     media = read_media(found, video, given["frames"])
     loaded = load(found, run.no_compile)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
-    if json_output or shown is Shown.json:
+    if reply.json:
         with progress("Answering…"):
             print_json(conversation.ask(question).record())
     else:
@@ -243,9 +264,7 @@ def chat(
     ] = None,
     given: dict = None,
     run: Run = None,
-    shown: ShownOpt = Shown.text,
-    json_output: JsonOpt = False,
-    no_cache: NoCacheOpt = False,
+    reply: Reply = None,
 ) -> None:
     """Talk about a video over several turns; the video is encoded once.
 
@@ -267,13 +286,12 @@ def chat(
     stdin = stdin_bytes()
     if is_stdin(video):
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
-    found = checkpoint(run, cache=not no_cache)
+    found = checkpoint(run, cache=reply.cache)
     media = read_media(found, video, given["frames"]) if video is not None else None
-    json_output = json_output or shown is Shown.json
-    session = Repl(load(found, run.no_compile), found.settings(**given), json_output)
+    session = Repl(load(found, run.no_compile), found.settings(**given), reply.json)
     if media is not None:
         session.open(media)
-    interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not json_output
+    interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not reply.json
     code = run_interactive(session) if interactive else session.run(lines(stdin))
     raise typer.Exit(code)
 
