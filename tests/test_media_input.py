@@ -45,7 +45,7 @@ def write_video(path: Path, width: int, height: int, count: int = 3) -> list[np.
 
 
 # Widths whose RGB rows FFmpeg pads to a multiple of the width (those dividing the 192 bytes of a row up to 64 px,
-# and 96 and 144 px): decord then reports the padding as extra channels. Heights of 1 and 2 px, and sizes that were
+# and 96 and 144 px): decord, the decoder before PyAV, reported the padding as extra channels. Heights of 1 and 2 px, and sizes that were
 # already read right, for contrast.
 SIZES = [(1, 1), (1, 24), (2, 24), (3, 5), (4, 24), (6, 24), (8, 24), (16, 24), (32, 24), (48, 10), (96, 4),
          (144, 4), (24, 1), (64, 2), (30, 24), (64, 24), (7, 5)]
@@ -111,7 +111,7 @@ def test_readers_refuse_a_name_longer_than_name_max(tmp_path, read, suffix):
 @needs_assets
 @pytest.mark.parametrize("name", ["a:b.mp4", "http:clip.mp4", "concat:clip.mp4", b"latin1-\xe9t\xe9.mp4"])
 def test_names_ffmpeg_misreads_are_read(cli, tiny_model, tmp_path, monkeypatch, name):
-    """A relative `name:rest` is a protocol to FFmpeg; a name that is not UTF-8 cannot pass through decord."""
+    """A relative `name:rest` is a protocol to FFmpeg; a name that is not UTF-8 cannot pass through PyAV."""
     monkeypatch.chdir(tmp_path)
     path = Path(os.fsdecode(name))
     shutil.copy(asset(VIDEO), path)

@@ -1,11 +1,12 @@
-"""Many videos answered in batches: frames decoded and preprocessed ahead on background threads, each batch
-prefilled and decoded together on the one decode path (left padding where prompts differ, per-row EOS, the
-static cache), one record per video in order. No single video can stop the run: whatever fails for it becomes
-its record.
+"""Many videos (or windows of one video) answered in batches: frames decoded and preprocessed ahead on background
+threads, each batch prefilled and decoded together on the one decode path (left padding where prompts differ,
+per-row EOS, the static cache), one record per job in order. No single job can stop the run: whatever fails for it
+becomes its record. The same batches, prefilled only, give `find`'s yes/no scores.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,45 +16,57 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from videoqa import frames as framing
 from videoqa import output
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames
 from videoqa.session import Model
 from videoqa.settings import Settings
+from videoqa.windows import WHOLE, Window
+
+log = logging.getLogger("videoqa")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A video, or a window of one, and the question asked about it."""
+
+    video: Path
+    question: str
+    window: Window = WHOLE
 
 
 @dataclass
 class Ready:
-    """A video and its question, with its frames decoded and preprocessed, or the reason they could not be."""
+    """A job with its frames decoded and preprocessed, or the reason they could not be."""
 
-    video: Path
-    question: str
+    job: Job
     frames: Frames | None = None
     pixels: np.ndarray | None = None
     error: str | None = None
-    waited: float = 0.0  # seconds the model waited for this video's frames
+    waited: float = 0.0  # seconds the model waited for this job's frames
 
 
-def prepare(model: Model, video: Path, question: str, count: int) -> Ready:
-    """Decode and preprocess one video on a background thread (one decoder thread: two of these run beside the
-    model's own); any failure is this video's alone."""
+Read = Callable[[Job], Frames]  # a job's frames, read on a background thread
+
+
+def prepare(model: Model, job: Job, read: Read) -> Ready:
+    """Decode and preprocess one job's frames on a background thread; any failure is this job's alone."""
     try:
-        frames = framing.read_frames(video, count, threads=1)
-        return Ready(video, question, frames, model.family.video.pixels(model.net.config, frames.pixels))
+        frames = read(job)
+        return Ready(job, frames, model.family.video.pixels(model.net.config, frames.pixels))
     except VideoQAError as e:
-        return Ready(video, question, error=str(e))
+        return Ready(job, error=str(e))
     except Exception as e:  # a bug shown on one record rather than the end of the run
-        return Ready(video, question, error=f"internal error: {type(e).__name__}: {e}")
+        return Ready(job, error=f"internal error: {type(e).__name__}: {e}")
 
 
-def prefetched(model: Model, jobs: list[tuple[Path, str]], frames: int, ahead: int) -> Iterator[Future]:
-    """Futures of `prepare` in order, with up to `ahead` videos decoding in the background."""
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frames")
+def prefetched(model: Model, jobs: list[Job], read: Read, ahead: int, workers: int) -> Iterator[Future]:
+    """Futures of `prepare` in order, with up to `ahead` jobs decoding on `workers` background threads."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frames")
     futures: list[Future] = []
     try:
-        for video, question in jobs:
-            futures.append(pool.submit(prepare, model, video, question, frames))
+        for job in jobs:
+            futures.append(pool.submit(prepare, model, job, read))
             if len(futures) > ahead:
                 yield futures.pop(0)
         while futures:
@@ -75,34 +88,59 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+def ready_batches(model: Model, jobs: list[Job], read: Read, batch_size: int, workers: int) -> Iterator[list[Ready]]:
+    """The jobs prepared, a batch at a time, in order; each job's wait for its frames timed, and each warning about
+    a video said once (a damaged video's segments share theirs)."""
+    said: set[tuple[Path, str]] = set()
+    for batch in batches(prefetched(model, jobs, read, 2 * batch_size, workers), batch_size):
+        ready: list[Ready] = []
+        for future in batch:
+            start = time.perf_counter()
+            ready.append(future.result())
+            ready[-1].waited = time.perf_counter() - start
+            for warning in ready[-1].frames.warnings if ready[-1].frames else []:
+                if (ready[-1].job.video, warning) not in said:
+                    said.add((ready[-1].job.video, warning))
+                    log.warning(f"{output.display(ready[-1].job.video)}: {warning}")
+        yield ready
+
+
 def prompt(model: Model, question: str) -> str:
     return model.preset.template.format(media=model.family.video_token, question=question)
 
 
 def failure(model: Model, ready: Ready, error: str) -> dict:
-    """The record of a video that got no answer."""
-    return output.record(video=ready.video, question=ready.question, prompt=prompt(model, ready.question), answer="",
+    """The record of a job that got no answer."""
+    job = ready.job
+    return output.record(video=job.video, question=job.question, prompt=prompt(model, job.question), answer="",
                          tokens=[], frames=[], model=model.name, timings={}, error=error)
 
 
-def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict]:
-    """Each video's tokens, up to and including its EOS, and the batch's timings. Greedy answers equal `ask`'s."""
-    from videoqa.decode import static_cache
+def rows(model: Model, ready: list[Ready]) -> tuple[list[list[int]], torch.Tensor]:
+    """Each job's prompt ids (its placeholder expanded to its features' rows) and all their features, in order."""
     from videoqa.prompt import prompt_ids
 
-    start = time.perf_counter()
     video = model.family.video_token
     features = [model.family.video.features(model.net, r.pixels) for r in ready]  # each video's own positions
-    rows = [prompt_ids(model.tokenizer, model.preset.template, r.question, video, f.shape[0])
-            for r, f in zip(ready, features)]
-    width = max(map(len, rows))
+    ids = [prompt_ids(model.tokenizer, model.preset.template, r.job.question, video, f.shape[0])
+           for r, f in zip(ready, features)]
+    return ids, torch.cat(features)
+
+
+def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict]:
+    """Each job's tokens, up to and including its EOS, and the batch's timings. Greedy answers equal `ask`'s."""
+    from videoqa.decode import static_cache
+
+    start = time.perf_counter()
+    ids, features = rows(model, ready)
+    width = max(map(len, ids))
     model.check_fits(width)
     budget = min(settings.max_new_tokens, model.context - width)
     cache = static_cache(model.net.config.text_config, width + budget)
     vision = time.perf_counter() - start
-    answers: list[list[int]] = [[] for _ in rows]
+    answers: list[list[int]] = [[] for _ in ids]
     eos, prefill = model.tokenizer.eos_token_id, 0.0
-    for i, step in enumerate(model.generate(rows, torch.cat(features), video, cache, budget, settings)):
+    for i, step in enumerate(model.generate(ids, features, model.family.video_token, cache, budget, settings)):
         if i == 0:
             prefill = time.perf_counter() - start - vision
         for answer, token in zip(answers, step.tolist()):
@@ -113,7 +151,7 @@ def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[
 
 
 def answered(model: Model, ready: list[Ready], settings: Settings) -> list[dict]:
-    """Records of videos answered together; if the batch fails as a whole, each is tried alone."""
+    """Records of jobs answered together; if the batch fails as a whole, each is tried alone."""
     try:
         answers, timings = answer_batch(model, ready, settings)
     except VideoQAError as e:  # nothing in this batch can be answered, e.g. a prompt too long
@@ -123,28 +161,57 @@ def answered(model: Model, ready: list[Ready], settings: Settings) -> list[dict]
             return [rec for one in ready for rec in answered(model, [one], settings)]
         return [failure(model, ready[0], f"internal error: {type(e).__name__}: {e}")]
     return [
-        output.record(video=r.video, question=r.question, prompt=prompt(model, r.question), answer=model.decode(t),
-                      tokens=t, frames=r.frames.listed(), model=model.name, timings={"frames": r.waited, **timings})
+        output.record(video=r.job.video, question=r.job.question, prompt=prompt(model, r.job.question),
+                      answer=model.decode(t), tokens=t, frames=r.frames.listed(), model=model.name,
+                      timings={"frames": r.waited, **timings}, warnings=r.frames.warnings)
         for r, t in zip(ready, answers)
     ]
 
 
-def batch_records(model: Model, batch: list[Future], settings: Settings) -> list[dict]:
-    """Records for a batch, in order: an error record for each video that cannot be read, answers for the rest."""
-    ready: list[Ready] = []
-    for future in batch:
-        start = time.perf_counter()
-        ready.append(future.result())
-        ready[-1].waited = time.perf_counter() - start
+def batch_records(model: Model, ready: list[Ready], settings: Settings) -> list[dict]:
+    """Records for a batch, in order: an error record for each job whose frames cannot be read, answers for the rest."""
     good = [r for r in ready if r.error is None]
     answers = iter(answered(model, good, settings) if good else [])
     return [next(answers) if r.error is None else failure(model, r, r.error) for r in ready]
 
 
-def records(model: Model, jobs: list[tuple[Path, str]], settings: Settings, batch_size: int,
-            stop: Callable[[], bool]) -> Iterator[dict]:
-    """One record per (video, question), in order, a batch at a time; `stop()` is asked after each batch."""
-    for batch in batches(prefetched(model, jobs, settings.frames, ahead=2 * batch_size), batch_size):
-        yield from batch_records(model, batch, settings)
+def records(model: Model, jobs: list[Job], settings: Settings, batch_size: int, stop: Callable[[], bool], *,
+            read: Read | None = None, workers: int = 2) -> Iterator[dict]:
+    """One record per job, in order, a batch at a time; `stop()` is asked after each batch. `read`: how a job's
+    frames are read (by default each video opened on its own, one decoder thread each, `workers` at once)."""
+    read = read or (lambda job: read_frames_of(job, settings.frames))
+    for ready in ready_batches(model, jobs, read, batch_size, workers):
+        yield from batch_records(model, ready, settings)
         if stop():
             return
+
+
+def read_frames_of(job: Job, count: int) -> Frames:
+    from videoqa.frames import read_frames
+
+    return read_frames(job.video, count, threads=1, window=job.window)
+
+
+def score_batch(model: Model, ready: list[Ready]) -> list[float]:
+    """P(yes) / (P(yes) + P(no)) for the token after each job's prompt: one batched prefill, no decoding. Computed
+    as sigmoid(logit(yes) - logit(no)), which is that ratio of the softmax without the rest of the vocabulary."""
+    ids, features = rows(model, ready)
+    model.check_fits(max(map(len, ids)))
+    logits = model.next_logits(ids, features, model.family.video_token)  # (B, V) float32
+    yes, no = model.answer_ids
+    return torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
+
+
+def scores(model: Model, jobs: list[Job], read: Read, batch_size: int, workers: int) -> Iterator[dict]:
+    """{"start", "end", "score", "frames", "warnings", "error"} per job, in order; `score` None where it failed."""
+    for ready in ready_batches(model, jobs, read, batch_size, workers):
+        good = [r for r in ready if r.error is None]
+        try:
+            values, reason = score_batch(model, good) if good else [], None
+        except VideoQAError as e:  # e.g. prompts too long: no job of the batch can be scored
+            values, reason = [None] * len(good), str(e)
+        scored = iter(values)
+        for r in ready:
+            yield {"start": r.job.window.start, "end": r.job.window.end,
+                   "score": next(scored) if r.error is None else None, "frames": r.frames.listed() if r.frames else [],
+                   "warnings": r.frames.warnings if r.frames else [], "error": r.error or reason}

@@ -1,8 +1,8 @@
 """A persistent cache of projected video features, so a new question about a known video skips decoding and
 the vision tower.
 
-An entry is keyed by the video file's content hash, the frame rule and count, and the model (checkpoint files
-and dtype). Entries are safetensors files (nothing is unpickled) under `$XDG_CACHE_HOME/videoqa/features`, each with a
+An entry is keyed by the video file's content hash, the frame rule and count, the time window the frames were
+sampled from, and the model (checkpoint files and dtype). Entries are safetensors files (nothing is unpickled) under `$XDG_CACHE_HOME/videoqa/features`, each with a
 sha256 of its contents and key, checked on every read: an entry not exactly as written is a miss, recomputed and
 replaced. The least recently used go first once the total passes `VIDEOQA_CACHE_MAX_MB` (default 4096). Other
 processes may read, write, evict or clear the cache at any time: a file may vanish between any two steps.
@@ -21,8 +21,9 @@ from pathlib import Path
 from videoqa.errors import VideoQAError
 from videoqa import frames as framing
 from videoqa.frames import Frames
+from videoqa.windows import WHOLE, Window
 
-FRAME_RULE = "linspace(0,n-1,N)/v1"  # change when the frame sampling changes, to orphan old entries
+FRAME_RULE = "linspace(0,n-1,N)/v2"  # change when the frame sampling changes, to orphan old entries (v2: PyAV)
 DEFAULT_MAX_MB = 4096
 
 
@@ -64,18 +65,18 @@ class FeatureCache:
         self.model, self.limit, self.dir = model, limit, directory or cache_dir()  # limit: bytes, from max_bytes()
         self.keys: dict[tuple, str] = {}  # hash each file once per process, while it stays the same
 
-    def key(self, video: Path, frames: int) -> str:
+    def key(self, video: Path, frames: int, window: Window = WHOLE) -> str:
         stat = video.stat()
-        seen = (video, stat.st_size, stat.st_mtime_ns, frames)
+        seen = (video, stat.st_size, stat.st_mtime_ns, frames, window)
         if seen not in self.keys:
-            parts = [file_hash(video), FRAME_RULE, str(frames), self.model]
+            parts = [file_hash(video), FRAME_RULE, str(frames), window.key(), self.model]
             self.keys[seen] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
         return self.keys[seen]
 
-    def get(self, video: Path, frames: int):
+    def get(self, video: Path, frames: int, window: Window = WHOLE):
         """(Frames without pixels, features) of a cached video, or None: absent, or not exactly as written (the
-        caller then recomputes it and `put` replaces it)."""
-        key = self.key(video, frames)
+        caller then recomputes it and `put` replaces it). The frames keep the warnings they were read with."""
+        key = self.key(video, frames, window)
         file = self.dir / f"{key}.safetensors"
         entry = read_entry(file, key)
         if entry is None:
@@ -83,15 +84,17 @@ class FeatureCache:
         features, meta = entry
         with suppress(OSError):  # another process may remove the entry meanwhile; it has been read whole
             os.utime(file)  # recently used
-        return Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"])), features
+        return Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"]),
+                      warnings=json.loads(meta["warnings"]), window=window), features
 
     def put(self, video: Path, frames: Frames, features) -> str | None:
         """Store an entry; the cache is an optimisation, so a failure is returned as a reason, not raised."""
         from safetensors.torch import save_file
 
-        key = self.key(video, len(frames.indices))
+        key = self.key(video, len(frames.indices), frames.window)
         features = features.detach().cpu().contiguous()
-        meta = {"indices": json.dumps(frames.indices), "times": json.dumps(frames.times)}
+        meta = {"indices": json.dumps(frames.indices), "times": json.dumps(frames.times),
+                "warnings": json.dumps(frames.warnings)}
         meta["sha256"] = checksum(key, features, meta)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -203,15 +206,16 @@ def open_cache(path: Path, dtype) -> FeatureCache:
     return FeatureCache(model_identity(path, dtype), limit)
 
 
-def read_video(path: Path, frames: int, cache: FeatureCache | None):
-    """(Frames, features) of a video the cache knows (then no frame is decoded), else (Frames, None).
+def read_video(path: Path, frames: int, cache: FeatureCache | None, window: Window = WHOLE):
+    """(Frames, features) of a video (or a `window` of it) the cache knows (then no frame is decoded), else
+    (Frames, None).
 
     The video is opened before it is hashed for the cache's key: a file that is not a video is refused at once,
     not after being read whole (a minute for 20 GB). On a miss the frames are read through that same reader.
     """
-    reader = framing.open_video(path)
-    if cache is not None:
-        hit = cache.get(path, frames)
-        if hit is not None:
-            return hit
-    return framing.read_frames(path, frames, reader), None
+    with framing.open_video(path) as video:
+        if cache is not None:
+            hit = cache.get(path, frames, window)
+            if hit is not None:
+                return hit
+        return framing.read_frames(path, frames, video, window=window), None

@@ -22,14 +22,14 @@ from videoqa.session import Chat, Media, Model
 from videoqa.settings import SPECS, Settings
 
 HELP = """\
-/video PATH     switch to another video (a new conversation)
-/image PATH     ask about a still image instead
-/reset          forget the conversation, keep the video
-/frames         the sampled frames: index and time
-/save FILE      save the conversation as Markdown (.md) or JSON (.json)
-/set [KEY VAL]  show or change {settings} (frames: from the next /video)
-/help           this list
-/exit           leave (or Ctrl-D)"""
+/video PATH [START [END]]  switch to another video, or a part of it (a new conversation)
+/image PATH                ask about a still image instead
+/reset                     forget the conversation, keep the video
+/frames                    the sampled frames: index and time
+/save FILE                 save the conversation as Markdown (.md) or JSON (.json)
+/set [KEY VAL]             show or change {settings} (frames: from the next /video)
+/help                      this list
+/exit                      leave (or Ctrl-D)"""
 
 
 def say(text: str) -> None:
@@ -64,11 +64,12 @@ class Repl:
         self.failed = 0  # exit code of the first line that failed
         self.interrupt: Interrupt | None = None  # on a terminal: Ctrl-C stops the answer at the next token
 
-    def open(self, media: Path | Media) -> None:
-        """A new conversation about a video or image (read here unless it already is)."""
+    def open(self, media: Path | Media, start: str | None = None, end: str | None = None) -> None:
+        """A new conversation about a video (its window [start, end), if given) or image (read here unless it
+        already is)."""
         if not isinstance(media, Media):
             with progress("Reading frames…"):
-                media = self.model.media(media, self.settings.frames)
+                media = self.model.media(media, self.settings.frames, start=start, end=end)
         with progress("Encoding frames…"):
             self.chat = self.model.chat(media, frames=self.settings.frames)
 
@@ -95,12 +96,12 @@ class Repl:
             raise VideoQAError(f"{line.strip()}: {e}") from None
         if name in ("exit", "quit"):
             return False
-        if name in ("video", "image") and len(args) == 1:
+        if name == "video" and 1 <= len(args) <= 3 or name == "image" and len(args) == 1:
             path = Path(args[0]).expanduser()
             if is_image(path) != (name == "image"):
                 raise VideoQAError(f"/{name} {path}: " + ("not an image (jpg, png, webp, ...): /video PATH"
                                                           if name == "image" else "an image: /image PATH"))
-            self.open(path)
+            self.open(path, *args[1:])
         elif name == "reset" and not args:
             if self.chat is None:
                 raise VideoQAError("/reset: no video yet, nothing to forget")

@@ -26,7 +26,8 @@ app = typer.Typer(
     add_completion=False,
     help="Ask local video-language models about video files. Exit codes: 0 ok, 1 internal error, "
     "2 bad usage or question, 3 unreadable video, 4 model not found or not loadable, 5 device not available, "
-    "6 caption: some videos failed, 7 caption: all failed, 129/143 caption stopped by SIGHUP/SIGTERM, "
+    "6 caption/timeline/find: some videos or segments failed, 7: all failed, 129/143 caption/timeline stopped by "
+    "SIGHUP/SIGTERM, "
     "130 interrupted, 141 stdout's reader went away.",
 )
 
@@ -35,7 +36,7 @@ app = typer.Typer(
 def _group(ctx: typer.Context) -> None:
     """Ask local video-language models about video files."""
     if ctx.invoked_subcommand is None:
-        raise VideoQAError("missing command: ask, chat, caption or cache (videoqa --help shows them)")
+        raise VideoQAError("missing command: ask, chat, caption, timeline, find or cache (videoqa --help shows them)")
 
 
 class Device(str, Enum):
@@ -87,6 +88,30 @@ PromptFileOpt = Annotated[
 ]
 
 
+def _time(value: str | None) -> float | None:
+    from videoqa.windows import parse_time
+
+    try:
+        return None if value is None else parse_time(value)
+    except VideoQAError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+StartOpt = Annotated[Optional[str], typer.Option(
+    "--start", callback=_time, show_default=False,
+    help="Sample frames from this time on: seconds (90, 90.5) or [HH:]MM:SS[.mmm] \\[default: the start].")]
+EndOpt = Annotated[Optional[str], typer.Option(
+    "--end", callback=_time, show_default=False, help="...and before this time \\[default: the end of the video].")]
+EveryOpt = Annotated[Optional[str], typer.Option(
+    "--every", show_default=False, help="Segment length: 30, 10s, 2m, 1:30 (seconds unless a unit is given).")]
+SegmentsOpt = Annotated[Optional[int], typer.Option(
+    "--segments", min=1, show_default=False, help="Cut the video into this many equal segments instead.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos or segments answered together.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip what --out holds already.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; - or none: stdout.", show_default=False)]
+
+
 def _checker(spec):
     def check(value):
         reason = None if value is None else spec.problem(value)
@@ -127,6 +152,7 @@ RUN_OPTIONS = {  # Run's fields, then --debug (read by its callback)
     "no_compile": (NoCompileOpt, False), "quiet": (QuietOpt, False), "debug": (DebugOpt, False),
 }
 REPLY_OPTIONS = {"shown": (ShownOpt, Shown.text), "json_output": (JsonOpt, False), "no_cache": (NoCacheOpt, False)}
+WINDOW_OPTIONS = {"start": (StartOpt, None), "end": (EndOpt, None)}
 
 
 def _setting(spec) -> inspect.Parameter:
@@ -142,21 +168,29 @@ def _gather(kwargs: dict) -> dict:
     kwargs.pop("debug")
     run = Run(**{name: kwargs.pop(name) for name in RUN_OPTIONS if name != "debug"})
     quiet_mode(run.quiet)
-    gathered = {"given": {name: kwargs.pop(name) for name in SPECS}, "run": run}
+    gathered = {"given": {name: kwargs.pop(name) for name in SPECS if name in kwargs}, "run": run}
     if "shown" in kwargs:
         shown, json_output = kwargs.pop("shown"), kwargs.pop("json_output")
         gathered["reply"] = Reply(json=json_output or shown is Shown.json, cache=not kwargs.pop("no_cache"))
+    if "start" in kwargs:
+        from videoqa.windows import window
+
+        gathered["window"] = window(kwargs.pop("start"), kwargs.pop("end"))
     return gathered
 
 
-def shared_options(command):
+def shared_options(command=None, *, settings: tuple[str, ...] | None = None):
     """Give `command` the options it shares with the others, in place of its parameters `given` (one option per
-    setting of the one table, videoqa.settings.SPECS; None where not given), `run` (Run) and `reply` (Reply)."""
+    setting of the one table, videoqa.settings.SPECS, or of the `settings` named; None where not given), `run`
+    (Run), `reply` (Reply) and `window` (--start and --end, as a videoqa.windows.Window)."""
     from videoqa.settings import SPECS
 
+    if command is None:
+        return functools.partial(shared_options, settings=settings)
     params = list(inspect.signature(command, eval_str=True).parameters.values())
-    shared = {"given": [_setting(spec) for spec in SPECS.values()], "run": _options(RUN_OPTIONS),
-              "reply": _options(REPLY_OPTIONS)}
+    specs = [spec for spec in SPECS.values() if settings is None or spec.name in settings]
+    shared = {"given": [_setting(spec) for spec in specs], "run": _options(RUN_OPTIONS),
+              "reply": _options(REPLY_OPTIONS), "window": _options(WINDOW_OPTIONS)}
 
     @functools.wraps(command)
     def wrapper(**kwargs):
@@ -188,15 +222,16 @@ def checkpoint(run: Run, cache: bool):
     return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache)
 
 
-def read_media(found, path: Path, frames: int | None):
-    """The video or image, read before the model loads (a bad file fails fast); a pipe through a temporary copy."""
+def read_media(found, path: Path, frames: int | None, window):
+    """The video (its `window`) or image, read before the model loads (a bad file fails fast); a pipe through a
+    temporary copy."""
     from dataclasses import replace
 
     from videoqa.frames import seekable
     from videoqa.render import progress
 
     with progress("Reading frames…"), seekable(path) as readable:
-        media = found.media(readable, frames)
+        media = found.media(readable, frames, start=window.start, end=window.end)
     return replace(media, path=path)  # the answer names the pipe, not its copy
 
 
@@ -221,8 +256,9 @@ def ask(
     given: dict = None,
     run: Run = None,
     reply: Reply = None,
+    window=None,
 ) -> None:
-    """Answer a question about a video (or an image); the answer streams to stdout.
+    """Answer a question about a video (or an image, or a part of a video); the answer streams to stdout.
 
     [bold]Examples[/bold]
 
@@ -233,6 +269,8 @@ def ask(
       videoqa ask photo.jpg "What is unusual about this image?"
 
       videoqa ask clip.mp4 "What happens?" --json | jq -r .answer
+
+      videoqa ask lecture.mp4 "What is on the board?" --start 1:30 --end 2:00
 
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
@@ -245,7 +283,7 @@ def ask(
         raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
     found = checkpoint(run, cache=reply.cache)
-    media = read_media(found, video, given["frames"])
+    media = read_media(found, video, given["frames"], window)
     loaded = load(found, run.no_compile)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
@@ -265,11 +303,12 @@ def chat(
     given: dict = None,
     run: Run = None,
     reply: Reply = None,
+    window=None,
 ) -> None:
-    """Talk about a video over several turns; the video is encoded once.
+    """Talk about a video (or a part of it) over several turns; the video is encoded once.
 
     On a terminal: line editing and history, Ctrl-C stops an answer, Ctrl-D or /exit leaves,
-    /help lists the commands (/video, /image, /reset, /frames, /save, /set).
+    /help lists the commands (/video PATH [START [END]], /image, /reset, /frames, /save, /set).
     With stdin piped: one question per line, one answer (or, with --json, one JSON object) per line.
 
     [bold]Examples[/bold]
@@ -287,7 +326,7 @@ def chat(
     if is_stdin(video):
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
     found = checkpoint(run, cache=reply.cache)
-    media = read_media(found, video, given["frames"]) if video is not None else None
+    media = read_media(found, video, given["frames"], window) if video is not None else None
     session = Repl(load(found, run.no_compile), found.settings(**given), reply.json)
     if media is not None:
         session.open(media)
@@ -309,19 +348,18 @@ def caption(
         "Describe this video."
     ),
     prompt_file: PromptFileOpt = None,
-    out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output file; - or none: stdout.", show_default=False)
-    ] = None,
+    out: OutOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help="Record format.")] = Format.jsonl,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively.")] = False,
     glob: Annotated[str, typer.Option("--glob", help="File name patterns in folders, comma-separated.")] = (
         "*.mp4,*.mkv,*.mov,*.avi,*.webm,*.m4v,*.mpg,*.mpeg,*.flv,*.wmv"
     ),
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos decoded together.")] = 4,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip videos already in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    batch_size: BatchOpt = 4,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     given: dict = None,
     run: Run = None,
+    window=None,
 ) -> None:
     """Caption (or question) many videos: one record per video, written as soon as it is done.
 
@@ -339,28 +377,155 @@ def caption(
     """
     from videoqa import caption as captioning
     from videoqa.questions import read_question
-    from videoqa.render import summary
+    from videoqa.records import Output, identity
 
     question = read_question(prompt, prompt_file)
     videos = captioning.find_videos(paths, glob, recursive)
     if not videos:
         raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
-    output = captioning.Output(out, fmt.value, resume=resume, overwrite=overwrite, inputs=videos)
-    if all(captioning.identity(v) in output.done for v in videos):
-        summary({"done": "0", "failed": "0", "skipped": str(len(videos)), "videos/s": "-"})
-        return
-    found = checkpoint(run, cache=False)
+    output = Output(out, fmt.value, resume=resume, overwrite=overwrite, inputs=videos,
+                    key=lambda rec: identity(rec["video"]))
+    if all(identity(v) in output.done for v in videos):
+        return summarize(captioning.Tally(skipped=len(videos)), "videos")
+    write_records(checkpoint(run, cache=False), run, given, output, "videos", lambda model: captioning.run(
+        model, videos, question, output, batch_size, start=window.start, end=window.end, **given))
+
+
+def write_records(found, run: Run, given: dict, output, unit: str, produce) -> None:
+    """Load the model, then let `produce(model)` write the records to `output` (opened after the load: a failed
+    load leaves an old file untouched); print the summary and exit with the run's code."""
     found.check_videos(found.settings(**given).frames)  # before the slow load
     try:
         loaded = load(found, run.no_compile)
         output.open()
-        tally = captioning.run(loaded, videos, question, output, batch_size, **given)
+        tally = produce(loaded)
     finally:
         output.close()
-    seconds = time.perf_counter() - tally.start
-    summary({"done": str(tally.done), "failed": str(tally.failed), "skipped": str(tally.skipped),
-             "videos/s": f"{(tally.done + tally.failed) / seconds:.2f}"})
+    summarize(tally, unit)
     raise typer.Exit(tally.exit_code())
+
+
+def summarize(tally, unit: str) -> None:
+    """Done, failed and skipped records, and how many `unit`s per second were answered."""
+    from videoqa.render import summary
+
+    answered = tally.done + tally.failed
+    rate = f"{answered / (time.perf_counter() - tally.start):.2f}" if answered else "-"
+    summary({"done": str(tally.done), "failed": str(tally.failed), "skipped": str(tally.skipped), f"{unit}/s": rate})
+
+
+def every_option(default: str):
+    return Annotated[Optional[str], typer.Option(
+        "--every", show_default=False,
+        help=f"Segment length: 30, 10s, 2m or 1:30 (seconds unless a unit is given) \\[default: {default}].")]
+
+
+class Cues(str, Enum):
+    srt = "srt"
+    vtt = "vtt"
+    jsonl = "jsonl"
+    md = "md"
+
+
+SUFFIXES = {".srt": "srt", ".vtt": "vtt", ".jsonl": "jsonl", ".md": "md", ".markdown": "md"}
+
+
+@app.command()
+@shared_options
+def timeline(
+    video: Annotated[Path, typer.Argument(help="Video file.", show_default=False, readable=False)],
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", show_default=False,
+        help="The question asked of each segment \\[default: the model's, \"Describe what happens in this part of "
+        "the video.\"].")] = None,
+    prompt_file: PromptFileOpt = None,
+    every: every_option("30s") = None,
+    segments: SegmentsOpt = None,
+    out: OutOpt = None,
+    fmt: Annotated[Optional[Cues], typer.Option(
+        "--format", show_default=False, help="srt, vtt, jsonl or md \\[default: from --out's suffix, else jsonl].")] = None,
+    batch_size: BatchOpt = 4,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    given: dict = None,
+    run: Run = None,
+) -> None:
+    """Describe a video segment by segment, with times: subtitles (SRT, WebVTT), JSONL records or Markdown.
+
+    Each segment is written as soon as its batch is done; --resume continues an interrupted timeline. Exit codes
+    as caption's: 6 some segments failed, 7 all failed, 130/143/129 stopped after the batch in flight.
+
+    [bold]Examples[/bold]
+
+      videoqa timeline film.mp4 --out film.srt
+
+      videoqa timeline lecture.mp4 --every 2m --format md > lecture.md
+
+      videoqa timeline film.mp4 --out film.vtt --resume
+    """
+    from videoqa import caption as captioning
+    from videoqa.questions import read_question
+    from videoqa.records import Output
+    from videoqa.session import segments as cut
+
+    question = None if prompt is None and prompt_file is None else read_question(prompt, prompt_file)
+    windows = cut(video, every=every, count=segments, default=30)
+    form = fmt.value if fmt else SUFFIXES.get(out.suffix.lower(), "jsonl") if out else "jsonl"
+    output = Output(out, form, resume=resume, overwrite=overwrite, inputs=[video], key=captioning.start_key)
+    todo = [w for w in windows if captioning.start_key({"start": w.start}) not in output.done]
+    if not todo:
+        return summarize(captioning.Tally(skipped=len(windows)), "segments")
+    write_records(checkpoint(run, cache=False), run, given, output, "segments", lambda model: captioning.drain(
+        lambda stop: model.timeline(video, question, windows=todo, batch_size=batch_size, stop=stop, **given),
+        output, len(todo), skipped=len(windows) - len(todo), what="timeline"))
+
+
+@app.command()
+@shared_options(settings=("frames",))
+def find(
+    video: Annotated[Path, typer.Argument(help="Video file.", show_default=False, readable=False)],
+    query: Annotated[str, typer.Argument(help="What to look for, e.g. \"a dog jumps into the pool\".",
+                                         show_default=False)],
+    every: every_option("10s") = None,
+    segments: SegmentsOpt = None,
+    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many segments to print, best first.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Every segment's start, end and score, as JSON.")] = False,
+    batch_size: BatchOpt = 4,
+    given: dict = None,
+    run: Run = None,
+) -> None:
+    """Find the moments of a video that match a description, without generating text.
+
+    Each segment is scored P(yes) / (P(yes) + P(no)) for "Does this part of the video show: QUERY? Answer yes or
+    no.", from the model's next-token distribution. Exit codes: 6 some segments could not be read, 7 none.
+
+    [bold]Examples[/bold]
+
+      videoqa find holiday.mp4 "a dog jumps into the pool"
+
+      videoqa find match.mp4 "a goal is scored" --every 5s --top 5 --json
+    """
+    from videoqa.output import check_stdout, display, print_json, write
+    from videoqa.questions import read_question
+    from videoqa.render import progress
+    from videoqa.session import segments as cut
+    from videoqa.windows import Window
+
+    check_stdout()
+    query = read_question(query, None)
+    windows = cut(video, every=every, count=segments, default=10)
+    found = checkpoint(run, cache=False)
+    found.check_videos(found.settings(**given).frames)  # before the slow load
+    loaded = load(found, run.no_compile)
+    with progress(f"Scoring {len(windows)} segments…"):
+        scored = loaded.find(video, query, windows=windows, batch_size=batch_size, frames=given["frames"])
+    if json_output:
+        print_json({"video": display(video), "query": query, "model": loaded.name, "segments": scored})
+    else:
+        best = sorted((s for s in scored if s["score"] is not None), key=lambda s: -s["score"])[:top]
+        write("".join(f"{Window(s['start'], s['end']).label()}  {s['score']:.2f}\n" for s in best))
+    failed = sum(s["error"] is not None for s in scored)
+    raise typer.Exit(Exit.OK if not failed else Exit.ALL_FAILED if failed == len(scored) else Exit.SOME_FAILED)
 
 
 cache_app = typer.Typer(help="The video feature cache: features of videos already seen, reused across runs.")

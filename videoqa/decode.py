@@ -124,6 +124,14 @@ def padded(padding: torch.Tensor | None, cache):
 
 
 @torch.inference_mode()
+def prefill(lm: LanguageModel, embeds: torch.Tensor, cache, padding: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) float32 logits of the token after each row: the prompt run once into the empty `cache`, left padding
+    (`padding`) masked as `generate` masks it."""
+    mask, positions, _ = padded(padding, cache)
+    return forward(lm, embeds, cache, mask, positions)
+
+
+@torch.inference_mode()
 def generate(
     lm: LanguageModel, embeds: torch.Tensor, cache, max_new_tokens: int, eos_id: int, sampling: Sampling,
     padding: torch.Tensor | None = None, step=decode_step,

@@ -20,6 +20,8 @@ from videoqa.errors import Exit, VideoQAError
 
 VICUNA = "USER: {media}\n{question} ASSISTANT:"  # llava_v1, as the HF ports render it; {media} is the placeholder
 VICUNA_FOLLOWUP = "USER: {question} ASSISTANT:"  # later turns: `... ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+DESCRIBE = "Describe what happens in this part of the video."  # a timeline's question for each segment
+FIND = "Does this part of the video show: {query}? Answer yes or no."  # find's question; the answer's first token
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Family:
     image_features: Callable[[Any, Any], Any]  # (net, PIL image) -> (positions, D)
     template: str = VICUNA  # the first turn; {media} is the placeholder, {question} the question
     followup: str = VICUNA_FOLLOWUP  # later turns, after the previous answer and its EOS, tokenised without BOS
+    describe: str = DESCRIBE  # what a timeline asks of each segment by default
     video: Videos | None = None  # None: the family answers about still images only
     video_token: str = "<video>"
     image_token: str = "<image>"

@@ -1,8 +1,14 @@
-"""Stage 1: decode N uniformly spaced RGB frames from a video file with decord, or read a still image with Pillow.
+"""Stage 1: decode N uniformly spaced RGB frames from a video file with PyAV (FFmpeg), or read a still image with
+Pillow.
 
 The sampling rule is the one of the original Video-LLaVA training code:
-`np.linspace(0, n - 1, N, dtype=int)`, first and last frame included. A video
-with fewer than N frames repeats frames by the same rule.
+`np.linspace(0, n - 1, N, dtype=int)`, first and last frame included, over the frames of the video or of a time
+window of it. A video with fewer than N frames repeats frames by the same rule.
+
+Frames are found by seeking to the keyframe before them and decoding forward to their presentation timestamp, so
+sampling a long video decodes a few keyframe intervals, not the file. (decord, used before, returned wrong frames
+after seeking in long H.264 files: it skipped fewer frames than asked.) Frames and images come upright: video
+frames turned by their rotation metadata, images by their EXIF orientation.
 
 Images are told from videos by their suffix or, failing that, their header. What
 cannot be read is refused here, as one VideoQAError(Exit.INPUT) naming the file.
@@ -10,28 +16,31 @@ cannot be read is refused here, as one VideoQAError(Exit.INPUT) naming the file.
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import stat
-import sys
 import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from videoqa.errors import Exit, VideoQAError
+from videoqa.windows import WHOLE, Window
 
 
 @dataclass
 class Frames:
     pixels: np.ndarray | None  # (N, H, W, 3) uint8 RGB; None when the features came from the cache
-    indices: list[int]  # index of each sampled frame in the video
-    times: list[float]  # its presentation time in seconds
+    indices: list[int]  # index of each sampled frame in the whole video
+    times: list[float]  # its presentation time in seconds, from the video's start
+    warnings: list[str] = field(default_factory=list)  # e.g. that only part of the video decodes
+    window: Window = WHOLE  # the part of the video the frames were sampled from
 
     def listed(self) -> list[dict]:
         """Each sampled frame's {"index", "time"}, as records show them."""
@@ -98,29 +107,10 @@ def _spool(pipe: Path, copy: Path) -> None:
         raise VideoQAError(f"{pipe}: copying it to {copy.parent} failed: {e.strerror or e}", Exit.INPUT) from None
 
 
-_fd2 = threading.Lock()  # frames are read on background threads too; one redirection at a time
-_damaged = threading.Lock()  # where decoding of damaged data stops varies if two decoders run at once
-
-
-@contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """decord's C++ logger writes to fd 2 whatever its level; point fd 2 at /dev/null meanwhile."""
-    with _fd2:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 @contextmanager
 def _decoder_name(path: Path) -> Iterator[str]:
-    """The path as decord can open it: absolute, since FFmpeg reads a relative `name:rest` as the protocol `name`
-    (`http:`, `concat:`); a name that is not UTF-8, which decord cannot pass on, through a symlink."""
+    """The path as FFmpeg can open it: absolute, since FFmpeg reads a relative `name:rest` as the protocol `name`
+    (`http:`, `concat:`); a name that is not UTF-8, which PyAV cannot pass on, through a symlink."""
     absolute = os.path.abspath(path)
     try:
         absolute.encode()
@@ -132,110 +122,213 @@ def _decoder_name(path: Path) -> Iterator[str]:
     yield absolute
 
 
-def _open(path: Path, threads: int = 0):
-    import decord
+def _container(path: Path):
+    """The file opened by FFmpeg (its header read, nothing decoded), with a video stream, or the error that it is no
+    video."""
+    import av
 
-    decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines would flood stderr
     try:
-        with _stderr_silenced(), _decoder_name(path) as name:
-            return decord.VideoReader(name, ctx=decord.cpu(0), num_threads=threads)
+        with _decoder_name(path) as name:
+            container = av.open(name, metadata_errors="replace")
     except Exception:
+        container = None
+    if container is None or not container.streams.video:
+        if container is not None:
+            container.close()
         raise VideoQAError(f"{path}: not a readable video or image (no decodable video stream, no image format "
-                           "Pillow knows)", Exit.INPUT) from None
+                           "Pillow knows)", Exit.INPUT)
+    return container
 
 
-def open_video(path: Path, threads: int = 0):
-    """A reader over the video, or the error that it is not one. A file that is not a video fails at its header, at
-    once; a video is read through (decord indexes its packets) but no frame is decoded. So this comes before hashing
-    a file for the feature cache: a 20 GB file that is not a video is refused without being read."""
-    check_file(path)
-    return _open(path, threads)
+@dataclass(frozen=True)
+class Index:
+    """A video's frames as its packets list them, read without decoding a frame."""
+
+    pts: list[int]  # each frame's presentation timestamp in the stream's time base, in presentation order
+    times: list[float]  # the same in seconds from the stream's start
+    keys: list[int]  # positions (in that order) of the keyframes, where decoding can start; 0 always
+    end: float  # seconds: where the last frame ends
+    declared: int  # frames the header announces (from its duration where it gives no count)
+    length: float  # seconds the header announces
+    seekable: bool  # every packet has a timestamp, so a frame can be found by seeking
 
 
-def _decodable_count(path: Path) -> int:
-    """Frames a broken or header-less container really yields: decode until the first failure.
-
-    One decoder thread: with several, where damaged data stops decoding varies from run to run.
-    """
-    reader = _open(path, threads=1)
-    count = 0
-    while True:
-        try:
-            reader.next()
-        except Exception:  # StopIteration at the end, DECORDError at the damage
-            return count
-        count += 1
-
-
-def _unpadded(frame: np.ndarray) -> np.ndarray:
-    """The real (H, W, 3) pixels of a frame whose RGB rows FFmpeg padded for alignment.
-
-    When the padded row (`linesize`) is a multiple of the width, decord hands the frame over without copying, shaped
-    (H, W, linesize / W): the padding shows as extra channels (rows up to 64 px take 192 bytes, which 1-4, 6, 8, 12,
-    16, 24, 32 and 48 px divide; 96 and 144 px rows take 4 bytes a pixel). Keep the 3 W bytes of each row that are
-    pixels; other frames arrive as (H, W, 3) already.
-    """
-    height, width, channels = frame.shape
-    if channels == 3:
-        return frame
-    return frame.reshape(height, width * channels)[:, : width * 3].reshape(height, width, 3)
-
-
-def _sample(reader, indices: list[int]) -> np.ndarray | None:
-    """The frames at `indices`, or None where the video is damaged.
-
-    decord's batch copy refuses frames with padded rows (see `_unpadded`); those are read one by one instead.
-    """
+def _packets(container, stream) -> list[tuple[int | None, bool]]:
+    """(timestamp, keyframe) of each video packet; the file is read through, up to its damage if it has one."""
+    found = []
     try:
-        return reader.get_batch(indices).asnumpy()
-    except Exception:
+        for packet in container.demux(stream):
+            if packet.size:
+                found.append((packet.pts if packet.pts is not None else packet.dts, packet.is_keyframe))
+    except Exception:  # damaged data: the packets before it are the index
         pass
-    try:
-        if reader[indices[0]].shape[2] == 3:
-            return None  # the batch failed on damaged data, not on padded rows
-        return np.stack([_unpadded(reader[i].asnumpy()) for i in indices])
-    except Exception:
-        return None
+    return found
 
 
-def _decode_prefix(path: Path, count: int, n: int) -> tuple[list[int], np.ndarray | None]:
-    """Sample `count` of the first `n` frames, decoding in order; if the damage comes earlier this time, sample less."""
-    while n > 0:
-        indices = frame_indices(n, count)
-        reader = _open(path, threads=1)
-        kept, i = {}, 0
+def _index(path: Path, container, stream) -> Index:
+    packets = _packets(container, stream)
+    if not packets:
+        raise VideoQAError(f"{path}: video is corrupted or truncated, no frame decodes", Exit.INPUT)
+    rate = float(stream.average_rate or stream.guessed_rate or 25)
+    seekable = all(pts is not None for pts, _ in packets)
+    ordered = sorted(packets) if seekable else [(i, key) for i, (_, key) in enumerate(packets)]
+    pts = [stamp for stamp, _ in ordered]
+    base, unit = (stream.start_time or 0, float(stream.time_base)) if seekable else (0, 1 / rate)
+    times = [(stamp - base) * unit for stamp in pts]
+    end = times[-1] + 1 / rate
+    length = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6 or end
+    declared = stream.frames or round(length * rate)
+    keys = sorted({0, *(i for i, (_, key) in enumerate(ordered) if key)})
+    return Index(pts, times, keys, end, declared, length, seekable)
+
+
+class Damaged(Exception):
+    """A frame did not decode: the data is damaged or missing."""
+
+
+def upright(frame) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB, turned as its display matrix says (phones record portrait video as
+    landscape frames with a rotation), so the model sees what a player shows."""
+    pixels = frame.to_ndarray(format="rgb24")
+    turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns
+    return np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
+
+
+class Video:
+    """An open video file: its frame index, built on first need from the packets (the file is read through, no frame
+    decoded), and one decoder that moves forward through the file. It seeks to the keyframe before a wanted frame
+    only where that skips frames it would otherwise decode: a few frames of an hour of video cost a few keyframe
+    intervals of decoding, and consecutive windows are read in one forward pass. Frames are found by their
+    presentation timestamps, so every frame is the one the index names."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        self.path, self.container = path, _container(path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"  # frame and slice threads
+        self.stream.thread_count = threads  # 0: FFmpeg's choice
+        self.next: int | None = None  # the position of the frame the decoder gives next; None: seek first
+        self.decoded: Iterator | None = None
+        self._index: Index | None = None
+
+    def __enter__(self) -> Video:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.container.close()
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            self._index = _index(self.path, self.container, self.stream)
+        return self._index
+
+    def decode(self, positions: list[int]) -> np.ndarray:
+        """The upright frames at `positions` (ascending, repeats allowed), (N, H, W, 3) uint8; Damaged if one
+        does not decode."""
+        if not self.index.seekable:
+            raise Damaged  # without timestamps only decoding in order tells the frames apart
+        frames = {position: self._frame_at(position) for position in sorted(set(positions))}
+        return np.stack([frames[position] for position in positions])
+
+    def _frame_at(self, target: int) -> np.ndarray:
+        index = self.index
+        key = index.keys[bisect.bisect_right(index.keys, target) - 1]
+        if self.next is None or target < self.next or key > self.next:  # seeking skips frames: seek
+            self.container.seek(index.pts[key], stream=self.stream, backward=True)
+            self.decoded = self.container.decode(self.stream)
+        self.next, wanted = None, index.pts[target]
         try:
-            for i in range(indices[-1] + 1):
-                frame = _unpadded(reader.next().asnumpy())
-                if i in indices:
-                    kept[i] = frame
-            return indices, np.stack([kept[i] for i in indices])
-        except Exception:  # the decoder gave up at frame i this time: damaged data is not always read alike
-            n = i
+            frame = next(f for f in self.decoded if f.pts is not None and f.pts >= wanted)
+        except Exception:  # the end of the data (StopIteration) or damage (FFmpeg's errors)
+            raise Damaged from None
+        if frame.pts != wanted:
+            raise Damaged  # the decoder skipped the frame
+        self.next = target + 1
+        return upright(frame)
+
+    def in_order(self) -> Iterator:
+        """Every frame from the first, in order, until the end or the first that does not decode."""
+        try:
+            yield from self.container.decode(self.stream)
+        except Exception:  # FFmpeg's errors at damaged data
+            return
+
+    def sample(self, count: int, window: Window = WHOLE) -> Frames:
+        """`count` frames spread evenly over the frames inside `window` (training-code rule), found by seeking;
+        a damaged video is sampled over the part that decodes, and says so in the frames' warnings."""
+        index = self.index
+        inside = window.positions(index.times, index.end)
+        try:
+            chosen = [inside[i] for i in frame_indices(len(inside), count)]
+            pixels, decodable = self.decode(chosen), len(index.pts)
+        except Damaged:
+            decodable = _decodable(self.path)
+            chosen, pixels = _sample_in_order(self.path, [i for i in inside if i < decodable], count)
+            if pixels is None:
+                _no_frame(self.path, window, _partial(index, decodable))
+        times = [round(index.times[i], 3) for i in chosen]
+        return Frames(pixels=pixels, indices=chosen, times=times, warnings=_partial(index, decodable), window=window)
+
+
+def _decodable(path: Path) -> int:
+    """Frames a damaged video really yields: decode in order until the first failure (one decoder thread: with
+    several, where damaged data stops decoding can vary)."""
+    with Video(path, threads=1) as video:
+        return sum(1 for _ in video.in_order())
+
+
+def _sample_in_order(path: Path, inside: list[int], count: int) -> tuple[list[int], np.ndarray | None]:
+    """Sample `count` of the frames at `inside` (positions), decoding in order from the start; if the damage comes
+    earlier this time, sample fewer."""
+    while inside:
+        chosen = [inside[i] for i in frame_indices(len(inside), count)]
+        kept, decoded = {}, 0
+        with Video(path, threads=1) as video:
+            for decoded, frame in enumerate(video.in_order(), 1):
+                if decoded - 1 in chosen:
+                    kept[decoded - 1] = upright(frame)
+                if decoded - 1 == chosen[-1]:
+                    return chosen, np.stack([kept[i] for i in chosen])
+        inside = [i for i in inside if i < decoded]
     return [], None
 
 
-def _times(reader, indices: list[int]) -> list[float]:
-    try:
-        return [round(float(t), 3) for t in reader.get_frame_timestamp(indices)[:, 0]]
-    except Exception:  # containers without a frame index: fall back to the average rate
-        fps = reader.get_avg_fps() or 1.0
-        return [round(i / fps, 3) for i in indices]
+def _partial(index: Index, decodable: int) -> list[str]:
+    """Why an answer may miss part of the video: fewer frames decode than its header announces."""
+    if index.declared - decodable < 2:  # headers round their durations: one frame short is no damage
+        return []
+    reached = index.times[decodable] if decodable < len(index.times) else index.end
+    return [f"only {decodable} of {index.declared} frames decode ({index.times[0]:.2f}–{reached:.2f} s of "
+            f"{index.length:.1f} s)"]
 
 
-def read_frames(path: Path, count: int, reader=None, *, threads: int = 0) -> Frames:
-    """Sample `count` frames; damaged videos are sampled over the part that decodes. `reader`: the video's, from
-    `open_video`, when the caller opened it already (opening reads the whole file)."""
-    reader = open_video(path, threads) if reader is None else reader
-    n = len(reader)
-    indices = frame_indices(n, count) if n > 0 else []
-    pixels = _sample(reader, indices) if indices else None
-    if pixels is None:
-        with _damaged:
-            indices, pixels = _decode_prefix(path, count, _decodable_count(path))
-        if pixels is None:
-            raise VideoQAError(f"{path}: video is corrupted or truncated, no frame decodes", Exit.INPUT)
-    return Frames(pixels=pixels, indices=indices, times=_times(reader, indices))
+def _no_frame(path: Path, window: Window, partial: list[str]) -> None:
+    if window.whole:
+        raise VideoQAError(f"{path}: video is corrupted or truncated, no frame decodes", Exit.INPUT)
+    raise VideoQAError(f"{path}: no frame of the window {window.label()} decodes ({'; '.join(partial)})")
+
+
+def open_video(path: Path, threads: int = 0) -> Video:
+    """The video opened, or the error that it is not one. Only its header is read, so this comes before hashing a
+    file for the feature cache: a 20 GB file that is not a video is refused without being read."""
+    check_file(path)
+    return Video(path, threads)
+
+
+def read_frames(path: Path, count: int, reader: Video | None = None, *, threads: int = 0,
+                window: Window = WHOLE) -> Frames:
+    """Sample `count` frames of the video (of its `window`); damaged videos are sampled over the part that decodes.
+    `reader`: the video, from `open_video`, when the caller opened it already."""
+    if reader is not None:
+        return reader.sample(count, window)
+    with open_video(path, threads) as video:
+        return video.sample(count, window)
+
+
+def extent(path: Path) -> tuple[float, float]:
+    """(when the last frame starts, when the video ends), in seconds: what its segments are cut from."""
+    with open_video(path) as video:
+        return video.index.times[-1], video.index.end
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -294,8 +387,10 @@ def _decoded(image):
 
 
 def read_image(path: Path):
-    """A still image as RGB, for the image tower; Pillow reads it fully now so a broken file fails here."""
-    from PIL import Image
+    """A still image as RGB, for the image tower, upright: turned by its EXIF orientation (cameras store portrait
+    photos as landscape pixels with a tag), as viewers and transformers' `load_image` do. Pillow reads it fully now,
+    so a broken file fails here."""
+    from PIL import Image, ImageOps
 
     check_file(path)
     try:
@@ -304,7 +399,7 @@ def read_image(path: Path):
             if width * height > MAX_IMAGE_PIXELS:
                 raise VideoQAError(f"{path}: a {width} x {height} image, past the {MAX_IMAGE_PIXELS // 10**6} "
                                    "megapixels videoqa reads (a guard against decompression bombs)", Exit.INPUT)
-            return rgb(_decoded(image))
+            return rgb(ImageOps.exif_transpose(_decoded(image)))
     except VideoQAError:
         raise
     except Exception:

@@ -37,11 +37,12 @@ class Preset:
     template: str
     followup: str
     generation: dict[str, Any] = field(default_factory=dict)
+    describe: str = families.DESCRIBE  # a timeline's default question
 
 
 def of_family(family: Family, name: str = "", repo: str | None = None, revision: str = "main", **overrides) -> Preset:
     defaults = dict(frames=family.frames, template=family.template, followup=family.followup,
-                    generation=dict(family.generation))
+                    generation=dict(family.generation), describe=family.describe)
     return Preset(name=name, repo=repo, revision=revision, family=family, **{**defaults, **overrides})
 
 

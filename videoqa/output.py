@@ -1,5 +1,5 @@
-"""What goes to stdout or an output file: the one record schema, its JSON / JSONL / CSV / Markdown forms, and
-the answer streamed as plain text.
+"""What goes to stdout or an output file: the one record schema, its JSON / JSONL / CSV / Markdown forms, a
+timeline's SRT, WebVTT and Markdown forms, and the answer streamed as plain text.
 
 stdout failures are decided here once: a reader that went away (a closed pipe) ends the run quietly, any
 other failure to write (a full disk, a closed stdout) is a one-line error with exit code 2.
@@ -12,13 +12,15 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from videoqa.errors import VideoQAError
 
-FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "timings", "error"]
+FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "timings", "warnings", "error"]
 
 
 class OutputClosed(Exception):
@@ -52,6 +54,7 @@ def write(text: str) -> None:
 def record(
     *, video: Path | str | None, question: str, prompt: str, answer: str, tokens: list[int], frames: list[dict],
     model: str, timings: dict[str, float], error: str | None = None,
+    warnings: list[str] | None = None,
 ) -> dict:
     """The one schema of `ask --json`, chat turns, caption records and the API's `Answer.record()`."""
     return {
@@ -63,6 +66,7 @@ def record(
         "frames": frames,
         "model": model,
         "timings": {k: round(v, 4) for k, v in timings.items()},
+        "warnings": list(warnings or []),
         "error": error,
     }
 
@@ -98,22 +102,121 @@ def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False) -> N
     write("\n")
 
 
-def csv_lines(rec: dict, header: bool) -> str:
-    """A CSV row (after the header line, if asked); list and object fields JSON-encoded."""
+def csv_lines(rec: dict, number: int) -> str:
+    """A CSV row, after the header line for the first record; list and object fields JSON-encoded."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, FIELDS, lineterminator="\n", extrasaction="ignore")
-    if header:
+    if number == 1:
         writer.writeheader()
     writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in rec.items()})
     return buffer.getvalue()
 
 
-FORMATS: dict[str, Callable[[dict, bool], str]] = {"jsonl": lambda rec, header: json_line(rec), "csv": csv_lines}
-
-
 def split_lines(text: str) -> list[str]:
     """JSONL lines: split at "\\n" only (U+2028 and U+0085 may stand inside a JSON string)."""
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+class Foreign(ValueError):
+    """A file that is not a videoqa records file of its format, so it cannot be resumed; the message says why."""
+
+
+def read_jsonl(text: str) -> list[dict | None]:
+    """The records of a JSONL file; None for a line that is no JSON."""
+    records: list[dict | None] = []
+    for line in split_lines(text):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            records.append(None)
+    return records
+
+
+def read_csv(text: str) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if text and reader.fieldnames != FIELDS:
+        raise Foreign("its header is not videoqa's CSV header")
+    return list(reader)
+
+
+def cue_text(rec: dict) -> str:
+    """A timeline record's text as one cue or section: the answer (or why there is none) without blank lines, which
+    end a cue, and without `-->`, which starts one."""
+    text = rec["answer"] or (f"[no answer: {rec['error']}]" if rec.get("error") else "[no answer]")
+    return "\n".join(line.strip() for line in text.replace("-->", "→").splitlines() if line.strip())
+
+
+def stamp(seconds: float, mark: str) -> str:
+    """HH:MM:SS,mmm (SRT, `mark` ",") or HH:MM:SS.mmm (WebVTT, ".")."""
+    hours, millis = divmod(round(seconds * 1000), 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{millis // 1000:02d}{mark}{millis % 1000:03d}"
+
+
+def srt_cue(rec: dict, number: int) -> str:
+    return f"{number}\n{stamp(rec['start'], ',')} --> {stamp(rec['end'], ',')}\n{cue_text(rec)}\n\n"
+
+
+def vtt_cue(rec: dict, number: int) -> str:
+    """A WebVTT cue (after the file's header for the first); &, < and > escaped, as cue text requires."""
+    text = cue_text(rec).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    header = "WEBVTT\n\n" if number == 1 else ""
+    return f"{header}{stamp(rec['start'], '.')} --> {stamp(rec['end'], '.')}\n{text}\n\n"
+
+
+def md_section(rec: dict, number: int) -> str:
+    """A `## 00:00–00:30` section (after the file's title for the first); no blank line inside, so a blank line
+    ends each section as it ends a cue."""
+    from videoqa.windows import clock
+
+    title = f"# Timeline of {display(rec['video'])}\n\n" if number == 1 else ""
+    return f"{title}## {clock(rec['start'])}–{clock(rec['end'])}\n{cue_text(rec)}\n\n"
+
+
+TIMING = re.compile(r"(\d+:\d\d:\d\d[,.]\d{3}) --> (\d+:\d\d:\d\d[,.]\d{3})")
+HEADING = re.compile(r"## (\S+)–(\S+)")
+
+
+def _spans(blocks: list[str], pattern: re.Pattern, line: int) -> list[dict | None]:
+    """{"start", "end"} of each block whose `line` matches `pattern`, None for a block that does not."""
+    from videoqa.windows import parse_time
+
+    found: list[dict | None] = []
+    for block in blocks:
+        lines = block.split("\n")
+        match = pattern.fullmatch(lines[line]) if len(lines) > line else None
+        found.append(None if match is None else {
+            "start": parse_time(match[1].replace(",", ".")), "end": parse_time(match[2].replace(",", "."))})
+    return found
+
+
+def _blocks(text: str, header: str | None = None) -> list[str]:
+    """The blank-line-separated blocks of a cue file, less its header block (which must be there, if any)."""
+    blocks = [block for block in text.split("\n\n") if block.strip()]
+    if header is not None and blocks:
+        if not blocks[0].startswith(header):
+            raise Foreign(f"it does not start with {header!r}")
+        blocks = blocks[1:]
+    return blocks
+
+
+@dataclass(frozen=True)
+class Form:
+    """A records file format: a record as text (`number` counts from 1; the first carries the file's header), what
+    ends a whole entry, and the entries of a file read back (None for one that is not a record), for --resume."""
+
+    entry: Callable[[dict, int], str]
+    read: Callable[[str], list[dict | None]]
+    end: str = "\n"
+
+
+FORMS = {
+    "jsonl": Form(lambda rec, number: json_line(rec), read_jsonl),
+    "csv": Form(csv_lines, read_csv),
+    "srt": Form(srt_cue, lambda text: _spans(_blocks(text), TIMING, 1), "\n\n"),
+    "vtt": Form(vtt_cue, lambda text: _spans(_blocks(text, "WEBVTT"), TIMING, 0), "\n\n"),
+    "md": Form(md_section, lambda text: _spans(_blocks(text, "# "), HEADING, 0), "\n\n"),
+}
 
 
 def markdown(model: str, media: Path | str | None, turns: list[dict]) -> str:

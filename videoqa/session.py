@@ -12,17 +12,23 @@ video (and refuse a bad one) before the slow load. Notices (a feature cache that
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from videoqa import models, output
+from videoqa import windows as timing
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames, check_file, is_image, read_image
 from videoqa.settings import Settings, defaults
+from videoqa.windows import Window
+
+Time = str | float | None  # seconds, or "[HH:]MM:SS[.mmm]"; None: the start or end of the video
 
 log = logging.getLogger("videoqa")
 
@@ -48,11 +54,13 @@ class Answer:
     frames: list[dict]  # {"index", "time"} of each sampled frame; empty for an image
     model: str
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. that only part of the video decodes
 
     def record(self) -> dict:
         """The `--json` schema (README: Scripting)."""
         return output.record(video=self.video, question=self.question, prompt=self.prompt, answer=self.text,
-                             tokens=self.tokens, frames=self.frames, model=self.model, timings=self.timings)
+                             tokens=self.tokens, frames=self.frames, model=self.model, timings=self.timings,
+                             warnings=self.warnings)
 
 
 class Checkpoint:
@@ -99,20 +107,25 @@ class Checkpoint:
                 f"{self.context}; use at most {self.family.video.max_frames(self.config, self.context)} frames"
             )
 
-    def media(self, path: str | Path, frames: int | None = None) -> Media:
-        """A video (`frames` sampled, the preset's count by default) or an image, read and checked."""
+    def media(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> Media:
+        """A video (`frames` sampled, the preset's count by default, from its window [start, end) if given) or an
+        image, read and checked. What a damaged video's frames warn of goes to the logger too."""
         from videoqa.cache import read_video
 
-        path = Path(path)
+        path, window = Path(path), timing.window(start, end)
         check_file(path)
         self.resolve()
-        start = time.perf_counter()
+        began = time.perf_counter()
         if is_image(path):
-            return Media(path, image=read_image(path), seconds=time.perf_counter() - start)
+            if not window.whole:
+                raise VideoQAError(f"{path}: an image has no time window; start and end are for videos")
+            return Media(path, image=read_image(path), seconds=time.perf_counter() - began)
         frames = frames or self.preset.frames
         self.check_videos(frames)
-        sampled, features = read_video(path, frames, self.cache)
-        return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - start)
+        sampled, features = read_video(path, frames, self.cache, window)
+        for warning in sampled.warnings:
+            log.warning(f"{output.display(path)}: {warning}")
+        return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - began)
 
     def load(self, *, compile: bool = True) -> Model:
         """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only)."""
@@ -121,6 +134,31 @@ class Checkpoint:
         net, tokenizer = models.load(self.path, self.family, self.config, self.device, self.dtype)
         return Model(self, net, tokenizer, compile=compile and self.device.type == "cuda",
                      seconds=time.perf_counter() - start)
+
+
+def segments(video: str | Path, *, every: str | float | None = None, count: int | None = None,
+             default: str | float | None = None) -> list[Window]:
+    """The consecutive windows a timeline or a search cuts `video` into: `every` seconds long (a length such as 30,
+    "10s", "2m" or "1:30"; `default` when neither this nor `count` is given), or `count` equal parts; the last ends
+    at the video's end. The video is opened to find its length (a file that is no video is refused here)."""
+    from videoqa.frames import extent
+
+    every = default if every is None and count is None else every
+    length = None if every is None else timing.parse_duration(every)
+    if length is not None and count is not None:
+        raise VideoQAError("--every and --segments: give one of them")
+    last, end = extent(Path(video))
+    return timing.segments(last, end, every=length, count=count)
+
+
+@contextmanager
+def _walker(video: str | Path, frames: int) -> Iterator[Callable]:
+    """How a job's frames are read for the segments of one video: `frames` sampled from its window by one decoder
+    that walks the file forward (segments in order: a single pass, seeking past what no segment needs)."""
+    from videoqa.frames import open_video
+
+    with open_video(Path(video)) as opened:
+        yield lambda job: opened.sample(frames, job.window)
 
 
 def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto", cache: bool = True,
@@ -146,48 +184,98 @@ class Model:
     def settings(self, **given: Any) -> Settings:
         return self.checkpoint.settings(**given)
 
-    def media(self, path: str | Path, frames: int | None = None) -> Media:
-        return self.checkpoint.media(path, frames)
+    def media(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> Media:
+        return self.checkpoint.media(path, frames, start=start, end=end)
 
-    def chat(self, media: str | Path | Media, **settings: Any) -> Chat:
-        """A conversation about one video or image: its features are computed once, its KV cache kept."""
+    def chat(self, media: str | Path | Media, *, start: Time = None, end: Time = None, **settings: Any) -> Chat:
+        """A conversation about one video (or its window [start, end)) or image: its features are computed once,
+        its KV cache kept."""
         chosen = self.settings(**settings)
         if not isinstance(media, Media):
-            media = self.media(media, chosen.frames)
+            media = self.media(media, chosen.frames, start=start, end=end)
         return Chat(self, media, chosen)
 
-    def ask(self, media: str | Path | Media, question: str, **settings: Any) -> Answer:
+    def ask(self, media: str | Path | Media, question: str, *, start: Time = None, end: Time = None,
+            **settings: Any) -> Answer:
         """One question, one answer: a one-turn chat."""
         frames = settings.pop("frames", None)
-        return self.chat(media, frames=frames).ask(question, **settings)
+        return self.chat(media, frames=frames, start=start, end=end).ask(question, **settings)
 
-    def stream(self, media: str | Path | Media, question: str, **settings: Any) -> Iterator[str]:
+    def stream(self, media: str | Path | Media, question: str, *, start: Time = None, end: Time = None,
+               **settings: Any) -> Iterator[str]:
         """The answer's text as it is generated."""
         frames = settings.pop("frames", None)
-        yield from self.chat(media, frames=frames).stream(question, **settings)
+        yield from self.chat(media, frames=frames, start=start, end=end).stream(question, **settings)
 
-    def features(self, media: str | Path | Media, frames: int | None = None):
+    def features(self, media: str | Path | Media, frames: int | None = None, *, start: Time = None,
+                 end: Time = None):
         """Projected visual features, (positions, hidden): what is spliced over the placeholder; a video embedding."""
         if not isinstance(media, Media):
-            media = self.media(media, frames)
+            media = self.media(media, frames, start=start, end=end)
         return self.encode(media)
 
     def caption(self, videos: Iterable[str | Path], prompt: str | Sequence[str] = "Describe this video.", *,
-                batch_size: int = 4, stop: Callable[[], bool] = lambda: False, **settings: Any) -> Iterator[dict]:
+                start: Time = None, end: Time = None, batch_size: int = 4, stop: Callable[[], bool] = lambda: False,
+                **settings: Any) -> Iterator[dict]:
         """One record per video (the `--json` schema, `error` set for a video that could not be answered), in
-        order. `prompt`: one question for every video, or one per video. Videos are decoded ahead on background
-        threads and answered `batch_size` at a time; `stop()` is asked after each batch."""
-        from videoqa.batch import records
+        order. `prompt`: one question for every video, or one per video; [start, end): the window of each video.
+        Videos are decoded ahead on background threads and answered `batch_size` at a time; `stop()` is asked
+        after each batch."""
+        from videoqa.batch import Job, records
         from videoqa.questions import check_question
 
-        chosen = self.settings(**settings)
+        chosen, window = self.settings(**settings), timing.window(start, end)
         self.checkpoint.check_videos(chosen.frames)
         videos = [Path(v) for v in videos]
         prompts = [prompt] * len(videos) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(videos):
             raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
-        jobs = list(zip(videos, map(check_question, prompts)))
+        jobs = [Job(video, question, window) for video, question in zip(videos, map(check_question, prompts))]
         yield from records(self, jobs, chosen, batch_size, stop)
+
+    def timeline(self, video: str | Path, prompt: str | None = None, *, every: str | float | None = None,
+                 count: int | None = None, windows: Sequence[Window] | None = None, batch_size: int = 4,
+                 stop: Callable[[], bool] = lambda: False, **settings: Any) -> Iterator[dict]:
+        """One record per segment of the video, in order: the `--json` schema plus the segment's `start` and `end`
+        (s). Segments last `every` (30 s unless `count` equal parts or the `windows` are given); `prompt` is the
+        preset's describe prompt by default. The segments' frames are decoded ahead in one forward pass over the
+        file, on a background thread, and answered `batch_size` at a time; `stop()` is asked after each batch."""
+        from videoqa.batch import records
+
+        chosen = self.settings(**settings)
+        jobs = self._segment_jobs(video, prompt or self.preset.describe, chosen.frames, every=every, count=count,
+                                  windows=windows, default=30)
+        with _walker(video, chosen.frames) as read:
+            for rec, job in zip(records(self, jobs, chosen, batch_size, stop, read=read, workers=1), jobs):
+                yield {**rec, "start": job.window.start, "end": job.window.end}
+
+    def find(self, video: str | Path, query: str, *, every: str | float | None = None, count: int | None = None,
+             windows: Sequence[Window] | None = None, batch_size: int = 4, frames: int | None = None) -> list[dict]:
+        """How well each segment of the video (10 s long unless `every`, `count` or `windows` say otherwise) shows
+        `query`, without generating text: the model is prefilled with the template and FIND's question, and the
+        score is P(yes) / (P(yes) + P(no)) of its next token. One {"start", "end", "score", "frames", "warnings",
+        "error"} per segment, in time order (`score` None and `error` set where a segment could not be read)."""
+        from videoqa.batch import scores
+        from videoqa.families import FIND
+        from videoqa.questions import check_question
+
+        count_of = self.settings(frames=frames).frames
+        question = FIND.format(query=check_question(query).rstrip(".?! "))
+        jobs = self._segment_jobs(video, question, count_of, every=every, count=count, windows=windows, default=10)
+        with _walker(video, count_of) as read:
+            return list(scores(self, jobs, read, batch_size, workers=1))
+
+    def _segment_jobs(self, video: str | Path, question: str, frames: int, *, every: str | float | None,
+                      count: int | None, windows: Sequence[Window] | None, default: float) -> list:
+        """A job per segment of the video: the `windows` given, or those of `every` or `count` (`default` s long
+        when neither is given)."""
+        from videoqa.batch import Job
+        from videoqa.questions import check_question
+
+        self.checkpoint.check_videos(frames)
+        if windows is None:
+            windows = segments(video, every=every, count=count, default=default)
+        return [Job(Path(video), check_question(question), window) for window in windows]
 
     def encode(self, media: Media):
         """The media's features: from the cache, or through the vision tower (then kept in the cache)."""
@@ -217,12 +305,42 @@ class Model:
         """The one decode path: rows of ids (left-padded into `cache` when their lengths differ) with `features`
         spliced over their `placeholder` positions, prefilled, then decoded token by token ((B,) ids per step)."""
         from videoqa.decode import compiled_step, decode_step, generate
+
+        embeds, padding = self.embedded(rows, features, placeholder)
+        step = compiled_step() if self.compiled else decode_step
+        return generate(self.lm, embeds, cache, budget, self.tokenizer.eos_token_id, settings.sampling, padding, step)
+
+    def next_logits(self, rows: list[list[int]], features, placeholder: str):
+        """(B, V) float32 logits of the token after each row, the rows made as for `generate`: one prefill, no
+        decoding."""
+        from videoqa.decode import prefill, static_cache
+
+        embeds, padding = self.embedded(rows, features, placeholder)
+        return prefill(self.lm, embeds, static_cache(self.net.config.text_config, embeds.shape[1]), padding)
+
+    def embedded(self, rows: list[list[int]], features, placeholder: str):
+        """(B, L, D) embeddings of the rows, left-padded, with `features` over the `placeholder` positions; and the
+        (B, L) mask of real tokens (None: no row is padded)."""
         from videoqa.prompt import left_pad, splice
 
         ids, padding = left_pad(rows, self.pad_id, self.net.device)
-        embeds = splice(self.lm.embed, ids, features, self.tokenizer.convert_tokens_to_ids(placeholder))
-        step = compiled_step() if self.compiled else decode_step
-        return generate(self.lm, embeds, cache, budget, self.tokenizer.eos_token_id, settings.sampling, padding, step)
+        return splice(self.lm.embed, ids, features, self.tokenizer.convert_tokens_to_ids(placeholder)), padding
+
+    @functools.cached_property
+    def answer_ids(self) -> tuple[int, int]:
+        """The ids of "Yes" and "No" as the first token of an answer after the template: " Yes" after a template
+        that ends in a word or punctuation (`ASSISTANT:`), "Yes" after one that ends in white space (ChatML's
+        newline); read off the tokenizer, which encodes the answer after the template."""
+        from videoqa.prompt import text_ids
+
+        prompt = self.preset.template.format(media=self.family.video_token, question="?")
+        base, space = text_ids(self.tokenizer, prompt), "" if prompt[-1].isspace() else " "
+
+        def first(word: str) -> int:
+            ids = text_ids(self.tokenizer, prompt + space + word)
+            return ids[next((i for i, (a, b) in enumerate(zip(ids, base)) if a != b), len(base))]
+
+        return first("Yes"), first("No")
 
     @property
     def pad_id(self) -> int:
@@ -294,8 +412,10 @@ class Chat:
         preset = self.model.preset
         prompt = preset.followup.format(question=question) if self.ids else preset.template.format(
             media=self.placeholder, question=question)
+        frames = self.media.frames
         turn = Answer(video=self.media.path, question=question, prompt=prompt, text="", tokens=[],
-                      frames=self.media.frames.listed() if self.media.frames else [], model=self.model.name)
+                      frames=frames.listed() if frames else [], model=self.model.name,
+                      warnings=frames.warnings if frames else [])
         return self._answer(turn, ids, min(chosen.max_new_tokens, self.model.context - len(ids)), chosen)
 
     def _cache_for(self, length: int):
