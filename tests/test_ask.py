@@ -128,3 +128,15 @@ def test_format_json_is_json(cli, tiny_model):
     assert shown["tokens"] == json.loads(cli("ask", path, "Why?", "-m", tiny_model, "-n", 4, "--json").out)["tokens"]
     text = cli("ask", path, "Why?", "-m", tiny_model, "-n", 4, "--format", "text")
     assert text.out == shown["answer"] + "\n"
+
+
+def test_a_video_that_decodes_in_part_is_answered_with_a_warning(cli, tiny_model, tmp_path):
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(asset("videos/videollava_sample_demo_1.mp4").read_bytes()[:200_000])  # the header says 243
+    result = cli("ask", cut, "What happens?", "-m", tiny_model, "-n", 2, "--json")
+    assert result.code == 0, result
+    record = json.loads(result.out)
+    [warning] = record["warnings"]
+    assert warning.startswith("only ") and " of 243 frames decode (0.00–" in warning and warning.endswith(" of 9.7 s)")
+    assert result.err == f"note: {cut}: {warning}\n"  # and a note on stderr
+    assert max(f["index"] for f in record["frames"]) < 30

@@ -302,3 +302,14 @@ def test_prompt_file_byte_order_mark_is_dropped(cli, tiny_model, tmp_path):
     assert record["question"] == "What happens?" and record["tokens"] == plain["tokens"]
     captioned = cli("caption", video, "--prompt-file", question, "-m", tiny_model, "-n", 4)
     assert json.loads(captioned.out)["question"] == "What happens?"
+
+
+def test_a_video_that_decodes_in_part_has_a_warning_in_its_record(cli, tiny_model, folder, tmp_path):
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(asset(f"videos/{REAL[0]}").read_bytes()[:200_000])
+    result = cli("caption", folder / REAL[0], cut, "-m", tiny_model, "-n", 2)
+    assert result.code == 0, result
+    whole, partial = [json.loads(line) for line in result.out.splitlines()]
+    assert whole["warnings"] == [] and partial["error"] is None
+    assert len(partial["warnings"]) == 1 and " of 243 frames decode" in partial["warnings"][0]
+    assert f"note: {cut}: {partial['warnings'][0]}" in result.err

@@ -86,3 +86,122 @@ def test_decoder_log_noise_is_silenced(tmp_path, capfd):
     with pytest.raises(VideoQAError):
         read_frames(junk, 8)
     assert capfd.readouterr().err == ""
+
+
+def pyav_frames(path: Path) -> list:
+    """Every frame of the video, in order, as PyAV decodes it sequentially (no seeking): the reference."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [(frame.to_ndarray(format="rgb24"), frame.rotation) for frame in container.decode(video=0)]
+
+
+def clip_reference(images: list, size: int = 224) -> np.ndarray:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return processor(images, return_tensors="np").pixel_values
+
+
+@needs_assets
+@pytest.mark.parametrize("name, rotation, shape", [("decord_video_90.mov", -90, (568, 320, 3)),
+                                                   ("decord_video_180.mov", -180, (320, 568, 3)),
+                                                   ("decord_video_270.mov", 90, (568, 320, 3))])
+def test_rotated_videos_are_read_upright(name, rotation, shape):
+    """The frames are turned as the display matrix says (PyAV's `frame.rotation`: degrees counter-clockwise), so the
+    tower sees what a player shows: the portrait videos come portrait."""
+    from PIL import Image
+
+    from videoqa.pixels import clip_pixels
+
+    stored = pyav_frames(asset(f"videos/edge_cases/{name}"))
+    assert {turn for _, turn in stored} == {rotation} and stored[0][0].shape == (320, 568, 3)  # stored landscape
+    upright = [np.rot90(pixels, rotation // 90) for pixels, _ in stored]
+    frames = read_frames(asset(f"videos/edge_cases/{name}"), 3)
+    assert frames.pixels.shape == (3, *shape)
+    assert all(np.array_equal(ours, theirs) for ours, theirs in zip(frames.pixels, upright))
+    ours = clip_pixels(frames.pixels, 224)
+    assert np.abs(ours - clip_reference([Image.fromarray(np.ascontiguousarray(f)) for f in upright])).max() < 1e-5
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_to_images(tmp_path, orientation):
+    """A photo stored turned, with the EXIF tag that says how to turn it back (3: 180°, 6: 90° clockwise, 8: 90°
+    counter-clockwise), reads as the upright picture; its CLIP pixels equal those of transformers' `load_image`."""
+    from PIL import Image
+    from transformers.image_utils import load_image
+
+    from videoqa.frames import read_image
+    from videoqa.pixels import clip_pixels
+
+    upright = np.zeros((64, 96, 3), np.uint8)  # landscape: white on the left third, red along the top
+    upright[:, :32] = 255
+    upright[:8, :, 0] = 255
+    stored = np.rot90(upright, {3: 2, 6: 1, 8: -1}[orientation])  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / "photo.jpg", quality=100, exif=exif.tobytes())
+    image = read_image(tmp_path / "photo.jpg")
+    assert image.size == (96, 64)
+    assert np.abs(np.asarray(image).astype(int) - upright).mean() < 3  # JPEG's loss only
+    reference = clip_reference([load_image(str(tmp_path / "photo.jpg"))])
+    assert np.abs(clip_pixels([image], 224) - reference).max() < 1e-5
+
+
+def write_h264(path: Path, seconds: int, keyint: int) -> None:
+    """A moving gradient coded with libx264's B-frames (non-reference ones too), a keyframe every `keyint` frames."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"preset": "veryfast", "g": str(keyint), "keyint_min": str(keyint), "bf": "3"}
+        y, x = np.mgrid[0:48, 0:64]
+        for i in range(seconds * 25):
+            image = ((x + 2 * y + 3 * i) % 256).astype(np.uint8)[..., None].repeat(3, 2)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("start, end", [(None, None), (3.0, 9.0), (17.5, None)])
+def test_seeking_finds_the_frames_a_sequential_decode_gives(tmp_path, start, end):
+    from videoqa.windows import window
+
+    video = tmp_path / "gop.mp4"
+    write_h264(video, seconds=20, keyint=40)
+    reference = [pixels for pixels, _ in pyav_frames(video)]
+    frames = read_frames(video, 8, window=window(start, end))
+    inside = [i for i in range(500) if (start or 0) <= i / 25 < (end or 99)]
+    assert frames.indices == [inside[i] for i in frame_indices(len(inside), 8)]
+    assert all(np.array_equal(ours, reference[i]) for ours, i in zip(frames.pixels, frames.indices))
+
+
+@needs_assets
+def test_a_truncated_video_is_sampled_over_what_decodes_and_says_so(tmp_path):
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(asset("videos/videollava_sample_demo_1.mp4").read_bytes()[:200_000])  # the header says 243
+    decodable = len(pyav_frames_until_damage(cut))
+    frames = read_frames(cut, 8)
+    assert frames.indices == frame_indices(decodable, 8)
+    assert frames.warnings == [f"only {decodable} of 243 frames decode (0.00–{decodable / 25:.2f} s of 9.7 s)"]
+
+
+def pyav_frames_until_damage(path: Path) -> list:
+    import av
+
+    decoded = []
+    with av.open(str(path)) as container:
+        try:
+            for frame in container.decode(video=0):
+                decoded.append(frame)
+        except av.FFmpegError:
+            pass
+    return decoded
+
+
+@needs_assets
+def test_warnings_of_whole_and_damaged_videos():
+    assert read_frames(asset("videos/decord_flipping_a_pancake.mkv"), 8).warnings == []  # 310 of ~311 by duration
+    damaged = read_frames(asset("videos/edge_cases/decord_corrupted.mp4"), 8)
+    assert damaged.warnings in (["only 28 of 50 frames decode (0.00–2.80 s of 5.0 s)"],
+                                ["only 27 of 50 frames decode (0.00–2.70 s of 5.0 s)"])

@@ -45,8 +45,8 @@ def write_video(path: Path, width: int, height: int, count: int = 3) -> list[np.
 
 
 # Widths whose RGB rows FFmpeg pads to a multiple of the width (those dividing the 192 bytes of a row up to 64 px,
-# and 96 and 144 px): decord, the decoder before PyAV, reported the padding as extra channels. Heights of 1 and 2 px, and sizes that were
-# already read right, for contrast.
+# and 96 and 144 px): decord, the decoder before PyAV, reported the padding as extra channels. Heights of 1 and 2
+# px, and sizes that were already read right, for contrast.
 SIZES = [(1, 1), (1, 24), (2, 24), (3, 5), (4, 24), (6, 24), (8, 24), (16, 24), (32, 24), (48, 10), (96, 4),
          (144, 4), (24, 1), (64, 2), (30, 24), (64, 24), (7, 5)]
 

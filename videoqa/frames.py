@@ -175,7 +175,7 @@ def _index(path: Path, container, stream) -> Index:
     pts = [stamp for stamp, _ in ordered]
     base, unit = (stream.start_time or 0, float(stream.time_base)) if seekable else (0, 1 / rate)
     times = [(stamp - base) * unit for stamp in pts]
-    end = times[-1] + 1 / rate
+    end = round(times[-1] + 1 / rate, 6)  # 9.68 + 0.04 is 9.719999999999999 in floats
     length = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6 or end
     declared = stream.frames or round(length * rate)
     keys = sorted({0, *(i for i, (_, key) in enumerate(ordered) if key)})
