@@ -209,6 +209,8 @@ class Video:
         self.next: int | None = None  # the position of the frame the decoder gives next; None: seek first
         self.decoded: Iterator | None = None
         self._index: Index | None = None
+        self.counted: int | None = None  # frames that decode, as far as known (see `decodable`)
+        self.recounted = False  # whether they were counted from the start, after a frame failed to decode
 
     def __enter__(self) -> Video:
         return self
@@ -247,7 +249,8 @@ class Video:
         return upright(frame)
 
     def in_order(self) -> Iterator:
-        """Every frame from the first, in order, until the end or the first that does not decode."""
+        """Every frame from where the container stands (the first, in a fresh one), in order, until the end or the
+        first that does not decode."""
         try:
             yield from self.container.decode(self.stream)
         except Exception:  # FFmpeg's errors at damaged data
@@ -260,14 +263,33 @@ class Video:
         inside = window.positions(index.times, index.end)
         try:
             chosen = [inside[i] for i in frame_indices(len(inside), count)]
-            pixels, decodable = self.decode(chosen), len(index.pts)
+            pixels = self.decode(chosen)
+            decodable = self.decodable(damaged=False)
         except Damaged:
-            decodable = _decodable(self.path)
+            decodable = self.decodable(damaged=True)
             chosen, pixels = _sample_in_order(self.path, [i for i in inside if i < decodable], count)
             if pixels is None:
                 _no_frame(self.path, window, _partial(index, decodable))
         times = [round(index.times[i], 3) for i in chosen]
         return Frames(pixels=pixels, indices=chosen, times=times, warnings=_partial(index, decodable), window=window)
+
+    def decodable(self, damaged: bool) -> int:
+        """How many frames decode, found once for every window: all that the index lists, or, in a file shorter
+        than its header says (truncated), those up to where decoding its last keyframe interval stops; after a frame
+        failed to decode (`damaged`), those that decode in order from the start."""
+        if damaged and not self.recounted:
+            self.counted, self.recounted = _decodable(self.path), True
+        elif self.counted is None:
+            self.counted = self._tail()
+        return self.counted
+
+    def _tail(self) -> int:
+        index = self.index
+        if index.declared - len(index.pts) < 2 or not index.seekable:
+            return len(index.pts)
+        key, self.next = index.keys[-1], None  # the decoder is left where this stops: seek for the next frame
+        self.container.seek(index.pts[key], stream=self.stream, backward=True)
+        return key + sum(1 for frame in self.in_order() if frame.pts is not None and frame.pts >= index.pts[key])
 
 
 def _decodable(path: Path) -> int:
