@@ -253,10 +253,10 @@ def ask(
         Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False)
     ] = None,
     prompt_file: PromptFileOpt = None,
+    window=None,
     given: dict = None,
     run: Run = None,
     reply: Reply = None,
-    window=None,
 ) -> None:
     """Answer a question about a video (or an image, or a part of a video); the answer streams to stdout.
 
