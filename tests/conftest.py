@@ -130,6 +130,15 @@ def user_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def float32_on_cpu(monkeypatch):
+    """In-process runs compare with transformers in float32: `--dtype auto` is told the CPU has no native bfloat16
+    (the probe itself, and auto's bfloat16 pick, are tested on their own). Real processes keep the real probe."""
+    from videoqa import models
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+
+
 class Result:
     def __init__(self, code: int, out: str, err: str):
         self.code, self.out, self.err = code, out, err

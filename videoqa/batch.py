@@ -19,7 +19,7 @@ from videoqa import frames as framing
 from videoqa import output
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames
-from videoqa.session import Model
+from videoqa.session import ADVICE, Model
 from videoqa.settings import Settings
 
 
@@ -82,7 +82,7 @@ def prompt(model: Model, question: str) -> str:
 def failure(model: Model, ready: Ready, error: str) -> dict:
     """The record of a video that got no answer."""
     return output.record(video=ready.video, question=ready.question, prompt=prompt(model, ready.question), answer="",
-                         tokens=[], frames=[], model=model.name, timings={}, error=error)
+                         tokens=[], frames=[], model=model.name, runtime=model.runtime, timings={}, error=error)
 
 
 def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict]:
@@ -112,24 +112,30 @@ def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[
     return answers, {"vision": vision, "prefill": prefill, "decode": decode}
 
 
-def answered(model: Model, ready: list[Ready], settings: Settings) -> list[dict]:
-    """Records of videos answered together; if the batch fails as a whole, each is tried alone."""
+def answered(model: Model, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
+    """Records of videos answered together. Out of memory, the batch is answered in halves, down to one video
+    (each back-off counted in `stats`); a batch that fails otherwise is answered one video at a time."""
+    from videoqa.memory import is_oom
+
     try:
         answers, timings = answer_batch(model, ready, settings)
-    except VideoQAError as e:  # nothing in this batch can be answered, e.g. a prompt too long
-        return [failure(model, r, str(e)) for r in ready]
     except Exception as e:
-        if len(ready) > 1:
-            return [rec for one in ready for rec in answered(model, [one], settings)]
-        return [failure(model, ready[0], f"internal error: {type(e).__name__}: {e}")]
+        if len(ready) > 1 and (is_oom(e) or not isinstance(e, VideoQAError)):
+            half = (len(ready) + 1) // 2 if is_oom(e) else 1
+            stats["backoffs"] = stats.get("backoffs", 0) + is_oom(e)
+            parts = [ready[i : i + half] for i in range(0, len(ready), half)]
+            return [rec for part in parts for rec in answered(model, part, settings, stats)]
+        reason = str(e) if isinstance(e, VideoQAError) else f"internal error: {type(e).__name__}: {e}"
+        return [failure(model, r, f"out of memory: {ADVICE}" if is_oom(e) else reason) for r in ready]
     return [
         output.record(video=r.video, question=r.question, prompt=prompt(model, r.question), answer=model.decode(t),
-                      tokens=t, frames=r.frames.listed(), model=model.name, timings={"frames": r.waited, **timings})
+                      tokens=t, frames=r.frames.listed(), model=model.name, runtime=model.runtime,
+                      timings={"frames": r.waited, **timings})
         for r, t in zip(ready, answers)
     ]
 
 
-def batch_records(model: Model, batch: list[Future], settings: Settings) -> list[dict]:
+def batch_records(model: Model, batch: list[Future], settings: Settings, stats: dict) -> list[dict]:
     """Records for a batch, in order: an error record for each video that cannot be read, answers for the rest."""
     ready: list[Ready] = []
     for future in batch:
@@ -137,14 +143,14 @@ def batch_records(model: Model, batch: list[Future], settings: Settings) -> list
         ready.append(future.result())
         ready[-1].waited = time.perf_counter() - start
     good = [r for r in ready if r.error is None]
-    answers = iter(answered(model, good, settings) if good else [])
+    answers = iter(answered(model, good, settings, stats) if good else [])
     return [next(answers) if r.error is None else failure(model, r, r.error) for r in ready]
 
 
 def records(model: Model, jobs: list[tuple[Path, str]], settings: Settings, batch_size: int,
-            stop: Callable[[], bool]) -> Iterator[dict]:
+            stop: Callable[[], bool], stats: dict) -> Iterator[dict]:
     """One record per (video, question), in order, a batch at a time; `stop()` is asked after each batch."""
     for batch in batches(prefetched(model, jobs, settings.frames, ahead=2 * batch_size), batch_size):
-        yield from batch_records(model, batch, settings)
+        yield from batch_records(model, batch, settings, stats)
         if stop():
             return

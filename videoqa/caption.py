@@ -154,6 +154,7 @@ class Tally:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    backoffs: int = 0  # batches answered in halves after running out of memory
     stopped: int = 0  # the exit code of the signal that stopped the run, 0 if none did
     start: float = field(default_factory=time.perf_counter)
 
@@ -171,11 +172,11 @@ def run(model: Model, videos: list[Path], question: str, out: Output, batch_size
     todo = [v for v in videos if identity(v) not in out.done]
     tally = Tally(skipped=len(videos) - len(todo))
     with Interrupt(STOP_SIGNALS) as interrupt, progress_bar(len(todo), "captioning") as advance:
-        stop = lambda: interrupt.requested  # noqa: E731
-        for rec in model.caption(todo, question, batch_size=batch_size, stop=stop, **settings):
+        stop, stats = (lambda: interrupt.requested), {}
+        for rec in model.caption(todo, question, batch_size=batch_size, stop=stop, stats=stats, **settings):
             out.write(rec)
             tally.failed += rec["error"] is not None
             tally.done += rec["error"] is None
             advance(1)
-        tally.stopped = interrupt.code
+        tally.stopped, tally.backoffs = interrupt.code, stats.get("backoffs", 0)
     return tally

@@ -52,6 +52,12 @@ class DType(str, Enum):
     float32 = "float32"
 
 
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "int8"
+    nf4 = "nf4"
+
+
 DEBUG = False  # VIDEOQA_DEBUG=1 or --debug: errors keep their exit code and show a traceback too
 
 
@@ -65,7 +71,14 @@ ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Preset name, local Hugging Face directory, or hub id.")
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: float16 on cuda/mps, float32 on cpu.")]
+DTypeOpt = Annotated[DType, typer.Option(
+    "--dtype", help="auto: float16 on cuda/mps; on cpu bfloat16 where the CPU computes it natively, else float32.")]
+QuantizeOpt = Annotated[Quantize, typer.Option(
+    "--quantize", help="The language model's linear layers in int8 or nf4 (bitsandbytes: pip install 'videoqa[quant]').")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="Cap the memory the run may use below what the device has free, e.g. 6GB, 6GiB, 6000MB.",
+    show_default=False)]
+SkipCheckOpt = Annotated[bool, typer.Option("--skip-memory-check", help="Load even if the estimate says it does not fit.")]
 class Shown(str, Enum):
     text = "text"
     json = "json"
@@ -104,6 +117,9 @@ class Run:
     model: str
     device: Device
     dtype: DType
+    quantize: Quantize
+    max_memory: str | None
+    skip_memory_check: bool
     no_compile: bool
     quiet: bool
 
@@ -124,7 +140,9 @@ def _options(table: dict) -> list[inspect.Parameter]:
 
 RUN_OPTIONS = {  # Run's fields, then --debug (read by its callback)
     "model": (ModelOpt, "video-llava-7b"), "device": (DeviceOpt, Device.auto), "dtype": (DTypeOpt, DType.auto),
-    "no_compile": (NoCompileOpt, False), "quiet": (QuietOpt, False), "debug": (DebugOpt, False),
+    "quantize": (QuantizeOpt, Quantize.none), "max_memory": (MaxMemoryOpt, None),
+    "skip_memory_check": (SkipCheckOpt, False), "no_compile": (NoCompileOpt, False), "quiet": (QuietOpt, False),
+    "debug": (DebugOpt, False),
 }
 REPLY_OPTIONS = {"shown": (ShownOpt, Shown.text), "json_output": (JsonOpt, False), "no_cache": (NoCacheOpt, False)}
 
@@ -185,7 +203,8 @@ def checkpoint(run: Run, cache: bool):
     """The model to load, resolved on first need: a bad file is refused before the model is looked for."""
     from videoqa.session import Checkpoint
 
-    return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache)
+    return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache,
+                      quantize=run.quantize.value, max_memory=run.max_memory, check_memory=not run.skip_memory_check)
 
 
 def read_media(found, path: Path, frames: int | None):
@@ -200,13 +219,15 @@ def read_media(found, path: Path, frames: int | None):
     return replace(media, path=path)  # the answer names the pipe, not its copy
 
 
-def load(found, no_compile: bool):
+def load(found, run: Run, given: dict, batch_size: int = 1):
+    """The weights, once the run's estimate (its frames, answer length and batch) fits the device."""
     from videoqa.render import progress
 
     with progress("Finding the model…"):
         found.resolve()
     with progress(f"Loading {found.name}…"):
-        return found.load(compile=not no_compile)
+        return found.load(compile=not run.no_compile, frames=given["frames"], max_new_tokens=given["max_new_tokens"],
+                          batch_size=batch_size)
 
 
 @app.command()
@@ -246,7 +267,7 @@ def ask(
     question = read_question(question, prompt_file)
     found = checkpoint(run, cache=reply.cache)
     media = read_media(found, video, given["frames"])
-    loaded = load(found, run.no_compile)
+    loaded = load(found, run, given)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
     if reply.json:
@@ -288,7 +309,7 @@ def chat(
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
     found = checkpoint(run, cache=reply.cache)
     media = read_media(found, video, given["frames"]) if video is not None else None
-    session = Repl(load(found, run.no_compile), found.settings(**given), reply.json)
+    session = Repl(load(found, run, given), found.settings(**given), reply.json)
     if media is not None:
         session.open(media)
     interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not reply.json
@@ -352,14 +373,15 @@ def caption(
     found = checkpoint(run, cache=False)
     found.check_videos(found.settings(**given).frames)  # before the slow load
     try:
-        loaded = load(found, run.no_compile)
+        loaded = load(found, run, given, batch_size)
         output.open()
         tally = captioning.run(loaded, videos, question, output, batch_size, **given)
     finally:
         output.close()
     seconds = time.perf_counter() - tally.start
     summary({"done": str(tally.done), "failed": str(tally.failed), "skipped": str(tally.skipped),
-             "videos/s": f"{(tally.done + tally.failed) / seconds:.2f}"})
+             "videos/s": f"{(tally.done + tally.failed) / seconds:.2f}",
+             **({"backed off": f"{tally.backoffs} times (out of memory)"} if tally.backoffs else {})})
     raise typer.Exit(tally.exit_code())
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from videoqa.errors import VideoQAError
 
-FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "timings", "error"]
+FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "runtime", "timings", "error"]
 
 
 class OutputClosed(Exception):
@@ -51,7 +51,7 @@ def write(text: str) -> None:
 
 def record(
     *, video: Path | str | None, question: str, prompt: str, answer: str, tokens: list[int], frames: list[dict],
-    model: str, timings: dict[str, float], error: str | None = None,
+    model: str, runtime: dict[str, str], timings: dict[str, float], error: str | None = None,
 ) -> dict:
     """The one schema of `ask --json`, chat turns, caption records and the API's `Answer.record()`."""
     return {
@@ -62,6 +62,7 @@ def record(
         "tokens": tokens,
         "frames": frames,
         "model": model,
+        "runtime": runtime,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "error": error,
     }

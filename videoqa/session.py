@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from videoqa import models, output
+from videoqa import memory, models, output
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames, check_file, is_image, read_image
 from videoqa.settings import Settings, defaults
@@ -47,12 +47,14 @@ class Answer:
     tokens: list[int]  # as generated, EOS included if it ended the answer
     frames: list[dict]  # {"index", "time"} of each sampled frame; empty for an image
     model: str
+    runtime: dict[str, str]  # device, dtype and quantization it was computed with
     timings: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict:
         """The `--json` schema (README: Scripting)."""
         return output.record(video=self.video, question=self.question, prompt=self.prompt, answer=self.text,
-                             tokens=self.tokens, frames=self.frames, model=self.model, timings=self.timings)
+                             tokens=self.tokens, frames=self.frames, model=self.model, runtime=self.runtime,
+                             timings=self.timings)
 
 
 class Checkpoint:
@@ -60,8 +62,13 @@ class Checkpoint:
     feature cache), so that a bad file is refused before the model is looked for, and both before the load."""
 
     def __init__(self, model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto",
-                 cache: bool = True):
+                 cache: bool = True, quantize: str = "none", max_memory: str | float | None = None,
+                 check_memory: bool = True):
+        if quantize not in models.QUANTIZE:
+            raise VideoQAError(f"quantize {quantize!r}: one of {', '.join(models.QUANTIZE)}")
         self.name, self.options, self.resolved = str(model), (device, dtype, cache), False
+        self.quantize, self.check_memory = quantize, check_memory
+        self.max_memory = memory.parse_size(max_memory) if isinstance(max_memory, str) else max_memory
 
     def resolve(self) -> Checkpoint:
         """Find the model (downloading it if needed) and check it; pick the device and dtype. Once."""
@@ -114,19 +121,63 @@ class Checkpoint:
         sampled, features = read_video(path, frames, self.cache)
         return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - start)
 
-    def load(self, *, compile: bool = True) -> Model:
-        """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only)."""
+    def estimate(self, *, frames: int | None = None, max_new_tokens: int | None = None, batch_size: int = 1,
+                 quantize: str | None = None) -> memory.Estimate:
+        """What a question of `frames` frames (the preset's by default) answered with up to `max_new_tokens`
+        tokens, `batch_size` at a time, will need on the device: known before a weight is read."""
         self.resolve()
+        settings = self.settings(frames=frames, max_new_tokens=max_new_tokens)
+        vision = self.config.vision_config
+        tower_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        video = self.family.video
+        positions = video.positions(self.config, settings.frames) if video else 5 * tower_tokens  # AnyRes: 5 tiles
+        shape = memory.shape_of(self.path, self.config, self.family.vision_modules)
+        return memory.estimate(shape, dtype_bytes=self.dtype.itemsize, quantize=quantize or self.quantize,
+                               positions=positions + 64, new_tokens=settings.max_new_tokens, batch=batch_size,
+                               frames=settings.frames if video else 5, tower_tokens=tower_tokens)
+
+    def fit(self, **workload: Any) -> None:
+        """Refuse, with the figures and a way out, a run whose estimate passes what the device has free (or
+        --max-memory): exit code 8, before a weight is read."""
+        needed = self.estimate(**workload)
+        have, where = memory.free(self.device)
+        room = f"{where} has {memory.size(have)} free"
+        if self.max_memory is not None and self.max_memory < have:
+            have, room = self.max_memory, f"--max-memory allows {memory.size(self.max_memory)}"
+        if needed.total <= have:
+            return
+        ways = [] if self.quantize == "nf4" else [
+            f"--quantize nf4 (~{memory.size(self.estimate(**workload, quantize='nf4').total)})"]
+        if self.family.video and (workload.get("frames") or self.preset.frames) > 4:
+            ways.append("--frames 4")
+        raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}" + (f": try {' or '.join(ways)}" if ways else ""))
+
+    def load(self, *, compile: bool = True, **workload: Any) -> Model:
+        """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only).
+        Unless the checkpoint was made with check_memory=False, the run described by `workload` (frames,
+        max_new_tokens, batch_size; a default question if none) must fit first."""
+        self.resolve()
+        if self.check_memory:
+            self.fit(**workload)
         start = time.perf_counter()
-        net, tokenizer = models.load(self.path, self.family, self.config, self.device, self.dtype)
+        with memory.stage("loading the weights", ADVICE):
+            net, tokenizer = models.load(self.path, self.family, self.config, self.device, self.dtype, self.quantize)
         return Model(self, net, tokenizer, compile=compile and self.device.type == "cuda",
                      seconds=time.perf_counter() - start)
 
 
+ADVICE = "try --quantize nf4, fewer --frames, or a smaller --batch-size"
+
+
 def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto", cache: bool = True,
-         compile: bool = True) -> Model:
-    """A model ready to answer: a preset name, a local Hugging Face directory or a hub id."""
-    return Checkpoint(model, device=device, dtype=dtype, cache=cache).load(compile=compile)
+         compile: bool = True, quantize: str = "none", max_memory: str | float | None = None,
+         check_memory: bool = True) -> Model:
+    """A model ready to answer: a preset name, a local Hugging Face directory or a hub id. `quantize`: none, int8
+    or nf4 (the language model's linear layers; bitsandbytes); `max_memory`: a cap below what the device has
+    free (e.g. "6GB"); the memory check refuses a model that would not fit a default question."""
+    found = Checkpoint(model, device=device, dtype=dtype, cache=cache, quantize=quantize, max_memory=max_memory,
+                       check_memory=check_memory)
+    return found.load(compile=compile)
 
 
 class Model:
@@ -138,6 +189,8 @@ class Model:
         self.name, self.family, self.preset = checkpoint.name, checkpoint.family, checkpoint.preset
         self.lm = self.family.language_model(net)
         self.pending = {"load": seconds}  # reported with the first answer
+        self.runtime = {"device": str(net.device), "dtype": str(checkpoint.dtype).removeprefix("torch."),
+                        "quantize": checkpoint.quantize}
 
     @property
     def context(self) -> int:
@@ -173,10 +226,12 @@ class Model:
         return self.encode(media)
 
     def caption(self, videos: Iterable[str | Path], prompt: str | Sequence[str] = "Describe this video.", *,
-                batch_size: int = 4, stop: Callable[[], bool] = lambda: False, **settings: Any) -> Iterator[dict]:
+                batch_size: int = 4, stop: Callable[[], bool] = lambda: False, stats: dict | None = None,
+                **settings: Any) -> Iterator[dict]:
         """One record per video (the `--json` schema, `error` set for a video that could not be answered), in
         order. `prompt`: one question for every video, or one per video. Videos are decoded ahead on background
-        threads and answered `batch_size` at a time; `stop()` is asked after each batch."""
+        threads and answered `batch_size` at a time; `stop()` is asked after each batch. A batch that runs out of
+        memory is answered in halves; `stats["backoffs"]` counts how often."""
         from videoqa.batch import records
         from videoqa.questions import check_question
 
@@ -187,17 +242,18 @@ class Model:
         if len(prompts) != len(videos):
             raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
         jobs = list(zip(videos, map(check_question, prompts)))
-        yield from records(self, jobs, chosen, batch_size, stop)
+        yield from records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats)
 
     def encode(self, media: Media):
         """The media's features: from the cache, or through the vision tower (then kept in the cache)."""
         net = self.net
         if media.features is not None:
             return media.features.to(net.device, net.dtype)
-        if media.image is not None:
-            return self.family.image_features(net, media.image)
-        video = self.family.video
-        features = video.features(net, video.pixels(net.config, media.frames.pixels))
+        with memory.stage("the vision tower", ADVICE):
+            if media.image is not None:
+                return self.family.image_features(net, media.image)
+            video = self.family.video
+            features = video.features(net, video.pixels(net.config, media.frames.pixels))
         cache = self.checkpoint.cache
         # a pipe (read through a copy) is not kept: its content, the key, cannot be read again
         problem = cache.put(media.path, media.frames, features) if cache and media.path.is_file() else None
@@ -295,7 +351,8 @@ class Chat:
         prompt = preset.followup.format(question=question) if self.ids else preset.template.format(
             media=self.placeholder, question=question)
         turn = Answer(video=self.media.path, question=question, prompt=prompt, text="", tokens=[],
-                      frames=self.media.frames.listed() if self.media.frames else [], model=self.model.name)
+                      frames=self.media.frames.listed() if self.media.frames else [], model=self.model.name,
+                      runtime=self.model.runtime)
         return self._answer(turn, ids, min(chosen.max_new_tokens, self.model.context - len(ids)), chosen)
 
     def _cache_for(self, length: int):
@@ -326,8 +383,10 @@ class Chat:
                     timings["prefill"] = first - start
                 answer.append(int(tokens[0]))
                 yield answer[-1]
-        except BaseException:  # Ctrl-C or an abandoned answer: the turn is dropped, the cache cut back to before it
+        except BaseException as e:  # Ctrl-C, an abandoned answer or no memory: the turn is dropped, the cache cut back
             truncate(cache, cached)
+            if memory.is_oom(e):
+                raise memory.OutOfMemory(f"out of memory during {'decode' if answer else 'prefill'}: {ADVICE}") from None
             raise
         if len(answer) > 1:
             timings["decode"] = time.perf_counter() - first
