@@ -199,12 +199,15 @@ def quiet_mode(quiet: bool) -> None:
     stderr.quiet = quiet
 
 
-def checkpoint(run: Run, cache: bool):
-    """The model to load, resolved on first need: a bad file is refused before the model is looked for."""
+def checkpoint(run: Run, given: dict, cache: bool, batch_size: int = 1):
+    """The model to load, resolved on first need (a bad file is refused before the model is looked for), with
+    the run its memory is checked for: its frames, answer length and batch."""
     from videoqa.session import Checkpoint
 
+    workload = {"frames": given["frames"], "max_new_tokens": given["max_new_tokens"], "batch_size": batch_size}
     return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache,
-                      quantize=run.quantize.value, max_memory=run.max_memory, check_memory=not run.skip_memory_check)
+                      quantize=run.quantize.value, max_memory=run.max_memory, check_memory=not run.skip_memory_check,
+                      workload=workload)
 
 
 def read_media(found, path: Path, frames: int | None):
@@ -219,15 +222,13 @@ def read_media(found, path: Path, frames: int | None):
     return replace(media, path=path)  # the answer names the pipe, not its copy
 
 
-def load(found, run: Run, given: dict, batch_size: int = 1):
-    """The weights, once the run's estimate (its frames, answer length and batch) fits the device."""
+def load(found, run: Run):
     from videoqa.render import progress
 
     with progress("Finding the model…"):
         found.resolve()
     with progress(f"Loading {found.name}…"):
-        return found.load(compile=not run.no_compile, frames=given["frames"], max_new_tokens=given["max_new_tokens"],
-                          batch_size=batch_size)
+        return found.load(compile=not run.no_compile)
 
 
 @app.command()
@@ -265,9 +266,9 @@ def ask(
     if is_stdin(video) and (question == "-" or is_stdin(prompt_file)):
         raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
-    found = checkpoint(run, cache=reply.cache)
+    found = checkpoint(run, given, cache=reply.cache)
     media = read_media(found, video, given["frames"])
-    loaded = load(found, run, given)
+    loaded = load(found, run)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
     if reply.json:
@@ -307,9 +308,9 @@ def chat(
     stdin = stdin_bytes()
     if is_stdin(video):
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
-    found = checkpoint(run, cache=reply.cache)
+    found = checkpoint(run, given, cache=reply.cache)
     media = read_media(found, video, given["frames"]) if video is not None else None
-    session = Repl(load(found, run, given), found.settings(**given), reply.json)
+    session = Repl(load(found, run), found.settings(**given), reply.json)
     if media is not None:
         session.open(media)
     interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not reply.json
@@ -370,10 +371,10 @@ def caption(
     if all(captioning.identity(v) in output.done for v in videos):
         summary({"done": "0", "failed": "0", "skipped": str(len(videos)), "videos/s": "-"})
         return
-    found = checkpoint(run, cache=False)
+    found = checkpoint(run, given, cache=False, batch_size=batch_size)
     found.check_videos(found.settings(**given).frames)  # before the slow load
     try:
-        loaded = load(found, run, given, batch_size)
+        loaded = load(found, run)
         output.open()
         tally = captioning.run(loaded, videos, question, output, batch_size, **given)
     finally:
@@ -383,6 +384,50 @@ def caption(
              "videos/s": f"{(tally.done + tally.failed) / seconds:.2f}",
              **({"backed off": f"{tally.backoffs} times (out of memory)"} if tally.backoffs else {})})
     raise typer.Exit(tally.exit_code())
+
+
+@app.command("models")
+def models_command(
+    device: DeviceOpt = Device.auto,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per preset, one per line.")] = False,
+) -> None:
+    """The presets: where they come from, whether they are downloaded, and the memory an 8-frame question needs
+    with each at float16, bfloat16, int8 and nf4; a ✓ where that fits the device's free memory now.
+
+    [bold]Examples[/bold]
+
+      videoqa models
+
+      videoqa models --json | jq -r 'select(.fits.nf4) | .name'
+    """
+    from videoqa.catalogue import rows
+    from videoqa.output import print_json, write
+
+    found, against = rows(device.value)
+    if json_output:
+        for row in found:
+            print_json(row)
+        return
+    write(table(found, against))
+
+
+def table(found: list[dict], against: str) -> str:
+    """The presets as a plain-text table (rich, to stdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from videoqa.memory import size
+
+    grid = Table(title=f"estimates for an 8-frame question; ✓ fits {against}", title_justify="left")
+    for column in ("preset", "architecture", "hub id", "downloaded", "float16", "bfloat16", "int8", "nf4"):
+        grid.add_column(column)
+    for row in found:
+        cells = [f"{size(row['memory_bytes'][p])} {'✓' if row['fits'][p] else '✗'}" for p in row["memory_bytes"]]
+        grid.add_row(row["name"], row["architecture"], row["repo"], size(row["disk_bytes"]) if row["cached"] else "no",
+                     *cells)
+    console = Console(width=200, record=True, file=open(os.devnull, "w"), color_system=None)
+    console.print(grid)
+    return console.export_text()
 
 
 cache_app = typer.Typer(help="The video feature cache: features of videos already seen, reused across runs.")

@@ -22,6 +22,10 @@ from videoqa.errors import Exit, VideoQAError
 GB = 1e9
 MARGIN = 1.10  # allocator slack and the runtime's own buffers: stated, and checked by benchmarks/memory.py
 QUANTIZED_BYTES = {"none": None, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # per linear weight, scales included
+TEXT = 64  # positions a question's own text and the template take, beside the placeholder's
+# The runtime's own working memory beside the tensors counted here (allocator arenas, oneDNN workspaces): measured
+# by benchmarks/memory.py on CPU; CUDA's figure is what torch allocates, so its context is not counted.
+RUNTIME = {"cpu": 140e6, "cuda": 0.0, "mps": 0.0}
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,11 @@ def size(nbytes: float) -> str:
 
 
 def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, new_tokens: int, batch: int,
-             frames: int, tower_tokens: int) -> Estimate:
+             frames: int, tower_tokens: int, device_type: str = "cpu") -> Estimate:
     """A run of `batch` prompts of `positions` positions (`frames` frames of `tower_tokens` tokens each through the
-    vision tower) answered with up to `new_tokens` tokens."""
+    vision tower) answered with up to `new_tokens` tokens on a `device_type` device. Activations: the larger of
+    the prefill's and the vision tower's working sets (every hidden layer of the tower is kept), plus the
+    runtime's own."""
     from videoqa.decode import BUCKET
 
     per_weight = QUANTIZED_BYTES[quantize]
@@ -76,7 +82,17 @@ def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, n
     kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * dtype_bytes * length * batch
     prefill = batch * positions * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes + batch * shape.vocab * 4
     vision = frames * batch * tower_tokens * shape.vision_hidden * (shape.vision_layers + 1) * dtype_bytes
-    return Estimate(weights, kv, max(prefill, vision))
+    return Estimate(weights, kv, max(prefill, vision) + RUNTIME.get(device_type, 0.0))
+
+
+def from_table(table: dict[str, int], *, video: bool, frames: int, **run) -> Estimate:
+    """The estimate for a preset not downloaded yet, from its `[memory]` table: an 8-frame question's positions
+    and tower work, scaled to `frames` for a video family. `run`: estimate()'s other keywords."""
+    table = dict(table)
+    positions, tokens, tiles = (table.pop(key) for key in ("positions", "tower_tokens", "tower_frames"))
+    scale = frames / tiles if video else 1
+    return estimate(Shape(**table), positions=round(positions * scale) + TEXT, frames=round(tiles * scale),
+                    tower_tokens=tokens, **run)
 
 
 def header(file: Path) -> dict:

@@ -38,6 +38,7 @@ class Preset:
     template: str
     followup: str
     generation: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # parameters and dimensions, for estimates before download
 
 
 def of_family(family: Family, name: str = "", repo: str | None = None, revision: str = "main", **overrides) -> Preset:
@@ -58,6 +59,16 @@ def presets() -> dict[str, Preset]:
         data = tomllib.loads(file.read_text())
         found[file.stem] = of_family(families.family(data.pop("architecture")), name=file.stem, **data)
     return found
+
+
+def cached(repo: str, revision: str) -> Path | None:
+    """The repository's snapshot in the local Hugging Face cache, or None; never downloads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:
+        return None
 
 
 def download(repo: str, revision: str) -> Path:

@@ -12,6 +12,7 @@ video (and refuse a bad one) before the slow load. Notices (a feature cache that
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -63,26 +64,40 @@ class Checkpoint:
 
     def __init__(self, model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto",
                  cache: bool = True, quantize: str = "none", max_memory: str | float | None = None,
-                 check_memory: bool = True):
+                 check_memory: bool = True, workload: dict[str, int | None] | None = None):
         if quantize not in models.QUANTIZE:
             raise VideoQAError(f"quantize {quantize!r}: one of {', '.join(models.QUANTIZE)}")
         self.name, self.options, self.resolved = str(model), (device, dtype, cache), False
-        self.quantize, self.check_memory = quantize, check_memory
+        self.quantize, self.check_memory, self.workload = quantize, check_memory, workload or {}
         self.max_memory = memory.parse_size(max_memory) if isinstance(max_memory, str) else max_memory
+        self.preset = models.presets().get(self.name)  # a directory or hub id: its family's defaults, once resolved
+        self.path = self.config = None  # known once resolved (a preset's table stands in until it is downloaded)
+
+    @functools.cached_property
+    def device(self):
+        return models.pick_device(self.options[0])
+
+    @functools.cached_property
+    def dtype(self):
+        return models.pick_dtype(self.options[1], self.device)
 
     def resolve(self) -> Checkpoint:
-        """Find the model (downloading it if needed) and check it; pick the device and dtype. Once."""
+        """Pick the device and dtype, check that the run described by `workload` (frames, max_new_tokens,
+        batch_size) fits (from a preset's table before downloading it, then from the checkpoint), find the model
+        (downloading it if needed) and check it. Once."""
         from videoqa.cache import open_cache
 
-        if not self.resolved:
-            device, dtype, cache = self.options
-            self.device = models.pick_device(device)
-            self.path, self.preset = models.resolve(self.name)
-            self.family = self.preset.family
-            self.config = models.config_of(self.path, self.family)
-            self.dtype = models.pick_dtype(dtype, self.device)
-            self.cache = open_cache(self.path, self.dtype) if cache else None
-            self.resolved = True
+        if self.resolved:
+            return self
+        if self.check_memory and self.preset and models.cached(self.preset.repo, self.preset.revision) is None:
+            self.fit()  # before a download of many gigabytes
+        self.path, self.preset = models.resolve(self.name)
+        self.family = self.preset.family
+        self.config = models.config_of(self.path, self.family)
+        if self.check_memory:
+            self.fit()
+        self.cache = open_cache(self.path, self.dtype) if self.options[2] else None
+        self.resolved = True
         return self
 
     @property
@@ -92,7 +107,8 @@ class Checkpoint:
     def settings(self, **given: Any) -> Settings:
         """The preset's settings with `given` ones (not None) over them; out-of-range values raise."""
         chosen = {k: v for k, v in given.items() if v is not None}
-        return defaults(self.resolve().preset.frames, self.preset.generation).changed(**chosen)
+        preset = self.preset if self.preset is not None else self.resolve().preset
+        return defaults(preset.frames, preset.generation).changed(**chosen)
 
     def check_videos(self, frames: int) -> None:
         """Refuse videos for an image-only family, and frames whose video alone fills the context."""
@@ -122,24 +138,30 @@ class Checkpoint:
         return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - start)
 
     def estimate(self, *, frames: int | None = None, max_new_tokens: int | None = None, batch_size: int = 1,
-                 quantize: str | None = None) -> memory.Estimate:
+                 quantize: str | None = None, dtype_bytes: int | None = None) -> memory.Estimate:
         """What a question of `frames` frames (the preset's by default) answered with up to `max_new_tokens`
-        tokens, `batch_size` at a time, will need on the device: known before a weight is read."""
-        self.resolve()
+        tokens, `batch_size` at a time, will need on the device: known before a weight is read (for a preset
+        not downloaded yet, from its table)."""
+        if self.config is None and not (self.preset and self.preset.memory):
+            self.resolve()
         settings = self.settings(frames=frames, max_new_tokens=max_new_tokens)
+        run = dict(dtype_bytes=dtype_bytes or self.dtype.itemsize, quantize=quantize or self.quantize,
+                   new_tokens=settings.max_new_tokens, batch=batch_size, device_type=self.device.type)
+        video = self.preset.family.video
+        if self.config is None:
+            return memory.from_table(self.preset.memory, video=bool(video), frames=settings.frames, **run)
         vision = self.config.vision_config
         tower_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        video = self.family.video
-        positions = video.positions(self.config, settings.frames) if video else 5 * tower_tokens  # AnyRes: 5 tiles
-        shape = memory.shape_of(self.path, self.config, self.family.vision_modules)
-        return memory.estimate(shape, dtype_bytes=self.dtype.itemsize, quantize=quantize or self.quantize,
-                               positions=positions + 64, new_tokens=settings.max_new_tokens, batch=batch_size,
-                               frames=settings.frames if video else 5, tower_tokens=tower_tokens)
+        tiles = settings.frames if video else 5  # an image-only family's largest AnyRes image: 5 tiles
+        positions = video.positions(self.config, tiles) if video else tiles * tower_tokens
+        shape = memory.shape_of(self.path, self.config, self.preset.family.vision_modules)
+        return memory.estimate(shape, positions=positions + memory.TEXT, frames=tiles, tower_tokens=tower_tokens,
+                               **run)
 
-    def fit(self, **workload: Any) -> None:
+    def fit(self) -> None:
         """Refuse, with the figures and a way out, a run whose estimate passes what the device has free (or
         --max-memory): exit code 8, before a weight is read."""
-        needed = self.estimate(**workload)
+        needed = self.estimate(**self.workload)
         have, where = memory.free(self.device)
         room = f"{where} has {memory.size(have)} free"
         if self.max_memory is not None and self.max_memory < have:
@@ -147,18 +169,14 @@ class Checkpoint:
         if needed.total <= have:
             return
         ways = [] if self.quantize == "nf4" else [
-            f"--quantize nf4 (~{memory.size(self.estimate(**workload, quantize='nf4').total)})"]
-        if self.family.video and (workload.get("frames") or self.preset.frames) > 4:
+            f"--quantize nf4 (~{memory.size(self.estimate(**self.workload, quantize='nf4').total)})"]
+        if self.preset.family.video and (self.workload.get("frames") or self.preset.frames) > 4:
             ways.append("--frames 4")
         raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}" + (f": try {' or '.join(ways)}" if ways else ""))
 
-    def load(self, *, compile: bool = True, **workload: Any) -> Model:
-        """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only).
-        Unless the checkpoint was made with check_memory=False, the run described by `workload` (frames,
-        max_new_tokens, batch_size; a default question if none) must fit first."""
+    def load(self, *, compile: bool = True) -> Model:
+        """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only)."""
         self.resolve()
-        if self.check_memory:
-            self.fit(**workload)
         start = time.perf_counter()
         with memory.stage("loading the weights", ADVICE):
             net, tokenizer = models.load(self.path, self.family, self.config, self.device, self.dtype, self.quantize)
