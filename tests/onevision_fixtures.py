@@ -62,7 +62,8 @@ def build_tokenizer_qwen2(directory: Path):
                                   show_progress=False)
     bpe.train_from_iterator(CORPUS * 20, trainer)
     learned = json.loads(bpe.to_str())["model"]
-    tokenizer = Qwen2Tokenizer(vocab=learned["vocab"], merges=[tuple(m) for m in learned["merges"]])  # adds <|endoftext|>
+    merges = [tuple(merge) for merge in learned["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=learned["vocab"], merges=merges)  # adds <|endoftext|> after the learned pieces
     tokenizer.add_tokens(list(QWEN2_SPECIALS[1:]), special_tokens=True)
     tokenizer.eos_token = "<|im_end|>"
     directory.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import asset, needs_assets
 from onevision_fixtures import (
+    QWEN2_SPECIALS,
     build_llava_15,
     build_llava_onevision,
     onevision_processor,
@@ -16,6 +17,7 @@ from onevision_fixtures import (
     reference_llava_15_prompt,
     reference_onevision_prompt,
 )
+from test_onevision_pixels import OV_PINPOINTS
 from test_pixels import pictures
 from videoqa.features import anyres_max_image, llava_image, onevision_video, pack_max
 from videoqa.frames import read_frames
@@ -42,6 +44,20 @@ def llava_15(tmp_path_factory):
 
 def frames(video: str, count: int = 8) -> np.ndarray:
     return siglip_pixels(read_frames(asset(f"videos/{video}"), count).pixels, 384)  # (count, 3, 384, 384)
+
+
+def test_tiny_onevision_is_shaped_like_the_real_one(onevision):
+    net, tokenizer = onevision
+    config, vision = net.config, net.config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 == 729 and vision.model_type == "siglip_vision_model"
+    assert config.image_grid_pinpoints == OV_PINPOINTS and config.vision_aspect_ratio == "anyres_max_9"
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
+    specials = tokenizer.convert_tokens_to_ids(list(QWEN2_SPECIALS))
+    assert specials == list(range(specials[0], specials[0] + 5))  # the real order, shifted down from 151643
+    assert (config.image_token_id, config.video_token_id) == tuple(specials[3:])
+    assert tokenizer.eos_token_id == net.generation_config.eos_token_id == specials[2]  # <|im_end|>
+    assert tokenizer.bos_token_id is None  # Qwen2 adds no BOS
+    assert net.lm_head.weight.data_ptr() == net.model.language_model.embed_tokens.weight.data_ptr()  # tied, as 0.5B
 
 
 def test_video_features_pool_to_196_per_frame_then_one_newline(onevision):
