@@ -1,4 +1,4 @@
-"""Stage 2: CLIP preprocessing with Pillow.
+"""Stage 2: CLIP and SigLIP preprocessing with Pillow.
 
 Equal to transformers' `CLIPImageProcessorPil`: transparency composited onto white,
 bicubic resize of the shortest edge, centre crop, rescale by 1/255, normalise with
@@ -13,7 +13,8 @@ put the whole image squashed to one tile first.
 LLaVA-OneVision (SigLIP at 384 px): `siglip_pixels` squashes each frame or image to
 size x size (bicubic, no crop) and normalises with mean = std = 0.5, as the
 checkpoints' preprocessor configs say; equal to `SiglipImageProcessorPil` and to the
-base tile of `LlavaOnevisionImageProcessorPil`. Its AnyRes-max tiling
+base tile of `LlavaOnevisionImageProcessorPil` (frames too: transformers' OneVision
+video processor needs torchvision, as the others do). Its AnyRes-max tiling
 (`anyres_max_pixels`) cuts the same tiles as LLaVA-NeXT's (the "max 9" rule acts
 on the features, not the pixels); equal to `LlavaOnevisionImageProcessorPil`.
 """
