@@ -89,3 +89,15 @@ def test_llava_15_preprocessor_config_is_clip_336(image):
     picture = Image.open(asset(f"images/{image}")).convert("RGB")
     reference = CLIPImageProcessorPil(**LLAVA_15)([picture], return_tensors="np").pixel_values
     assert np.abs(clip_pixels([picture], 336) - reference).max() < 1e-5
+
+
+@needs_assets
+def test_transparency_is_composited_onto_white_as_transformers_does():
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    picture = Image.open(asset("images/videollava_waterview.jpg")).convert("RGBA").crop((0, 0, 500, 300))
+    picture.putalpha(Image.linear_gradient("L").resize(picture.size))  # opaque at the bottom, clear at the top
+    reference = SiglipImageProcessorPil(**SIGLIP)([picture], return_tensors="np").pixel_values
+    assert np.abs(siglip_pixels([picture], OV_SIZE) - reference).max() < 1e-5
+    reference = onevision_processor()(picture, return_tensors="np").pixel_values[0]
+    assert np.abs(anyres_max_pixels(picture, OV_SIZE, OV_PINPOINTS) - reference).max() < 1e-5
