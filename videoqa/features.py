@@ -29,6 +29,17 @@ from PIL import Image
 from videoqa.pixels import anyres_max_pixels, anyres_pixels, best_resolution, clip_pixels
 
 
+def patches_per_side(config) -> int:
+    """Patches along a tile's (or frame's) edge: 16 for CLIP at 224 px, 24 at 336 px, 27 for SigLIP at 384 px."""
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+def pooled_side(config) -> int:
+    """Patches along a frame's edge after OneVision's 2x2 bilinear pooling, rounded up as its `apply_pooling`
+    does: 27 -> 14 at 384 px."""
+    return math.ceil(patches_per_side(config) / 2)
+
+
 def _tensor(net, pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).to(net.device, net.dtype)  # (N, 3, H, W)
 
@@ -82,8 +93,7 @@ def pack(net, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _grid(net, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(rows * cols, side * side, D) grid tiles, row by row -> (D, H, W) feature map of the image, unpadded."""
-    vision = net.config.vision_config
-    side = vision.image_size // vision.patch_size  # patches along a tile's edge
+    vision, side = net.config.vision_config, patches_per_side(net.config)
     grid_height, grid_width = best_resolution(size, net.config.image_grid_pinpoints)
     rows, cols = grid_height // vision.image_size, grid_width // vision.image_size
     grid = tiles.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (D, H, W)
@@ -123,10 +133,8 @@ def onevision_video(net, pixels: np.ndarray) -> torch.Tensor:
 def bilinear_pool(net, features: torch.Tensor) -> torch.Tensor:
     """(N, side * side, D) -> (N, ceil(side / 2)^2, D): each frame's patch grid halved by bilinear interpolation,
     as OneVision's `apply_pooling` does (27 x 27 -> 14 x 14 at 384 px / 14 px)."""
-    vision = net.config.vision_config
-    side = vision.image_size // vision.patch_size
+    side, half = patches_per_side(net.config), pooled_side(net.config)
     grid = features.view(features.shape[0], side, side, -1).permute(0, 3, 1, 2)  # (N, D, side, side)
-    half = math.ceil(side / 2)
     grid = torch.nn.functional.interpolate(grid.contiguous(), size=[half, half], mode="bilinear")
     return grid.permute(0, 2, 3, 1).reshape(features.shape[0], half * half, -1)
 
@@ -144,9 +152,7 @@ def anyres_max_image(net, image: Image.Image) -> torch.Tensor:
 def pack_max(net, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """OneVision's `pack_image_features`: (1 + rows * cols, side * side, D) tiles of an image of `size` (h, w) ->
     (positions, D); as `pack`, with the anyres_max downscale between the unpadding and the newlines."""
-    vision = net.config.vision_config
-    side = vision.image_size // vision.patch_size
-    grid = shrink(_grid(net, tiles[1:], size), side, net.config.vision_aspect_ratio)
+    grid = shrink(_grid(net, tiles[1:], size), patches_per_side(net.config), net.config.vision_aspect_ratio)
     return _rows(net, tiles[0], grid)
 
 
