@@ -157,3 +157,14 @@ def reference_llava_15_prompt(tokenizer, question: str, count: int = 576) -> lis
     `USER: <image>\\n{question} ASSISTANT:`, <image> repeated `count` times, BOS first."""
     text = "USER: " + "<image>" * count + f"\n{question} ASSISTANT:"
     return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]
+
+
+def siglip_reference_pixels(net, images):
+    """transformers' SiglipImageProcessorPil with the OneVision checkpoints' settings (squash to the tower's size,
+    bicubic, mean = std = 0.5): frames as transformers' video processor would make them, without torchvision."""
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    size = net.config.vision_config.image_size
+    processor = SiglipImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                                        image_std=[0.5] * 3, resample=3)
+    return processor(images, return_tensors="pt").pixel_values

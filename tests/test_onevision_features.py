@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import asset, needs_assets
+from conftest import asset, needs_assets, reference_continue
 from onevision_fixtures import (
     QWEN2_SPECIALS,
     build_llava_15,
@@ -127,14 +127,6 @@ def test_llava_15_image_features_drop_cls_576(llava_15):
     assert torch.equal(ours, reference.pooler_output[0])
 
 
-def greedy(net, ids: list[int], max_new_tokens: int = 8, **pixels) -> list[int]:
-    """transformers' own greedy `generate` from a full prompt."""
-    ids = torch.tensor([ids])
-    out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                       do_sample=False, **pixels)
-    return out[0, ids.shape[1]:].tolist()
-
-
 def test_onevision_video_prompt_follows_the_chat_template(onevision):
     net, tokenizer = onevision
     processor = onevision_processor(tokenizer, net.config.image_grid_pinpoints)
@@ -148,7 +140,7 @@ def test_onevision_video_prompt_follows_the_chat_template(onevision):
 def test_onevision_generate_on_video_depends_on_the_frames(onevision):
     net, tokenizer = onevision
     ids = reference_onevision_prompt(tokenizer, "Why is this video funny?", "<video>", onevision_video_tokens(net, 8))
-    answers = [greedy(net, ids, pixel_values_videos=torch.from_numpy(frames(video))[None])
+    answers = [reference_continue(net, ids, 8, pixel_values_videos=torch.from_numpy(frames(video))[None])
                for video in ("videollava_sample_demo_1.mp4", "videollava_sample_demo_9.mp4")]
     assert all(len(answer) == 8 or answer[-1] == tokenizer.eos_token_id for answer in answers)
     assert answers[0] != answers[1]
@@ -164,8 +156,8 @@ def test_onevision_generate_on_image_through_the_processor(onevision):
     count = len(anyres_max_image(net, picture))
     ids = reference_onevision_prompt(tokenizer, "What is shown in this image?", "<image>", count)
     assert inputs.input_ids[0].tolist() == ids
-    answer = greedy(net, ids, pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes)
-    other = greedy(net, ids, pixel_values=inputs.pixel_values.flip(-1), image_sizes=inputs.image_sizes)
+    answer = reference_continue(net, ids, 8, pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes)
+    other = reference_continue(net, ids, 8, pixel_values=inputs.pixel_values.flip(-1), image_sizes=inputs.image_sizes)
     assert len(answer) == 8 and answer != other
 
 
@@ -182,6 +174,6 @@ def test_llava_15_generate_through_the_processor_path(llava_15):
                        return_tensors="pt")
     ids = reference_llava_15_prompt(tokenizer, "What is shown in this image?")
     assert inputs.input_ids[0].tolist() == ids and ids.count(32000) == 576
-    answer = greedy(net, ids, pixel_values=torch.from_numpy(clip_pixels([picture], 336)))
-    other = greedy(net, ids, pixel_values=torch.from_numpy(clip_pixels([picture.rotate(90)], 336)))
+    answer = reference_continue(net, ids, 8, pixel_values=torch.from_numpy(clip_pixels([picture], 336)))
+    other = reference_continue(net, ids, 8, pixel_values=torch.from_numpy(clip_pixels([picture.rotate(90)], 336)))
     assert len(answer) == 8 and answer != other
