@@ -166,6 +166,14 @@ def test_features_equal_get_video_features_and_the_newline(onevision, reference)
     assert_vision_modules_exist(model)
 
 
+def test_frames_up_to_the_context(cli, onevision, counted):
+    """196 positions per frame and one per video: 167 frames fit the 32,768-token context, 168 are refused before a
+    frame is decoded."""
+    result = cli("ask", VIDEOS[0], QUESTION, "-m", onevision, "--frames", 168)
+    assert_clean_failure(result, Exit.USAGE, "32929 positions", "32768", "at most 167 frames")
+    assert counted["frames"] == 0
+
+
 def test_llava_15_image_answers_equal_generate(cli, llava_15):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
