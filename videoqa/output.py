@@ -91,7 +91,7 @@ def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False) -> N
             write(piece)
             if stop():
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:  # stopped: end the line before [stopped] is shown
+    except (KeyboardInterrupt, VideoQAError):  # stopped, or out of memory: end the line before what follows
         write("\n")
         raise
     finally:

@@ -168,11 +168,19 @@ class Checkpoint:
             have, room = self.max_memory, f"--max-memory allows {memory.size(self.max_memory)}"
         if needed.total <= have:
             return
+        ways = self.ways_out()
+        raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}" + (f": try {' or '.join(ways)}" if ways else ""))
+
+    def ways_out(self) -> list[str]:
+        """What would need less: nf4, fewer frames, the smallest model, with what each needs."""
         ways = [] if self.quantize == "nf4" else [
             f"--quantize nf4 (~{memory.size(self.estimate(**self.workload, quantize='nf4').total)})"]
         if self.preset.family.video and (self.workload.get("frames") or self.preset.frames) > 4:
             ways.append("--frames 4")
-        raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}" + (f": try {' or '.join(ways)}" if ways else ""))
+        if self.name != SMALLEST and SMALLEST in models.presets():
+            small = Checkpoint(SMALLEST, device=self.options[0], dtype=self.options[1], check_memory=False)
+            ways.append(f"-m {SMALLEST} (~{memory.size(small.estimate(**self.workload).total)})")
+        return ways
 
     def load(self, *, compile: bool = True) -> Model:
         """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only)."""
@@ -184,7 +192,8 @@ class Checkpoint:
                      seconds=time.perf_counter() - start)
 
 
-ADVICE = "try --quantize nf4, fewer --frames, or a smaller --batch-size"
+ADVICE = "try --quantize nf4, fewer --frames, a smaller --batch-size, or -m llava-onevision-0.5b"
+SMALLEST = "llava-onevision-0.5b"  # the preset that runs on any laptop: suggested when a model does not fit
 
 
 def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto", cache: bool = True,
