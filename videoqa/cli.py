@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     help="Ask local video-language models about video files. Exit codes: 0 ok, 1 internal error, "
     "2 bad usage or question, 3 unreadable video, 4 model not found or not loadable, 5 device not available, "
-    "6 caption: some videos failed, 7 caption: all failed, 129/143 caption stopped by SIGHUP/SIGTERM, "
+    "6 caption: some videos failed, 7 caption: all failed, 8 out of memory, 129/143 caption stopped by SIGHUP/SIGTERM, "
     "130 interrupted, 141 stdout's reader went away.",
 )
 

@@ -22,6 +22,11 @@ from videoqa.errors import Exit, VideoQAError
 GB = 1e9
 MARGIN = 1.10  # allocator slack and the runtime's own buffers: stated, and checked by benchmarks/memory.py
 QUANTIZED_BYTES = {"none": None, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # per linear weight, scales included
+# On a CPU, bitsandbytes keeps more (measured by benchmarks/memory.py at two shapes): int8 a dequantized copy of each
+# weight in the compute dtype beside the int8 one, nf4 its weights repacked for the CPU kernel; and each a
+# runtime of its own.
+CPU_EXTRA_BYTES = {"int8": None, "nf4": 0.6}  # per linear weight; None: the compute dtype's size
+CPU_QUANT_RUNTIME = {"int8": 150e6, "nf4": 50e6}
 TEXT = 64  # positions a question's own text and the template take, beside the placeholder's
 # The runtime's own working memory beside the tensors counted here (allocator arenas, oneDNN workspaces): measured
 # by benchmarks/memory.py on CPU; CUDA's figure is what torch allocates, so its context is not counted.
@@ -75,6 +80,8 @@ def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, n
     from videoqa.decode import BUCKET
 
     per_weight = QUANTIZED_BYTES[quantize]
+    if per_weight is not None and device_type == "cpu":
+        per_weight += CPU_EXTRA_BYTES[quantize] or dtype_bytes
     linear = shape.linear * dtype_bytes if per_weight is None else shape.linear * per_weight
     scales = shape.rows * 4 if quantize == "int8" else 0
     weights = (shape.vision + shape.other) * dtype_bytes + linear + scales
@@ -82,7 +89,8 @@ def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, n
     kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * dtype_bytes * length * batch
     prefill = batch * positions * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes + batch * shape.vocab * 4
     vision = frames * batch * tower_tokens * shape.vision_hidden * (shape.vision_layers + 1) * dtype_bytes
-    return Estimate(weights, kv, max(prefill, vision) + RUNTIME.get(device_type, 0.0))
+    runtime = RUNTIME.get(device_type, 0.0) + (CPU_QUANT_RUNTIME.get(quantize, 0.0) if device_type == "cpu" else 0.0)
+    return Estimate(weights, kv, max(prefill, vision) + runtime)
 
 
 def from_table(table: dict[str, int], *, video: bool, frames: int, **run) -> Estimate:
