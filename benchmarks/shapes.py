@@ -24,7 +24,7 @@ SHAPES = {
     "small": dict(
         vision=dict(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                     num_attention_heads=4),
-        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+        text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8),
     ),
     "7b": dict(
         vision=dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

@@ -48,11 +48,9 @@ def tiny_text(context: int, pad_token_id: int, **extra):
     """A 2-layer Llama with the real vocabulary size plus the padding rows of the llava-hf ports."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=context,
-        bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id, **extra,
-    )
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    return LlamaConfig(vocab_size=32064, max_position_embeddings=context, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=pad_token_id, **{**dims, **extra})
 
 
 def save_tiny(directory: Path, model_class, config, tokenizer, seed: int) -> Path:
@@ -65,15 +63,17 @@ def save_tiny(directory: Path, model_class, config, tokenizer, seed: int) -> Pat
 
 
 def build_video_llava(
-    directory: Path, image_size: int = 28, context: int = 4096, seed: int = 0, initializer_range: float = 0.02
+    directory: Path, image_size: int = 28, context: int = 4096, seed: int = 0, initializer_range: float = 0.02,
+    text: dict | None = None,
 ) -> Path:
     """A random-weight Video-LLaVA with the real tokenizer; 28 px / 14 px patches = 5 tokens per frame.
-    A larger `initializer_range` makes each answer depend visibly on everything before it."""
+    A larger `initializer_range` makes each answer depend visibly on everything before it; `text` overrides the
+    language model's dimensions."""
     from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
     tokenizer = build_tokenizer(directory)
     patches = (image_size // 14) ** 2
-    text = tiny_text(context, 32002, initializer_range=initializer_range)
+    text = tiny_text(context, 32002, initializer_range=initializer_range, **(text or {}))
     config = VideoLlavaConfig(vision_config=tiny_vision(image_size), text_config=text,
                               image_seq_length=patches, video_seq_length=8 * (patches + 1))
     return save_tiny(directory, VideoLlavaForConditionalGeneration, config, tokenizer, seed)
@@ -128,6 +128,15 @@ def user_dirs(tmp_path, monkeypatch):
     """Each test gets its own empty data dir (chat history) and cache dir (video features)."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def float32_on_cpu(monkeypatch):
+    """In-process runs compare with transformers in float32: `--dtype auto` is told the CPU has no native bfloat16
+    (the probe itself, and auto's bfloat16 pick, are tested on their own). Real processes keep the real probe."""
+    from videoqa import models
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
 
 
 class Result:

@@ -40,8 +40,9 @@ def test_json_record_fields(cli, tiny_model):
     record = json.loads(result.out)
     assert result.out.count("\n") == 1
     assert result.err == ""  # nothing but errors on stderr when it is not a terminal
-    assert set(record) == {"answer", "tokens", "frames", "model", "video", "question", "prompt", "timings", "warnings",
-                           "error"}
+    assert set(record) == {"answer", "tokens", "frames", "model", "video", "question", "prompt", "runtime", "timings",
+                           "warnings", "error"}
+    assert record["runtime"] == {"device": "cpu", "dtype": "float32", "quantize": "none"}
     assert record["warnings"] == []  # a video that decodes whole
     assert record["prompt"] == "USER: <video>\nWhy is this video funny? ASSISTANT:" and record["error"] is None
     assert record["frames"][1] == {"index": 34, "time": pytest.approx(34 / 25, abs=1e-3)}

@@ -80,7 +80,7 @@ def test_chat_uses_the_cache_too(cli, tiny_model, work, monkeypatch):
 def test_a_new_process_gets_the_same_answer_from_the_cache(cli, tiny_model):
     first = ask(cli, tiny_model)
     command = [sys.executable, "-m", "videoqa", "ask", str(asset(VIDEO)), "Why is this video funny?",
-               "-m", str(tiny_model), "-n", "8", "--json"]
+               "-m", str(tiny_model), "-n", "8", "--json", "--dtype", "float32"]
     out = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), check=True).stdout
     second = json.loads(out)
     assert second["tokens"] == first["tokens"] and second["timings"]["frames"] < first["timings"]["frames"]

@@ -19,7 +19,7 @@ import torch
 from videoqa import output
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames
-from videoqa.session import Model
+from videoqa.session import ADVICE, Model
 from videoqa.settings import Settings
 from videoqa.windows import WHOLE, Window
 
@@ -113,7 +113,7 @@ def failure(model: Model, ready: Ready, error: str) -> dict:
     """The record of a job that got no answer."""
     job = ready.job
     return output.record(video=job.video, question=job.question, prompt=prompt(model, job.question), answer="",
-                         tokens=[], frames=[], model=model.name, timings={}, error=error)
+                         tokens=[], frames=[], model=model.name, runtime=model.runtime, timings={}, error=error)
 
 
 def rows(model: Model, ready: list[Ready]) -> tuple[list[list[int]], torch.Tensor]:
@@ -150,38 +150,44 @@ def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[
     return answers, {"vision": vision, "prefill": prefill, "decode": decode}
 
 
-def answered(model: Model, ready: list[Ready], settings: Settings) -> list[dict]:
-    """Records of jobs answered together; if the batch fails as a whole, each is tried alone."""
+def answered(model: Model, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
+    """Records of jobs answered together. Out of memory, the batch is answered in halves, down to one job (each
+    back-off counted in `stats`); a batch that fails otherwise is answered one job at a time."""
+    from videoqa.memory import is_oom
+
     try:
         answers, timings = answer_batch(model, ready, settings)
-    except VideoQAError as e:  # nothing in this batch can be answered, e.g. a prompt too long
-        return [failure(model, r, str(e)) for r in ready]
     except Exception as e:
-        if len(ready) > 1:
-            return [rec for one in ready for rec in answered(model, [one], settings)]
-        return [failure(model, ready[0], f"internal error: {type(e).__name__}: {e}")]
+        if len(ready) > 1 and (is_oom(e) or not isinstance(e, VideoQAError)):
+            half = (len(ready) + 1) // 2 if is_oom(e) else 1
+            stats["backoffs"] = stats.get("backoffs", 0) + is_oom(e)
+            parts = [ready[i : i + half] for i in range(0, len(ready), half)]
+            return [rec for part in parts for rec in answered(model, part, settings, stats)]
+        reason = str(e) if isinstance(e, VideoQAError) else f"internal error: {type(e).__name__}: {e}"
+        return [failure(model, r, f"out of memory: {ADVICE}" if is_oom(e) else reason) for r in ready]
     return [
         output.record(video=r.job.video, question=r.job.question, prompt=prompt(model, r.job.question),
                       answer=model.decode(t), tokens=t, frames=r.frames.listed(), model=model.name,
-                      timings={"frames": r.waited, **timings}, warnings=r.frames.warnings)
+                      runtime=model.runtime, timings={"frames": r.waited, **timings}, warnings=r.frames.warnings)
         for r, t in zip(ready, answers)
     ]
 
 
-def batch_records(model: Model, ready: list[Ready], settings: Settings) -> list[dict]:
+def batch_records(model: Model, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
     """Records for a batch, in order: an error record for each job whose frames cannot be read, answers for the rest."""
     good = [r for r in ready if r.error is None]
-    answers = iter(answered(model, good, settings) if good else [])
+    answers = iter(answered(model, good, settings, stats) if good else [])
     return [next(answers) if r.error is None else failure(model, r, r.error) for r in ready]
 
 
-def records(model: Model, jobs: list[Job], settings: Settings, batch_size: int, stop: Callable[[], bool], *,
-            read: Read | None = None, workers: int = 2) -> Iterator[dict]:
-    """One record per job, in order, a batch at a time; `stop()` is asked after each batch. `read`: how a job's
-    frames are read (by default each video opened on its own, one decoder thread each, `workers` at once)."""
+def records(model: Model, jobs: list[Job], settings: Settings, batch_size: int, stop: Callable[[], bool],
+            stats: dict, *, read: Read | None = None, workers: int = 2) -> Iterator[dict]:
+    """One record per job, in order, a batch at a time; `stop()` is asked after each batch; out-of-memory back-offs
+    are counted in `stats`. `read`: how a job's frames are read (by default each video opened on its own, one
+    decoder thread each, `workers` at once)."""
     read = read or (lambda job: read_frames_of(job, settings.frames))
     for ready in ready_batches(model, jobs, read, batch_size, workers):
-        yield from batch_records(model, ready, settings)
+        yield from batch_records(model, ready, settings, stats)
         if stop():
             return
 

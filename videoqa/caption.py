@@ -49,6 +49,7 @@ class Tally:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    backoffs: int = 0  # batches answered in halves after running out of memory
     stopped: int = 0  # the exit code of the signal that stopped the run, 0 if none did
     start: float = field(default_factory=time.perf_counter)
 
@@ -64,8 +65,9 @@ def run(model: Model, videos: list[Path], question: str, out: Output, batch_size
     """Caption every video not already in the output (`settings` and the window, `start` and `end`, as
     `Model.caption` takes them)."""
     todo = [v for v in videos if identity(v) not in out.done]
-    return drain(lambda stop: model.caption(todo, question, batch_size=batch_size, stop=stop, **settings), out,
-                 len(todo), skipped=len(videos) - len(todo), what="captioning")
+    return drain(lambda stop, stats: model.caption(todo, question, batch_size=batch_size, stop=stop, stats=stats,
+                                                   **settings),
+                 out, len(todo), skipped=len(videos) - len(todo), what="captioning")
 
 
 def start_key(rec: dict) -> float:
@@ -73,16 +75,16 @@ def start_key(rec: dict) -> float:
     return round(float(rec["start"]), 3)
 
 
-def drain(records: Callable[[Callable[[], bool]], Iterator[dict]], out: Output, total: int, *, skipped: int,
+def drain(records: Callable[[Callable[[], bool], dict], Iterator[dict]], out: Output, total: int, *, skipped: int,
           what: str) -> Tally:
-    """Write the records `records(stop)` yields, with a progress bar of `total`; stop cleanly after the batch in
-    flight on Ctrl-C, SIGTERM or SIGHUP. A reader of stdout that goes away stops the run quietly."""
-    tally = Tally(skipped=skipped)
+    """Write the records `records(stop, stats)` yields, with a progress bar of `total`; stop cleanly after the batch
+    in flight on Ctrl-C, SIGTERM or SIGHUP. A reader of stdout that goes away stops the run quietly."""
+    tally, stats = Tally(skipped=skipped), {}
     with Interrupt(STOP_SIGNALS) as interrupt, progress_bar(total, what) as advance:
-        for rec in records(lambda: interrupt.requested):
+        for rec in records(lambda: interrupt.requested, stats):
             out.write(rec)
             tally.failed += rec["error"] is not None
             tally.done += rec["error"] is None
             advance(1)
-        tally.stopped = interrupt.code
+        tally.stopped, tally.backoffs = interrupt.code, stats.get("backoffs", 0)
     return tally

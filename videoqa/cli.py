@@ -26,8 +26,8 @@ app = typer.Typer(
     add_completion=False,
     help="Ask local video-language models about video files. Exit codes: 0 ok, 1 internal error, "
     "2 bad usage or question, 3 unreadable video, 4 model not found or not loadable, 5 device not available, "
-    "6 caption/timeline/find: some videos or segments failed, 7: all failed, 129/143 caption/timeline stopped by "
-    "SIGHUP/SIGTERM, "
+    "6 caption/timeline/find: some videos or segments failed, 7: all failed, 8 out of memory, 129/143 caption or "
+    "timeline stopped by SIGHUP/SIGTERM, "
     "130 interrupted, 141 stdout's reader went away.",
 )
 
@@ -53,6 +53,12 @@ class DType(str, Enum):
     float32 = "float32"
 
 
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "int8"
+    nf4 = "nf4"
+
+
 DEBUG = False  # VIDEOQA_DEBUG=1 or --debug: errors keep their exit code and show a traceback too
 
 
@@ -66,7 +72,14 @@ ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Preset name, local Hugging Face directory, or hub id.")
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.")]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: float16 on cuda/mps, float32 on cpu.")]
+DTypeOpt = Annotated[DType, typer.Option(
+    "--dtype", help="auto: float16 on cuda/mps; on cpu bfloat16 where the CPU computes it natively, else float32.")]
+QuantizeOpt = Annotated[Quantize, typer.Option(
+    "--quantize", help="The language model's linear layers in int8 or nf4 (bitsandbytes: pip install 'videoqa[quant]').")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="Cap the memory the run may use below what the device has free, e.g. 6GB, 6GiB, 6000MB.",
+    show_default=False)]
+SkipCheckOpt = Annotated[bool, typer.Option("--skip-memory-check", help="Load even if the estimate says it does not fit.")]
 class Shown(str, Enum):
     text = "text"
     json = "json"
@@ -129,6 +142,9 @@ class Run:
     model: str
     device: Device
     dtype: DType
+    quantize: Quantize
+    max_memory: str | None
+    skip_memory_check: bool
     no_compile: bool
     quiet: bool
 
@@ -149,7 +165,9 @@ def _options(table: dict) -> list[inspect.Parameter]:
 
 RUN_OPTIONS = {  # Run's fields, then --debug (read by its callback)
     "model": (ModelOpt, "video-llava-7b"), "device": (DeviceOpt, Device.auto), "dtype": (DTypeOpt, DType.auto),
-    "no_compile": (NoCompileOpt, False), "quiet": (QuietOpt, False), "debug": (DebugOpt, False),
+    "quantize": (QuantizeOpt, Quantize.none), "max_memory": (MaxMemoryOpt, None),
+    "skip_memory_check": (SkipCheckOpt, False), "no_compile": (NoCompileOpt, False), "quiet": (QuietOpt, False),
+    "debug": (DebugOpt, False),
 }
 REPLY_OPTIONS = {"shown": (ShownOpt, Shown.text), "json_output": (JsonOpt, False), "no_cache": (NoCacheOpt, False)}
 WINDOW_OPTIONS = {"start": (StartOpt, None), "end": (EndOpt, None)}
@@ -215,11 +233,15 @@ def quiet_mode(quiet: bool) -> None:
     stderr.quiet = quiet
 
 
-def checkpoint(run: Run, cache: bool):
-    """The model to load, resolved on first need: a bad file is refused before the model is looked for."""
+def checkpoint(run: Run, given: dict, cache: bool, batch_size: int = 1):
+    """The model to load, resolved on first need (a bad file is refused before the model is looked for), with
+    the run its memory is checked for: its frames, answer length and batch."""
     from videoqa.session import Checkpoint
 
-    return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache)
+    workload = {"frames": given["frames"], "max_new_tokens": given["max_new_tokens"], "batch_size": batch_size}
+    return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache,
+                      quantize=run.quantize.value, max_memory=run.max_memory, check_memory=not run.skip_memory_check,
+                      workload=workload)
 
 
 def read_media(found, path: Path, frames: int | None, window):
@@ -235,13 +257,13 @@ def read_media(found, path: Path, frames: int | None, window):
     return replace(media, path=path)  # the answer names the pipe, not its copy
 
 
-def load(found, no_compile: bool):
+def load(found, run: Run):
     from videoqa.render import progress
 
     with progress("Finding the model…"):
         found.resolve()
     with progress(f"Loading {found.name}…"):
-        return found.load(compile=not no_compile)
+        return found.load(compile=not run.no_compile)
 
 
 @app.command()
@@ -282,9 +304,9 @@ def ask(
     if is_stdin(video) and (question == "-" or is_stdin(prompt_file)):
         raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
-    found = checkpoint(run, cache=reply.cache)
+    found = checkpoint(run, given, cache=reply.cache)
     media = read_media(found, video, given["frames"], window)
-    loaded = load(found, run.no_compile)
+    loaded = load(found, run)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
     if reply.json:
@@ -325,9 +347,9 @@ def chat(
     stdin = stdin_bytes()
     if is_stdin(video):
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
-    found = checkpoint(run, cache=reply.cache)
+    found = checkpoint(run, given, cache=reply.cache)
     media = read_media(found, video, given["frames"], window) if video is not None else None
-    session = Repl(load(found, run.no_compile), found.settings(**given), reply.json)
+    session = Repl(load(found, run), found.settings(**given), reply.json)
     if media is not None:
         session.open(media)
     interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not reply.json
@@ -387,8 +409,9 @@ def caption(
                     key=lambda rec: identity(rec["video"]))
     if all(identity(v) in output.done for v in videos):
         return summarize(captioning.Tally(skipped=len(videos)), "videos")
-    write_records(checkpoint(run, cache=False), run, given, output, "videos", lambda model: captioning.run(
-        model, videos, question, output, batch_size, start=window.start, end=window.end, **given))
+    write_records(checkpoint(run, given, cache=False, batch_size=batch_size), run, given, output, "videos",
+                  lambda model: captioning.run(model, videos, question, output, batch_size, start=window.start,
+                                               end=window.end, **given))
 
 
 def write_records(found, run: Run, given: dict, output, unit: str, produce) -> None:
@@ -396,7 +419,7 @@ def write_records(found, run: Run, given: dict, output, unit: str, produce) -> N
     load leaves an old file untouched); print the summary and exit with the run's code."""
     found.check_videos(found.settings(**given).frames)  # before the slow load
     try:
-        loaded = load(found, run.no_compile)
+        loaded = load(found, run)
         output.open()
         tally = produce(loaded)
     finally:
@@ -411,7 +434,8 @@ def summarize(tally, unit: str) -> None:
 
     answered = tally.done + tally.failed
     rate = f"{answered / (time.perf_counter() - tally.start):.2f}" if answered else "-"
-    summary({"done": str(tally.done), "failed": str(tally.failed), "skipped": str(tally.skipped), f"{unit}/s": rate})
+    summary({"done": str(tally.done), "failed": str(tally.failed), "skipped": str(tally.skipped), f"{unit}/s": rate,
+             **({"backed off": f"{tally.backoffs} times (out of memory)"} if tally.backoffs else {})})
 
 
 def every_option(default: str):
@@ -475,9 +499,11 @@ def timeline(
     todo = [w for w in windows if captioning.start_key({"start": w.start}) not in output.done]
     if not todo:
         return summarize(captioning.Tally(skipped=len(windows)), "segments")
-    write_records(checkpoint(run, cache=False), run, given, output, "segments", lambda model: captioning.drain(
-        lambda stop: model.timeline(video, question, windows=todo, batch_size=batch_size, stop=stop, **given),
-        output, len(todo), skipped=len(windows) - len(todo), what="timeline"))
+    write_records(checkpoint(run, given, cache=False, batch_size=batch_size), run, given, output, "segments",
+                  lambda model: captioning.drain(
+                      lambda stop, stats: model.timeline(video, question, windows=todo, batch_size=batch_size,
+                                                         stop=stop, stats=stats, **given),
+                      output, len(todo), skipped=len(windows) - len(todo), what="timeline"))
 
 
 @app.command()
@@ -514,9 +540,9 @@ def find(
     check_stdout()
     query = read_question(query, None)
     windows = cut(video, every=every, count=segments, default=10)
-    found = checkpoint(run, cache=False)
+    found = checkpoint(run, {**given, "max_new_tokens": 1}, cache=False, batch_size=batch_size)  # no answer text
     found.check_videos(found.settings(**given).frames)  # before the slow load
-    loaded = load(found, run.no_compile)
+    loaded = load(found, run)
     with progress(f"Scoring {len(windows)} segments…"):
         scored = loaded.find(video, query, windows=windows, batch_size=batch_size, frames=given["frames"])
     if json_output:
@@ -526,6 +552,50 @@ def find(
         write("".join(f"{Window(s['start'], s['end']).label()}  {s['score']:.2f}\n" for s in best))
     failed = sum(s["error"] is not None for s in scored)
     raise typer.Exit(Exit.OK if not failed else Exit.ALL_FAILED if failed == len(scored) else Exit.SOME_FAILED)
+
+
+@app.command("models")
+def models_command(
+    device: DeviceOpt = Device.auto,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per preset, one per line.")] = False,
+) -> None:
+    """The presets: where they come from, whether they are downloaded, and the memory an 8-frame question needs
+    with each at float16, bfloat16, int8 and nf4; a ✓ where that fits the device's free memory now.
+
+    [bold]Examples[/bold]
+
+      videoqa models
+
+      videoqa models --json | jq -r 'select(.fits.nf4) | .name'
+    """
+    from videoqa.catalogue import rows
+    from videoqa.output import print_json, write
+
+    found, against = rows(device.value)
+    if json_output:
+        for row in found:
+            print_json(row)
+        return
+    write(table(found, against))
+
+
+def table(found: list[dict], against: str) -> str:
+    """The presets as a plain-text table (rich, to stdout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from videoqa.memory import size
+
+    grid = Table(title=f"estimates for an 8-frame question; ✓ fits {against}", title_justify="left")
+    for column in ("preset", "architecture", "hub id", "downloaded", "float16", "bfloat16", "int8", "nf4"):
+        grid.add_column(column)
+    for row in found:
+        cells = [f"{size(row['memory_bytes'][p])} {'✓' if row['fits'][p] else '✗'}" for p in row["memory_bytes"]]
+        grid.add_row(row["name"], row["architecture"], row["repo"], size(row["disk_bytes"]) if row["cached"] else "no",
+                     *cells)
+    console = Console(width=200, record=True, file=open(os.devnull, "w"), color_system=None)
+    console.print(grid)
+    return console.export_text()
 
 
 cache_app = typer.Typer(help="The video feature cache: features of videos already seen, reused across runs.")

@@ -12,6 +12,7 @@ class Exit(IntEnum):
     DEVICE = 5  # the requested device is not available
     SOME_FAILED = 6  # caption: some videos failed (their records carry the error)
     ALL_FAILED = 7  # caption: every video failed
+    MEMORY = 8  # the run does not fit the device's memory (checked before loading), or ran out of it
     HANGUP = 129  # caption stopped by SIGHUP, after the batch in flight (128 + the signal's number)
     INTERRUPTED = 130  # Ctrl-C
     PIPE = 141  # stdout's reader went away (`| head -1`): the run ends quietly, as cat does

@@ -1,5 +1,5 @@
-"""Model families: everything that differs between Video-LLaVA, LLaVA-NeXT-Video and LLaVA-NeXT, in one object
-each, keyed by config.json's `model_type`.
+"""Model families: everything that differs between Video-LLaVA, LLaVA-NeXT-Video, LLaVA-NeXT, LLaVA-OneVision and
+LLaVA-1.5, in one object each, keyed by config.json's `model_type`.
 
 A family says which transformers class loads it, how frames and images become pixels and pixels become the
 rows spliced over its placeholder, how many positions a video takes (known from the config before anything is
@@ -17,11 +17,16 @@ from typing import Any
 from videoqa import features, pixels
 from videoqa.decode import LanguageModel
 from videoqa.errors import Exit, VideoQAError
+from videoqa.features import patches_per_side, pooled_side
 
 VICUNA = "USER: {media}\n{question} ASSISTANT:"  # llava_v1, as the HF ports render it; {media} is the placeholder
 VICUNA_FOLLOWUP = "USER: {question} ASSISTANT:"  # later turns: `... ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
 DESCRIBE = "Describe what happens in this part of the video."  # a timeline's question for each segment
 FIND = "Does this part of the video show: {query}? Answer yes or no."  # find's question; the answer's first token
+# Qwen2's ChatML as the llava-hf OneVision checkpoints' chat_template.json renders it: a space after the role, the
+# media and then "\n" + the text, `<|im_end|>` with no newline after it; no system turn, no BOS.
+ONEVISION = "<|im_start|>user {media}\n{question}<|im_end|><|im_start|>assistant\n"
+ONEVISION_FOLLOWUP = "<|im_start|>user \n{question}<|im_end|><|im_start|>assistant\n"  # after `{a1}<|im_end|>`
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,8 @@ def clip_frames(config, frames):
     return pixels.clip_pixels(frames, config.vision_config.image_size)
 
 
-def patches_per_side(config) -> int:
-    return config.vision_config.image_size // config.vision_config.patch_size
+def siglip_frames(config, frames):
+    return pixels.siglip_pixels(frames, config.vision_config.image_size)
 
 
 register(Family(  # all 257 tokens of a frame (CLS kept); images through their own tower
@@ -98,4 +103,15 @@ register(Family(  # still images only, AnyRes
     template="A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions. " + VICUNA,
     vision_modules=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
+))
+register(Family(  # frames 2x2 bilinear-pooled after the projector (196 tokens at 384 px), one newline after the
+    # whole video; AnyRes-max-9 images
+    "llava_onevision", "LlavaOnevisionForConditionalGeneration", features.anyres_max_image,
+    template=ONEVISION, followup=ONEVISION_FOLLOWUP,
+    video=Videos(siglip_frames, features.onevision_video, lambda config, n: n * pooled_side(config) ** 2 + 1),
+    vision_modules=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
+))
+register(Family(  # LLaVA-1.5: still images only, one 336 px CLIP crop, CLS dropped (576 tokens)
+    "llava", "LlavaForConditionalGeneration", features.llava_image,
+    vision_modules=("model.vision_tower", "model.multi_modal_projector"),
 ))

@@ -10,15 +10,34 @@ get_image_features, with the layer(s), select strategy, pooling and grid read fr
 - LLaVA-NeXT(-Video) images: AnyRes tiles through the tower and projector, then packed as transformers'
   `pack_image_features` does: the base tile, then the tile grid unpadded to the image's aspect ratio with an
   `image_newline` after each row.
+- LLaVA-OneVision (SigLIP, no CLS): frames through the tower's layer and the projector, then 2x2 bilinear
+  pooling (27 x 27 -> 14 x 14 = 196 per 384 px frame), then one `image_newline` after the whole video; images
+  through AnyRes-max: the tiles packed as LLaVA-NeXT's, but a grid larger than `anyres_max_N` allows (N base
+  tiles' worth, with 10% slack) shrunk bilinearly before the `image_newline` of each row.
+- LLaVA-1.5: one image through the CLIP tower's layer, CLS dropped under "default", then the projector (576 rows
+  at 336 px).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from PIL import Image
 
-from videoqa.pixels import anyres_pixels, best_resolution, clip_pixels
+from videoqa.pixels import anyres_max_pixels, anyres_pixels, best_resolution, clip_pixels
+
+
+def patches_per_side(config) -> int:
+    """Patches along a tile's (or frame's) edge: 16 for CLIP at 224 px, 24 at 336 px, 27 for SigLIP at 384 px."""
+    return config.vision_config.image_size // config.vision_config.patch_size
+
+
+def pooled_side(config) -> int:
+    """Patches along a frame's edge after OneVision's 2x2 bilinear pooling, rounded up as its `apply_pooling`
+    does: 27 -> 14 at 384 px."""
+    return math.ceil(patches_per_side(config) / 2)
 
 
 def _tensor(net, pixels: np.ndarray) -> torch.Tensor:
@@ -69,15 +88,24 @@ def anyres_image(net, image: Image.Image) -> torch.Tensor:
 
 def pack(net, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(1 + rows * cols, side * side, D) base tile and grid tiles of an image of `size` (h, w) -> (positions, D)."""
-    vision = net.config.vision_config
-    side = vision.image_size // vision.patch_size  # patches along a tile's edge
+    return _rows(net, tiles[0], _grid(net, tiles[1:], size))
+
+
+def _grid(net, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(rows * cols, side * side, D) grid tiles, row by row -> (D, H, W) feature map of the image, unpadded."""
+    vision, side = net.config.vision_config, patches_per_side(net.config)
     grid_height, grid_width = best_resolution(size, net.config.image_grid_pinpoints)
     rows, cols = grid_height // vision.image_size, grid_width // vision.image_size
-    grid = tiles[1:].view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (D, H, W)
-    grid = unpad(grid, size)
+    grid = tiles.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)  # (D, H, W)
+    return unpad(grid, size)
+
+
+def _rows(net, base: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """(T, D) base tile and (D, H, W) feature map -> (T + H * (W + 1), D): the map row by row, each row ending with
+    `image_newline`."""
     newline = net.model.image_newline[:, None, None].expand(-1, grid.shape[1], 1).to(grid.dtype)  # (D, H, 1)
     grid = torch.cat([grid, newline], dim=-1)  # (D, H, W + 1)
-    return torch.cat([tiles[0], grid.flatten(1, 2).T])
+    return torch.cat([base, grid.flatten(1, 2).T])
 
 
 def unpad(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -91,3 +119,57 @@ def unpad(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     kept = int(round(width * (grid_height / height), 7))  # padded left and right
     pad = (grid_width - kept) // 2
     return grid[:, :, pad : grid_width - pad]
+
+
+@torch.inference_mode()
+def onevision_video(net, pixels: np.ndarray) -> torch.Tensor:
+    """LLaVA-OneVision: (N, 3, H, W) frames -> (N * pooled tokens + 1, D), frame-major, then `image_newline` once."""
+    model = net.model
+    projected = model.multi_modal_projector(_patches(net, model.vision_tower, pixels))  # (N, side * side, D)
+    pooled = bilinear_pool(net, projected)  # (N, ceil(side / 2)^2, D)
+    return torch.cat([pooled.flatten(0, 1), model.image_newline[None].to(pooled.dtype)])
+
+
+def bilinear_pool(net, features: torch.Tensor) -> torch.Tensor:
+    """(N, side * side, D) -> (N, ceil(side / 2)^2, D): each frame's patch grid halved by bilinear interpolation,
+    as OneVision's `apply_pooling` does (27 x 27 -> 14 x 14 at 384 px / 14 px)."""
+    side, half = patches_per_side(net.config), pooled_side(net.config)
+    grid = features.view(features.shape[0], side, side, -1).permute(0, 3, 1, 2)  # (N, D, side, side)
+    grid = torch.nn.functional.interpolate(grid.contiguous(), size=[half, half], mode="bilinear")
+    return grid.permute(0, 2, 3, 1).reshape(features.shape[0], half * half, -1)
+
+
+@torch.inference_mode()
+def anyres_max_image(net, image: Image.Image) -> torch.Tensor:
+    """LLaVA-OneVision: a still image -> (positions, D) under AnyRes-max: base tile, then the (possibly shrunk) grid
+    with a newline per row."""
+    model, size = net.model, net.config.vision_config.image_size
+    pixels = anyres_max_pixels(image, size, net.config.image_grid_pinpoints)  # (1 + tiles, 3, size, size)
+    tiles = model.multi_modal_projector(_patches(net, model.vision_tower, pixels))  # (1 + tiles, side * side, D)
+    return pack_max(net, tiles, (image.height, image.width))
+
+
+def pack_max(net, tiles: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """OneVision's `pack_image_features`: (1 + rows * cols, side * side, D) tiles of an image of `size` (h, w) ->
+    (positions, D); as `pack`, with the anyres_max downscale between the unpadding and the newlines."""
+    grid = shrink(_grid(net, tiles[1:], size), patches_per_side(net.config), net.config.vision_aspect_ratio)
+    return _rows(net, tiles[0], grid)
+
+
+def shrink(grid: torch.Tensor, side: int, aspect_ratio: str) -> torch.Tensor:
+    """(D, H, W) -> the grid scaled down bilinearly to about `max_tiles` tiles' worth of features when it holds more
+    than 1.1^2 times that ("anyres_max_9": 9 tiles of side x side), keeping its aspect ratio."""
+    max_tiles = int(aspect_ratio.removeprefix("anyres_max_"))
+    height, width = grid.shape[1:]
+    ratio = math.sqrt(height * width / (max_tiles * side**2))
+    if ratio <= 1.1:
+        return grid
+    shape = [int(height // ratio), int(width // ratio)]
+    return torch.nn.functional.interpolate(grid[None], shape, mode="bilinear")[0]
+
+
+@torch.inference_mode()
+def llava_image(net, image: Image.Image) -> torch.Tensor:
+    """LLaVA-1.5: a still image -> (patches, D); CLIP's shortest-edge resize and centre crop, CLS dropped."""
+    model, size = net.model, net.config.vision_config.image_size
+    return model.multi_modal_projector(_patches(net, model.vision_tower, clip_pixels([image], size))).flatten(0, 1)

@@ -17,6 +17,7 @@ from typing import Any
 from videoqa.errors import Exit, VideoQAError
 from videoqa import families
 from videoqa.families import Family
+from videoqa.memory import is_oom
 
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -38,6 +39,7 @@ class Preset:
     followup: str
     generation: dict[str, Any] = field(default_factory=dict)
     describe: str = families.DESCRIBE  # a timeline's default question
+    memory: dict[str, int] = field(default_factory=dict)  # parameters and dimensions, for estimates before download
 
 
 def of_family(family: Family, name: str = "", repo: str | None = None, revision: str = "main", **overrides) -> Preset:
@@ -58,6 +60,16 @@ def presets() -> dict[str, Preset]:
         data = tomllib.loads(file.read_text())
         found[file.stem] = of_family(families.family(data.pop("architecture")), name=file.stem, **data)
     return found
+
+
+def cached(repo: str, revision: str) -> Path | None:
+    """The repository's snapshot in the local Hugging Face cache, or None; never downloads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_files_only=True))
+    except Exception:
+        return None
 
 
 def download(repo: str, revision: str) -> Path:
@@ -142,11 +154,56 @@ def pick_device(name: str):
 
 
 def pick_dtype(name: str, device):
+    """`auto`: float16 on CUDA and MPS; on a CPU, bfloat16 where it computes it natively (faster than float32 and
+    half the memory), float32 elsewhere."""
     import torch
 
-    if name == "auto":  # half precision where the hardware is built for it
-        return torch.float32 if device.type == "cpu" else torch.float16
-    return getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cpu":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively: AVX512-BF16 or AMX on x86, the BF16 extension on ARM."""
+    import platform
+    import subprocess
+
+    if platform.system() == "Darwin":
+        probe = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+        return probe.stdout.strip() == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+QUANTIZE = ("none", "int8", "nf4")
+
+
+def quantization(found: Family, quantize: str, device, dtype):
+    """transformers' BitsAndBytesConfig for `quantize`: the language model's linear layers in int8 or nf4; the
+    vision side and the LM head (full module paths) in the compute dtype, so visual features do not change."""
+    if quantize == "none":
+        return None
+    if device.type == "mps":
+        raise VideoQAError("--quantize: bitsandbytes has no MPS backend; use --device cpu, or no --quantize",
+                           Exit.DEVICE)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise VideoQAError(f"--quantize {quantize} needs bitsandbytes: pip install 'videoqa[quant]'",
+                           Exit.MODEL) from None
+    from transformers import BitsAndBytesConfig
+
+    skip = [*found.vision_modules, "lm_head"]
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              llm_int8_skip_modules=skip)
 
 
 def context(config) -> int:
@@ -164,11 +221,15 @@ def model_class(found: Family):
 
 
 def quiet_transformers() -> None:
-    """transformers' load reports, warnings and bars are noise for a CLI user; its errors still become ours."""
+    """transformers' load reports, warnings and bars are noise for a CLI user; its errors still become ours.
+    (bitsandbytes, on a CPU without its optional `kernels` package, warns once that it uses its own.)"""
+    import logging as python_logging
+
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    python_logging.getLogger("bitsandbytes").setLevel(python_logging.ERROR)
 
 
 def config_of(path: Path, found: Family):
@@ -188,19 +249,23 @@ def config_of(path: Path, found: Family):
     return config
 
 
-def load(path: Path, found: Family, config, device, dtype):
-    """(net, tokenizer): weights straight to the target device in the target dtype, with the family's class.
-    A weight the checkpoint lacks is an error: transformers would fill it with random numbers."""
+def load(path: Path, found: Family, config, device, dtype, quantize: str = "none"):
+    """(net, tokenizer): weights straight to the target device in the target dtype (the language model's linear
+    layers quantized, if asked), with the family's class. A weight the checkpoint lacks is an error: transformers
+    would fill it with random numbers."""
     import transformers
 
     quiet_transformers()
+    bits = quantization(found, quantize, device, dtype)
     try:
         net, info = model_class(found).from_pretrained(  # device_map streams each tensor from the file to the device
             path, config=config, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False,
-            output_loading_info=True,
+            output_loading_info=True, quantization_config=bits,
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
+        if is_oom(e):
+            raise
         raise VideoQAError(f"{path}: cannot load the model ({type(e).__name__}: {e})".splitlines()[0], Exit.MODEL)
     missing = sorted(info["missing_keys"])
     if missing:

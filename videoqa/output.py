@@ -20,7 +20,8 @@ from pathlib import Path
 
 from videoqa.errors import VideoQAError
 
-FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "timings", "warnings", "error"]
+FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "runtime", "timings", "warnings",
+          "error"]
 
 
 class OutputClosed(Exception):
@@ -53,7 +54,7 @@ def write(text: str) -> None:
 
 def record(
     *, video: Path | str | None, question: str, prompt: str, answer: str, tokens: list[int], frames: list[dict],
-    model: str, timings: dict[str, float], error: str | None = None,
+    model: str, runtime: dict[str, str], timings: dict[str, float], error: str | None = None,
     warnings: list[str] | None = None,
 ) -> dict:
     """The one schema of `ask --json`, chat turns, caption records and the API's `Answer.record()`."""
@@ -65,6 +66,7 @@ def record(
         "tokens": tokens,
         "frames": frames,
         "model": model,
+        "runtime": runtime,
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "warnings": list(warnings or []),
         "error": error,
@@ -94,7 +96,7 @@ def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False) -> N
             write(piece)
             if stop():
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:  # stopped: end the line before [stopped] is shown
+    except (KeyboardInterrupt, VideoQAError):  # stopped, or out of memory: end the line before what follows
         write("\n")
         raise
     finally:

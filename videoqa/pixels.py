@@ -1,4 +1,4 @@
-"""Stage 2: CLIP preprocessing with Pillow.
+"""Stage 2: CLIP and SigLIP preprocessing with Pillow.
 
 Equal to transformers' `CLIPImageProcessorPil`: transparency composited onto white,
 bicubic resize of the shortest edge, centre crop, rescale by 1/255, normalise with
@@ -9,6 +9,14 @@ LLaVA-NeXT's AnyRes for still images (equal to `LlavaNextImageProcessorPil`):
 pick the best-fit grid from the checkpoint's `image_grid_pinpoints`, resize the
 image into it keeping its aspect ratio, pad with black, cut it into tiles, and
 put the whole image squashed to one tile first.
+
+LLaVA-OneVision (SigLIP at 384 px): `siglip_pixels` squashes each frame or image to
+size x size (bicubic, no crop) and normalises with mean = std = 0.5, as the
+checkpoints' preprocessor configs say; equal to `SiglipImageProcessorPil` and to the
+base tile of `LlavaOnevisionImageProcessorPil` (frames too: transformers' OneVision
+video processor needs torchvision, as the others do). Its AnyRes-max tiling
+(`anyres_max_pixels`) cuts the same tiles as LLaVA-NeXT's (the "max 9" rule acts
+on the features, not the pixels); equal to `LlavaOnevisionImageProcessorPil`.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from videoqa.frames import rgb
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+SIGLIP_MEAN = SIGLIP_STD = np.array([0.5, 0.5, 0.5], dtype=np.float32)
 
 
 def resize_shortest_edge(image: Image.Image, size: int) -> Image.Image:
@@ -38,15 +47,28 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def _rgb(frame: np.ndarray | Image.Image) -> Image.Image:
+    return rgb(frame) if isinstance(frame, Image.Image) else Image.fromarray(frame)
+
+
+def _normalise(image: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(H, W) RGB image -> (3, H, W) float32: x / 255, then (x - mean) / std."""
+    x = np.asarray(image).astype(np.float64) * (1 / 255)
+    return ((x - mean) / std).astype(np.float32).transpose(2, 0, 1)
+
+
 def clip_pixels(frames: np.ndarray | list[Image.Image], size: int) -> np.ndarray:
     """(N, H, W, 3) uint8 frames or PIL images -> (N, 3, size, size) float32 tower input."""
-    out = []
-    for frame in frames:
-        image = rgb(frame) if isinstance(frame, Image.Image) else Image.fromarray(frame)
-        image = center_crop(resize_shortest_edge(image, size), size)
-        x = np.asarray(image).astype(np.float64) * (1 / 255)
-        out.append(((x - CLIP_MEAN) / CLIP_STD).astype(np.float32).transpose(2, 0, 1))
-    return np.stack(out)
+    crops = [center_crop(resize_shortest_edge(_rgb(frame), size), size) for frame in frames]
+    return np.stack([_normalise(crop, CLIP_MEAN, CLIP_STD) for crop in crops])
+
+
+def siglip_pixels(frames: np.ndarray | list[Image.Image], size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 frames or PIL images -> (N, 3, size, size) float32 SigLIP input.
+
+    Squashed to a square whatever the aspect ratio (SigLIP was trained so): no crop, no padding."""
+    squares = [_rgb(frame).resize((size, size), Image.BICUBIC) for frame in frames]
+    return np.stack([_normalise(square, SIGLIP_MEAN, SIGLIP_STD) for square in squares])
 
 
 def best_resolution(size: tuple[int, int], pinpoints: list[list[int]]) -> tuple[int, int]:
@@ -76,11 +98,8 @@ def fit_and_pad(image: Image.Image, grid: tuple[int, int]) -> Image.Image:
     return canvas
 
 
-def anyres_pixels(image: Image.Image, size: int, pinpoints: list[list[int]]) -> np.ndarray:
-    """LLaVA-NeXT's AnyRes: the image squashed to one tile, then the tiles of its best-fit grid, row by row.
-
-    (1 + tiles, 3, size, size) float32; equal to transformers' `LlavaNextImageProcessorPil`.
-    """
+def anyres_tiles(image: Image.Image, size: int, pinpoints: list[list[int]]) -> list[Image.Image]:
+    """The image squashed to one size x size tile, then the tiles of its best-fit grid, row by row (RGB)."""
     image = rgb(image)
     grid_height, grid_width = best_resolution((image.height, image.width), pinpoints)
     padded = fit_and_pad(image, (grid_height, grid_width))
@@ -89,4 +108,21 @@ def anyres_pixels(image: Image.Image, size: int, pinpoints: list[list[int]]) -> 
         for y in range(0, grid_height, size)
         for x in range(0, grid_width, size)
     ]
-    return clip_pixels([image.resize((size, size), Image.BICUBIC), *tiles], size)
+    return [image.resize((size, size), Image.BICUBIC), *tiles]
+
+
+def anyres_pixels(image: Image.Image, size: int, pinpoints: list[list[int]]) -> np.ndarray:
+    """LLaVA-NeXT's AnyRes: the image squashed to one tile, then the tiles of its best-fit grid, row by row.
+
+    (1 + tiles, 3, size, size) float32; equal to transformers' `LlavaNextImageProcessorPil`.
+    """
+    return clip_pixels(anyres_tiles(image, size, pinpoints), size)
+
+
+def anyres_max_pixels(image: Image.Image, size: int, pinpoints: list[list[int]]) -> np.ndarray:
+    """LLaVA-OneVision's AnyRes-max tiles: (1 + tiles, 3, size, size) float32, SigLIP-normalised.
+
+    The same tiles as LLaVA-NeXT (`LlavaOnevisionImageProcessorPil` resizes and pads for the grid
+    alike); the tiles are already size x size, so SigLIP's squash leaves them as they are. The
+    "max 9" of anyres_max_9 caps the features per image, not the tiles (see features.py)."""
+    return siglip_pixels(anyres_tiles(image, size, pinpoints), size)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from videoqa import models, output
+from videoqa import memory, models, output
 from videoqa import windows as timing
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames, check_file, is_image, read_image
@@ -53,14 +53,15 @@ class Answer:
     tokens: list[int]  # as generated, EOS included if it ended the answer
     frames: list[dict]  # {"index", "time"} of each sampled frame; empty for an image
     model: str
+    runtime: dict[str, str]  # device, dtype and quantization it was computed with
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. that only part of the video decodes
 
     def record(self) -> dict:
         """The `--json` schema (README: Scripting)."""
         return output.record(video=self.video, question=self.question, prompt=self.prompt, answer=self.text,
-                             tokens=self.tokens, frames=self.frames, model=self.model, timings=self.timings,
-                             warnings=self.warnings)
+                             tokens=self.tokens, frames=self.frames, model=self.model, runtime=self.runtime,
+                             timings=self.timings, warnings=self.warnings)
 
 
 class Checkpoint:
@@ -68,22 +69,41 @@ class Checkpoint:
     feature cache), so that a bad file is refused before the model is looked for, and both before the load."""
 
     def __init__(self, model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto",
-                 cache: bool = True):
+                 cache: bool = True, quantize: str = "none", max_memory: str | float | None = None,
+                 check_memory: bool = True, workload: dict[str, int | None] | None = None):
+        if quantize not in models.QUANTIZE:
+            raise VideoQAError(f"quantize {quantize!r}: one of {', '.join(models.QUANTIZE)}")
         self.name, self.options, self.resolved = str(model), (device, dtype, cache), False
+        self.quantize, self.check_memory, self.workload = quantize, check_memory, workload or {}
+        self.max_memory = memory.parse_size(max_memory) if isinstance(max_memory, str) else max_memory
+        self.preset = models.presets().get(self.name)  # a directory or hub id: its family's defaults, once resolved
+        self.path = self.config = None  # known once resolved (a preset's table stands in until it is downloaded)
+
+    @functools.cached_property
+    def device(self):
+        return models.pick_device(self.options[0])
+
+    @functools.cached_property
+    def dtype(self):
+        return models.pick_dtype(self.options[1], self.device)
 
     def resolve(self) -> Checkpoint:
-        """Find the model (downloading it if needed) and check it; pick the device and dtype. Once."""
+        """Pick the device and dtype, check that the run described by `workload` (frames, max_new_tokens,
+        batch_size) fits (from a preset's table before downloading it, then from the checkpoint), find the model
+        (downloading it if needed) and check it. Once."""
         from videoqa.cache import open_cache
 
-        if not self.resolved:
-            device, dtype, cache = self.options
-            self.device = models.pick_device(device)
-            self.path, self.preset = models.resolve(self.name)
-            self.family = self.preset.family
-            self.config = models.config_of(self.path, self.family)
-            self.dtype = models.pick_dtype(dtype, self.device)
-            self.cache = open_cache(self.path, self.dtype) if cache else None
-            self.resolved = True
+        if self.resolved:
+            return self
+        if self.check_memory and self.preset and models.cached(self.preset.repo, self.preset.revision) is None:
+            self.fit()  # before a download of many gigabytes
+        self.path, self.preset = models.resolve(self.name)
+        self.family = self.preset.family
+        self.config = models.config_of(self.path, self.family)
+        if self.check_memory:
+            self.fit()
+        self.cache = open_cache(self.path, self.dtype) if self.options[2] else None
+        self.resolved = True
         return self
 
     @property
@@ -93,7 +113,8 @@ class Checkpoint:
     def settings(self, **given: Any) -> Settings:
         """The preset's settings with `given` ones (not None) over them; out-of-range values raise."""
         chosen = {k: v for k, v in given.items() if v is not None}
-        return defaults(self.resolve().preset.frames, self.preset.generation).changed(**chosen)
+        preset = self.preset if self.preset is not None else self.resolve().preset
+        return defaults(preset.frames, preset.generation).changed(**chosen)
 
     def check_videos(self, frames: int) -> None:
         """Refuse videos for an image-only family, and frames whose video alone fills the context."""
@@ -127,11 +148,57 @@ class Checkpoint:
             log.warning(f"{output.display(path)}: {warning}")
         return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - began)
 
+    def estimate(self, *, frames: int | None = None, max_new_tokens: int | None = None, batch_size: int = 1,
+                 quantize: str | None = None, dtype_bytes: int | None = None) -> memory.Estimate:
+        """What a question of `frames` frames (the preset's by default) answered with up to `max_new_tokens`
+        tokens, `batch_size` at a time, will need on the device: known before a weight is read (for a preset
+        not downloaded yet, from its table)."""
+        if self.config is None and not (self.preset and self.preset.memory):
+            self.resolve()
+        settings = self.settings(frames=frames, max_new_tokens=max_new_tokens)
+        run = dict(dtype_bytes=dtype_bytes or self.dtype.itemsize, quantize=quantize or self.quantize,
+                   new_tokens=settings.max_new_tokens, batch=batch_size, device_type=self.device.type)
+        video = self.preset.family.video
+        if self.config is None:
+            return memory.from_table(self.preset.memory, video=bool(video), frames=settings.frames, **run)
+        vision = self.config.vision_config
+        tower_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        tiles = settings.frames if video else 5  # an image-only family's largest AnyRes image: 5 tiles
+        positions = video.positions(self.config, tiles) if video else tiles * tower_tokens
+        shape = memory.shape_of(self.path, self.config, self.preset.family.vision_modules)
+        return memory.estimate(shape, positions=positions + memory.TEXT, frames=tiles, tower_tokens=tower_tokens,
+                               **run)
+
+    def fit(self) -> None:
+        """Refuse, with the figures and a way out, a run whose estimate passes what the device has free (or
+        --max-memory): exit code 8, before a weight is read."""
+        needed = self.estimate(**self.workload)
+        have, where = memory.free(self.device)
+        room = f"{where} has {memory.size(have)} free"
+        if self.max_memory is not None and self.max_memory < have:
+            have, room = self.max_memory, f"--max-memory allows {memory.size(self.max_memory)}"
+        if needed.total <= have:
+            return
+        ways = self.ways_out()
+        raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}" + (f": try {' or '.join(ways)}" if ways else ""))
+
+    def ways_out(self) -> list[str]:
+        """What would need less: nf4, fewer frames, the smallest model, with what each needs."""
+        ways = [] if self.quantize == "nf4" else [
+            f"--quantize nf4 (~{memory.size(self.estimate(**self.workload, quantize='nf4').total)})"]
+        if self.preset.family.video and (self.workload.get("frames") or self.preset.frames) > 4:
+            ways.append("--frames 4")
+        if self.name != SMALLEST and SMALLEST in models.presets():
+            small = Checkpoint(SMALLEST, device=self.options[0], dtype=self.options[1], check_memory=False)
+            ways.append(f"-m {SMALLEST} (~{memory.size(small.estimate(**self.workload).total)})")
+        return ways
+
     def load(self, *, compile: bool = True) -> Model:
         """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only)."""
         self.resolve()
         start = time.perf_counter()
-        net, tokenizer = models.load(self.path, self.family, self.config, self.device, self.dtype)
+        with memory.stage("loading the weights", ADVICE):
+            net, tokenizer = models.load(self.path, self.family, self.config, self.device, self.dtype, self.quantize)
         return Model(self, net, tokenizer, compile=compile and self.device.type == "cuda",
                      seconds=time.perf_counter() - start)
 
@@ -159,12 +226,19 @@ def _walker(video: str | Path, frames: int) -> Iterator[Callable]:
 
     with open_video(Path(video)) as opened:
         yield lambda job: opened.sample(frames, job.window)
+ADVICE = "try --quantize nf4, fewer --frames, a smaller --batch-size, or -m llava-onevision-0.5b"
+SMALLEST = "llava-onevision-0.5b"  # the preset that runs on any laptop: suggested when a model does not fit
 
 
 def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto", cache: bool = True,
-         compile: bool = True) -> Model:
-    """A model ready to answer: a preset name, a local Hugging Face directory or a hub id."""
-    return Checkpoint(model, device=device, dtype=dtype, cache=cache).load(compile=compile)
+         compile: bool = True, quantize: str = "none", max_memory: str | float | None = None,
+         check_memory: bool = True) -> Model:
+    """A model ready to answer: a preset name, a local Hugging Face directory or a hub id. `quantize`: none, int8
+    or nf4 (the language model's linear layers; bitsandbytes); `max_memory`: a cap below what the device has
+    free (e.g. "6GB"); the memory check refuses a model that would not fit a default question."""
+    found = Checkpoint(model, device=device, dtype=dtype, cache=cache, quantize=quantize, max_memory=max_memory,
+                       check_memory=check_memory)
+    return found.load(compile=compile)
 
 
 class Model:
@@ -176,6 +250,8 @@ class Model:
         self.name, self.family, self.preset = checkpoint.name, checkpoint.family, checkpoint.preset
         self.lm = self.family.language_model(net)
         self.pending = {"load": seconds}  # reported with the first answer
+        self.runtime = {"device": str(net.device), "dtype": str(checkpoint.dtype).removeprefix("torch."),
+                        "quantize": checkpoint.quantize}
 
     @property
     def context(self) -> int:
@@ -216,11 +292,12 @@ class Model:
 
     def caption(self, videos: Iterable[str | Path], prompt: str | Sequence[str] = "Describe this video.", *,
                 start: Time = None, end: Time = None, batch_size: int = 4, stop: Callable[[], bool] = lambda: False,
-                **settings: Any) -> Iterator[dict]:
+                stats: dict | None = None, **settings: Any) -> Iterator[dict]:
         """One record per video (the `--json` schema, `error` set for a video that could not be answered), in
         order. `prompt`: one question for every video, or one per video; [start, end): the window of each video.
         Videos are decoded ahead on background threads and answered `batch_size` at a time; `stop()` is asked
-        after each batch."""
+        after each batch. A batch that runs out of memory is answered in halves; `stats["backoffs"]` counts how
+        often."""
         from videoqa.batch import Job, records
         from videoqa.questions import check_question
 
@@ -231,22 +308,26 @@ class Model:
         if len(prompts) != len(videos):
             raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
         jobs = [Job(video, question, window) for video, question in zip(videos, map(check_question, prompts))]
-        yield from records(self, jobs, chosen, batch_size, stop)
+        yield from records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats)
 
     def timeline(self, video: str | Path, prompt: str | None = None, *, every: str | float | None = None,
                  count: int | None = None, windows: Sequence[Window] | None = None, batch_size: int = 4,
-                 stop: Callable[[], bool] = lambda: False, **settings: Any) -> Iterator[dict]:
+                 stop: Callable[[], bool] = lambda: False, stats: dict | None = None,
+                 **settings: Any) -> Iterator[dict]:
         """One record per segment of the video, in order: the `--json` schema plus the segment's `start` and `end`
         (s). Segments last `every` (30 s unless `count` equal parts or the `windows` are given); `prompt` is the
         preset's describe prompt by default. The segments' frames are decoded ahead in one forward pass over the
-        file, on a background thread, and answered `batch_size` at a time; `stop()` is asked after each batch."""
+        file, on a background thread, and answered `batch_size` at a time; `stop()` is asked after each batch, and
+        `stats` counts out-of-memory back-offs as `caption`'s does."""
         from videoqa.batch import records
 
         chosen = self.settings(**settings)
         jobs = self._segment_jobs(video, prompt or self.preset.describe, chosen.frames, every=every, count=count,
                                   windows=windows, default=30)
         with _walker(video, chosen.frames) as read:
-            for rec, job in zip(records(self, jobs, chosen, batch_size, stop, read=read, workers=1), jobs):
+            answered = records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats, read=read,
+                               workers=1)
+            for rec, job in zip(answered, jobs):
                 yield {**rec, "start": job.window.start, "end": job.window.end}
 
     def find(self, video: str | Path, query: str, *, every: str | float | None = None, count: int | None = None,
@@ -282,10 +363,11 @@ class Model:
         net = self.net
         if media.features is not None:
             return media.features.to(net.device, net.dtype)
-        if media.image is not None:
-            return self.family.image_features(net, media.image)
-        video = self.family.video
-        features = video.features(net, video.pixels(net.config, media.frames.pixels))
+        with memory.stage("the vision tower", ADVICE):
+            if media.image is not None:
+                return self.family.image_features(net, media.image)
+            video = self.family.video
+            features = video.features(net, video.pixels(net.config, media.frames.pixels))
         cache = self.checkpoint.cache
         # a pipe (read through a copy) is not kept: its content, the key, cannot be read again
         problem = cache.put(media.path, media.frames, features) if cache and media.path.is_file() else None
@@ -414,7 +496,7 @@ class Chat:
             media=self.placeholder, question=question)
         frames = self.media.frames
         turn = Answer(video=self.media.path, question=question, prompt=prompt, text="", tokens=[],
-                      frames=frames.listed() if frames else [], model=self.model.name,
+                      frames=frames.listed() if frames else [], model=self.model.name, runtime=self.model.runtime,
                       warnings=frames.warnings if frames else [])
         return self._answer(turn, ids, min(chosen.max_new_tokens, self.model.context - len(ids)), chosen)
 
@@ -446,8 +528,10 @@ class Chat:
                     timings["prefill"] = first - start
                 answer.append(int(tokens[0]))
                 yield answer[-1]
-        except BaseException:  # Ctrl-C or an abandoned answer: the turn is dropped, the cache cut back to before it
+        except BaseException as e:  # Ctrl-C, an abandoned answer or no memory: the turn is dropped, the cache cut back
             truncate(cache, cached)
+            if memory.is_oom(e):
+                raise memory.OutOfMemory(f"out of memory during {'decode' if answer else 'prefill'}: {ADVICE}") from None
             raise
         if len(answer) > 1:
             timings["decode"] = time.perf_counter() - first

@@ -1,0 +1,207 @@
+"""Memory: what a run will need (weights, KV cache, activations) against what its device has, known before a
+single weight is read; and out-of-memory failures as one error with the stage and a way out.
+
+Weights are counted from the safetensors headers (or, for a preset not downloaded yet, its `[memory]` table) at the
+compute dtype, or at bitsandbytes' size for the language model's linear layers when they are quantized: nf4 keeps
+4 bits a weight and a float32 absmax per block of 64, int8 a byte a weight and a float32 scale per output row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from videoqa.errors import Exit, VideoQAError
+
+GB = 1e9
+MARGIN = 1.10  # allocator slack and the runtime's own buffers: stated, and checked by benchmarks/memory.py
+QUANTIZED_BYTES = {"none": None, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # per linear weight, scales included
+# On a CPU, bitsandbytes keeps more (measured by benchmarks/memory.py at two shapes): int8 a dequantized copy of each
+# weight in the compute dtype beside the int8 one, nf4 its weights repacked for the CPU kernel; and each a
+# runtime of its own.
+CPU_EXTRA_BYTES = {"int8": None, "nf4": 0.6}  # per linear weight; None: the compute dtype's size
+CPU_QUANT_RUNTIME = {"int8": 150e6, "nf4": 50e6}
+TEXT = 64  # positions a question's own text and the template take, beside the placeholder's
+# The runtime's own working memory beside the tensors counted here (allocator arenas, oneDNN workspaces): measured
+# by benchmarks/memory.py on CPU; CUDA's figure is what torch allocates, so its context is not counted.
+RUNTIME = {"cpu": 140e6, "cuda": 0.0, "mps": 0.0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs of a checkpoint: its parameters by kind, and its dimensions."""
+
+    vision: int  # towers, projector, newline: always in the compute dtype
+    linear: int  # the language model's linear weights: what --quantize shrinks
+    other: int  # embeddings, LM head, norms, biases
+    rows: int  # output rows of those linear weights (one int8 scale each)
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    vision_layers: int
+    vision_hidden: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: float  # bytes
+    kv_cache: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.kv_cache + self.activations) * MARGIN
+
+    def __str__(self) -> str:
+        unit, scale = ("GB", GB) if self.total >= GB else ("MB", 1e6)
+        return (f"~{self.total / scale:.1f} {unit} (weights {self.weights / scale:.1f}, KV cache "
+                f"{self.kv_cache / scale:.1f}, activations {self.activations / scale:.1f})")
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / GB:.1f} GB" if nbytes >= GB else f"{nbytes / 1e6:.1f} MB"
+
+
+def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, new_tokens: int, batch: int,
+             frames: int, tower_tokens: int, device_type: str = "cpu") -> Estimate:
+    """A run of `batch` prompts of `positions` positions (`frames` frames of `tower_tokens` tokens each through the
+    vision tower) answered with up to `new_tokens` tokens on a `device_type` device. Activations: the larger of
+    the prefill's and the vision tower's working sets (every hidden layer of the tower is kept), plus the
+    runtime's own."""
+    from videoqa.decode import BUCKET
+
+    per_weight = QUANTIZED_BYTES[quantize]
+    if per_weight is not None and device_type == "cpu":
+        per_weight += CPU_EXTRA_BYTES[quantize] or dtype_bytes
+    linear = shape.linear * dtype_bytes if per_weight is None else shape.linear * per_weight
+    scales = shape.rows * 4 if quantize == "int8" else 0
+    weights = (shape.vision + shape.other) * dtype_bytes + linear + scales
+    length = -(-(positions + new_tokens) // BUCKET) * BUCKET  # the static cache's bucket
+    kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * dtype_bytes * length * batch
+    prefill = batch * positions * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes + batch * shape.vocab * 4
+    vision = frames * batch * tower_tokens * shape.vision_hidden * (shape.vision_layers + 1) * dtype_bytes
+    runtime = RUNTIME.get(device_type, 0.0) + (CPU_QUANT_RUNTIME.get(quantize, 0.0) if device_type == "cpu" else 0.0)
+    return Estimate(weights, kv, max(prefill, vision) + runtime)
+
+
+def from_table(table: dict[str, int], *, video: bool, frames: int, **run) -> Estimate:
+    """The estimate for a preset not downloaded yet, from its `[memory]` table: an 8-frame question's positions
+    and tower work, scaled to `frames` for a video family. `run`: estimate()'s other keywords."""
+    table = dict(table)
+    positions, tokens, tiles = (table.pop(key) for key in ("positions", "tower_tokens", "tower_frames"))
+    scale = frames / tiles if video else 1
+    return estimate(Shape(**table), positions=round(positions * scale) + TEXT, frames=round(tiles * scale),
+                    tower_tokens=tokens, **run)
+
+
+def header(file: Path) -> dict:
+    """A safetensors file's header: tensor names, dtypes and shapes, without reading any tensor."""
+    with file.open("rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+
+
+def counts(path: Path, vision_modules: tuple[str, ...]) -> tuple[int, int, int, int]:
+    """(vision, linear, other, rows) parameter counts of a checkpoint, from its safetensors headers. A tensor is
+    vision if its name is under one of the family's vision modules (hub files may lack the `model.` prefix), and
+    linear if it is a 2-D weight of a language-model layer."""
+    vision_names = tuple(m.removeprefix("model.") for m in vision_modules)
+    totals = [0, 0, 0, 0]
+    for file in sorted(path.glob("*.safetensors")):
+        for name, info in header(file).items():
+            if name == "__metadata__":
+                continue
+            size = math.prod(info["shape"])
+            bare = name.removeprefix("model.")
+            if bare.startswith(vision_names):
+                totals[0] += size
+            elif len(info["shape"]) == 2 and ".layers." in name and "language_model" in name:
+                totals[1] += size
+                totals[3] += info["shape"][0]
+            else:
+                totals[2] += size
+    return tuple(totals)
+
+
+def shape_of(path: Path, config, vision_modules: tuple[str, ...]) -> Shape:
+    """The Shape of a checkpoint on disk: counts from its headers, dimensions from its config."""
+    text, vision = config.text_config, config.vision_config
+    heads = text.num_attention_heads
+    return Shape(
+        *counts(path, vision_modules), layers=text.num_hidden_layers,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads, hidden=text.hidden_size,
+        intermediate=text.intermediate_size, vocab=text.vocab_size, vision_layers=vision.num_hidden_layers,
+        vision_hidden=vision.hidden_size,
+    )
+
+
+def free(device) -> tuple[float, str]:
+    """Bytes the device can give this run now, and its name: free memory on CUDA, available RAM on CPU, the
+    recommended working set less what is allocated on MPS."""
+    import torch
+
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return float(torch.cuda.mem_get_info(index)[0]), f"cuda:{index}"
+    if device.type == "mps":
+        return float(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()), "mps"
+    return available_ram(), "this machine's RAM"
+
+
+def available_ram() -> float:
+    """MemAvailable on Linux (free memory plus what the kernel can reclaim); elsewhere the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            return float(next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")))
+    except (OSError, StopIteration, ValueError):
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> float:
+    """`6GB`, `6 GiB`, `6000MB`, `6.5g` -> bytes; anything else is a usage error."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in UNITS or float(match.group(1)) <= 0:
+        raise VideoQAError(f"--max-memory {text!r}: give a size such as 6GB, 6GiB or 6000MB")
+    return float(match.group(1)) * UNITS[unit]
+
+
+OOM = ("out of memory", "can't allocate memory", "not enough memory", "allocation failed", "failed to allocate")
+
+
+def is_oom(error: BaseException) -> bool:
+    """torch's OutOfMemoryError, Python's MemoryError, or an allocator's failure surfacing as a RuntimeError."""
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(words in str(error).lower() for words in OOM)
+
+
+@contextmanager
+def stage(name: str, advice: str) -> Iterator[None]:
+    """Out of memory in this stage becomes one error with exit code 8 that names the stage and a way out."""
+    try:
+        yield
+    except BaseException as e:
+        if not is_oom(e):
+            raise
+        raise OutOfMemory(f"out of memory during {name}: {advice}") from None
+
+
+class OutOfMemory(VideoQAError):
+    def __init__(self, message: str):
+        super().__init__(message, Exit.MEMORY)
