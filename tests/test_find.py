@@ -96,3 +96,18 @@ def test_usage(cli, tiny_model, tmp_path):
     assert cli("find", VIDEO, " ", "-m", tiny_model).code == Exit.USAGE  # an empty query
     assert cli("find", tmp_path / "nope.mp4", QUERY, "-m", tiny_model).code == Exit.INPUT
     assert "--temperature" not in cli("find", "--help").out  # find generates no text: only --frames of the settings
+
+
+def test_after_a_chatml_template_the_answer_has_no_leading_space(tmp_path_factory):
+    """OneVision's template ends with "assistant\n": the answer's first token is that of "Yes" / "No" as such, not
+    of " Yes" (with the real Qwen2 tokenizer, 9454 and 2753; the tiny one here spells them in smaller pieces)."""
+    from onevision_fixtures import build_llava_onevision
+
+    model = videoqa.load(build_llava_onevision(tmp_path_factory.mktemp("onevision")), device="cpu", dtype="float32",
+                         cache=False)
+    yes, no = model.answer_ids
+    assert model.preset.template.endswith("assistant\n")
+    shown = model.tokenizer.decode([yes]), model.tokenizer.decode([no])
+    assert "Yes".startswith(shown[0]) and "No".startswith(shown[1]) and shown[0] and shown[1]
+    found = model.find(VIDEO, QUERY, count=2, frames=2)
+    assert [s["error"] for s in found] == [None, None] and all(0 < s["score"] < 1 for s in found)
