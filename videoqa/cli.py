@@ -115,8 +115,6 @@ StartOpt = Annotated[Optional[str], typer.Option(
     help="Sample frames from this time on: seconds (90, 90.5) or [HH:]MM:SS[.mmm] \\[default: the start].")]
 EndOpt = Annotated[Optional[str], typer.Option(
     "--end", callback=_time, show_default=False, help="...and before this time \\[default: the end of the video].")]
-EveryOpt = Annotated[Optional[str], typer.Option(
-    "--every", show_default=False, help="Segment length: 30, 10s, 2m, 1:30 (seconds unless a unit is given).")]
 SegmentsOpt = Annotated[Optional[int], typer.Option(
     "--segments", min=1, show_default=False, help="Cut the video into this many equal segments instead.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos or segments answered together.")]

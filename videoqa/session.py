@@ -226,6 +226,8 @@ def _walker(video: str | Path, frames: int) -> Iterator[Callable]:
 
     with open_video(Path(video)) as opened:
         yield lambda job: opened.sample(frames, job.window)
+
+
 ADVICE = "try --quantize nf4, fewer --frames, a smaller --batch-size, or -m llava-onevision-0.5b"
 SMALLEST = "llava-onevision-0.5b"  # the preset that runs on any laptop: suggested when a model does not fit
 
