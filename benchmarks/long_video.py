@@ -3,9 +3,10 @@ seeking per segment against one sequential pass.
 
     python benchmarks/long_video.py                      # writes the test videos into a temporary folder
     python benchmarks/long_video.py --folder /tmp/long   # keeps them there (and reuses them next time)
+    python benchmarks/long_video.py --keyint 50          # a keyframe every 2 s, as phones and streams have
 
-The test videos are 640x360 H.264 at 25 fps (libx264, its default keyframe interval of 250 frames and B-frames), a
-moving gradient with a frame counter: 20 seconds and 20 minutes long. The longest real asset is measured beside
+The test videos are 640x360 H.264 at 25 fps (libx264 with B-frames and, unless --keyint says otherwise, its default
+keyframe interval of 250 frames), a moving gradient with a frame counter: 20 seconds and 20 minutes long. The longest real asset is measured beside
 them. Every time is the median of --repeats runs; no model is involved (the frames stage only, without the feature
 cache). The strategies must give the same frames, and the sequential pass is the reference they are checked against.
 """
@@ -27,8 +28,9 @@ from videoqa.session import segments
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "videos"
 
 
-def write_video(path: Path, seconds: int, fps: int = 25) -> Path:
-    """A 640x360 H.264 video: a gradient that moves 3 px a frame, and a block whose grey level counts the frames."""
+def write_video(path: Path, seconds: int, keyint: int, fps: int = 25) -> Path:
+    """A 640x360 H.264 video: a gradient that moves 3 px a frame, and a block whose grey level counts the frames; a
+    keyframe every `keyint` frames at most."""
     import av
 
     if path.exists():
@@ -36,7 +38,7 @@ def write_video(path: Path, seconds: int, fps: int = 25) -> Path:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
-        stream.options = {"preset": "veryfast"}
+        stream.options = {"preset": "veryfast", "g": str(keyint)}
         y, x = np.mgrid[0:360, 0:640]
         base = ((x + y) % 256).astype(np.uint8)[..., None].repeat(3, 2)
         for i in range(seconds * fps):
@@ -119,10 +121,12 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--segments", type=int, default=40)
+    parser.add_argument("--keyint", type=int, default=250, help="frames between keyframes at most (x264's default)")
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
-    short, long = write_video(folder / "20s.mp4", 20), write_video(folder / "20min.mp4", 20 * 60)
+    short = write_video(folder / f"20s-g{args.keyint}.mp4", 20, args.keyint)
+    long = write_video(folder / f"20min-g{args.keyint}.mp4", 20 * 60, args.keyint)
     real = ASSETS / "videollava_sample_demo_22.mp4"  # the longest real asset: 1090 frames, 36.3 s
     stage = {name: round(median_time(lambda p=path: read_frames(p, 8), args.repeats)[0], 3)
              for name, path in (("20s", short), ("20min", long), ("real_36s", real))}
