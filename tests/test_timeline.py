@@ -165,3 +165,14 @@ def test_an_existing_out_is_not_replaced_and_a_missing_video_is_exit_3(cli, tiny
     result = cli("timeline", VIDEO, "-m", tiny_model, "--out", out)
     assert result.code == Exit.USAGE and "--resume to continue it" in result.err
     assert cli("timeline", tmp_path / "nope.mp4", "-m", tiny_model).code == Exit.INPUT
+
+
+def test_stopping_early_leaves_no_segment_reading_a_closed_file(tiny_model):
+    """`stop()` after the first batch: the segments decoding ahead on the background thread are left, and the video
+    is closed only once none is being read (PyAV would crash on a closed file)."""
+    model = videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False)
+    for _ in range(3):
+        recs = list(model.timeline(VIDEO, every=0.5, max_new_tokens=1, batch_size=1, stop=lambda: True))
+        assert [r["start"] for r in recs] == [0]
+        first = next(iter(model.timeline(VIDEO, every=0.5, max_new_tokens=1, batch_size=2)))  # abandoned at once
+        assert first["start"] == 0

@@ -216,6 +216,10 @@ class Video:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (it must not be read afterwards: PyAV does not check)."""
         self.container.close()
 
     @property

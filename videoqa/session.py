@@ -221,11 +221,27 @@ def segments(video: str | Path, *, every: str | float | None = None, count: int 
 @contextmanager
 def _walker(video: str | Path, frames: int) -> Iterator[Callable]:
     """How a job's frames are read for the segments of one video: `frames` sampled from its window by one decoder
-    that walks the file forward (segments in order: a single pass, seeking past what no segment needs)."""
+    that walks the file forward (segments in order: a single pass, seeking past what no segment needs). The video
+    is closed only once no segment is being read from it on the background thread (a run stopped early leaves one
+    in flight)."""
+    import threading
+
     from videoqa.frames import open_video
 
-    with open_video(Path(video)) as opened:
-        yield lambda job: opened.sample(frames, job.window)
+    opened, lock, closed = open_video(Path(video)), threading.Lock(), threading.Event()
+
+    def read(job):
+        with lock:
+            if closed.is_set():  # PyAV crashes on a closed file
+                raise VideoQAError(f"{video}: the run stopped before this segment was read")
+            return opened.sample(frames, job.window)
+
+    try:
+        yield read
+    finally:
+        with lock:
+            closed.set()
+            opened.close()
 
 
 ADVICE = "try --quantize nf4, fewer --frames, a smaller --batch-size, or -m llava-onevision-0.5b"
