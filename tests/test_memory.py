@@ -194,7 +194,7 @@ def test_models_lists_presets_with_estimates(cli, monkeypatch, tmp_path):
     assert video_llava["repo"] == "LanguageBind/Video-LLaVA-7B-hf" and video_llava["cached"] is False
     # 7,366,279,168 parameters (the hub's 7.37B) at 2 bytes, before the KV cache and activations
     assert 7_366_279_168 * 2 < video_llava["memory_bytes"]["float16"] < 7_366_279_168 * 2 * 1.3
-    assert video_llava["memory_bytes"]["nf4"] < video_llava["memory_bytes"]["int8"] < video_llava["memory_bytes"]["float16"]
+    assert video_llava["memory_bytes"]["nf4"] < video_llava["memory_bytes"]["float16"]
     assert rows["llava-onevision-0.5b"]["memory_bytes"]["float16"] < 4e9
     table = cli("models")
     assert table.code == 0 and "video-llava-7b" in table.out and "nf4" in table.out

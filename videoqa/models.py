@@ -72,6 +72,13 @@ def cached(repo: str, revision: str) -> Path | None:
         return None
 
 
+def will_download(preset: Preset) -> bool:
+    """Whether resolving the preset downloads it: not in the cache, and the hub can be reached (not offline)."""
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_OFFLINE and cached(preset.repo, preset.revision) is None
+
+
 def download(repo: str, revision: str) -> Path:
     from huggingface_hub import snapshot_download
 

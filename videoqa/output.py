@@ -89,15 +89,18 @@ def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False) -> N
     """
     from videoqa.render import progress
 
+    shown = False
     try:
         with progress("Reading the prompt…"):  # the prefill runs until the first piece
             first = next(pieces, "").lstrip()
         for piece in itertools.chain([first], pieces):
             write(piece)
+            shown = True
             if stop():
                 raise KeyboardInterrupt
     except (KeyboardInterrupt, VideoQAError):  # stopped, or out of memory: end the line before what follows
-        write("\n")
+        if shown:
+            write("\n")
         raise
     finally:
         pieces.close()

@@ -95,7 +95,8 @@ class Checkpoint:
 
         if self.resolved:
             return self
-        if self.check_memory and self.preset and models.cached(self.preset.repo, self.preset.revision) is None:
+        self.dtype  # noqa: B018 (an unavailable device is refused first, before the model is looked for)
+        if self.check_memory and self.preset and models.will_download(self.preset):
             self.fit()  # before a download of many gigabytes
         self.path, self.preset = models.resolve(self.name)
         self.family = self.preset.family
