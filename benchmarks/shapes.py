@@ -1,7 +1,7 @@
 """Random-weight Video-LLaVA models of a chosen shape, built in memory, for benchmarks.
 
 tiny: the test suite's model (28 px tower, 2-layer 64-wide Llama); small: a 224 px tower and an 8-layer
-512-wide Llama; 7b: Llama-2-7B dimensions with a CLIP ViT-L/14 tower (GPU only: 14 GB in fp16).
+512-wide Llama; medium: the same tower and an 8-layer 2048-wide Llama; 7b: Llama-2-7B dimensions with a CLIP ViT-L/14 tower (GPU only: 14 GB in fp16).
 The real Llama-2 tokenizer comes from ../shared/assets.
 """
 
@@ -25,6 +25,11 @@ SHAPES = {
         vision=dict(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                     num_attention_heads=4),
         text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8),
+    ),
+    "medium": dict(  # a 2048-wide language model: quantization's savings and costs show beside the embeddings
+        vision=dict(image_size=224, patch_size=14, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                    num_attention_heads=4),
+        text=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16),
     ),
     "7b": dict(
         vision=dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

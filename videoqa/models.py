@@ -227,6 +227,15 @@ def model_class(found: Family):
     return getattr(transformers, found.model_class)
 
 
+def config_class(found: Family):
+    """The family's config class, imported without its model (seconds sooner: the memory check and the
+    checks of the config come before any model code is loaded)."""
+    import transformers
+
+    name = found.model_class.replace("ForConditionalGeneration", "Config")
+    return getattr(transformers, name, None) or model_class(found).config_class
+
+
 def quiet_transformers() -> None:
     """transformers' load reports, warnings and bars are noise for a CLI user; its errors still become ours.
     (bitsandbytes, on a CPU without its optional `kernels` package, warns once that it uses its own.)"""
@@ -244,7 +253,7 @@ def config_of(path: Path, found: Family):
     a malformed field is a model error here, not a crash later."""
     quiet_transformers()
     try:
-        config = model_class(found).config_class.from_pretrained(path)
+        config = config_class(found).from_pretrained(path)
         # The class's own model_type: transformers picks the checkpoint's key renames by it, and a registered
         # family may name another (a renamed copy of Video-LLaVA's entry is still read as Video-LLaVA)
         config.model_type = type(config).model_type
