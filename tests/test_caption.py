@@ -52,6 +52,18 @@ def test_folder_of_real_and_broken_videos(cli, tiny_model, folder, tmp_path):
     assert result.out == ""
 
 
+def test_an_image_among_the_videos_is_its_own_error_record(cli, tiny_model, tmp_path):
+    """FFmpeg reads a JPEG as a one-frame video: caption would answer 8 copies of it through the video tower, which
+    is not what `ask` answers about an image. It is refused, on its own record, and named as an image."""
+    out = tmp_path / "c.jsonl"
+    image = asset("images/videollava_desert.jpg")
+    result = cli("caption", asset(f"videos/{REAL[0]}"), image, "-m", tiny_model, "-n", 2, "--out", out)
+    assert result.code == Exit.SOME_FAILED, result
+    errors = {r["video"]: r["error"] for r in read_jsonl(out)}
+    assert errors[str(asset(f"videos/{REAL[0]}"))] is None
+    assert "still image, not a video" in errors[str(image)] and "videoqa ask" in errors[str(image)]
+
+
 def test_all_failed_and_all_done_exit_codes(cli, tiny_model, folder, tmp_path):
     broken = cli("caption", folder / "notes.mp4", folder / "empty.mov", "-m", tiny_model, "-n", 2)
     assert broken.code == Exit.ALL_FAILED and len(broken.out.splitlines()) == 2

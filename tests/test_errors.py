@@ -234,3 +234,17 @@ def test_weights_missing_from_the_checkpoint(cli, video, tiny_model, tmp_path):
     dropped = next(k for k in weights if k.endswith("class_embedding"))
     save_file({k: v for k, v in weights.items() if k != dropped}, partial / "model.safetensors", metadata={"format": "pt"})
     assert_clean_failure(cli("ask", video, QUESTION, "-m", partial), Exit.MODEL, "lacks", "class_embedding")
+
+
+@needs_assets
+@pytest.mark.parametrize("header", [
+    b'{"extra": {"dtype": "F32", "shape": "abc", "data_offsets": [0, 4]}}',  # a shape that is no list of numbers
+    b'{"extra": [1, 2]}',
+    b"not json at all",
+])
+def test_a_safetensors_header_that_cannot_be_read(cli, video, tiny_model, tmp_path, header):
+    """The memory check reads every header before loading: a bad one is a model error there, as at loading."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    (bad / "extra.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", bad), Exit.MODEL, "extra.safetensors", "corrupt")

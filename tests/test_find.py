@@ -9,7 +9,7 @@ import re
 import pytest
 
 import videoqa
-from conftest import (asset, build_video_llava, needs_assets, reference_net, reference_pixels, reference_prompt,
+from conftest import (assert_clean_failure, asset, build_video_llava, needs_assets, reference_net, reference_pixels, reference_prompt,
                       tiny)
 from videoqa.errors import Exit
 from videoqa.frames import read_frames
@@ -96,6 +96,19 @@ def test_usage(cli, tiny_model, tmp_path):
     assert cli("find", VIDEO, " ", "-m", tiny_model).code == Exit.USAGE  # an empty query
     assert cli("find", tmp_path / "nope.mp4", QUERY, "-m", tiny_model).code == Exit.INPUT
     assert "--temperature" not in cli("find", "--help").out  # find generates no text: only --frames of the settings
+
+
+def test_segments_that_cannot_be_read_are_said_on_stderr(cli, tiny_model, tmp_path):
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(VIDEO.read_bytes()[:200_000])  # 28 frames' packets, 25 decode (0.00–1.00 s): 1.00–1.12 s fails
+    some = cli("find", cut, QUERY, "-m", tiny_model, "--frames", 2, "--every", "0.5")
+    assert some.code == Exit.SOME_FAILED and len(some.out.splitlines()) == 2
+    assert "error: 1 of 3 segments could not be scored; 00:01–00:01.120:" in some.err
+    nothing = tmp_path / "nothing.mp4"
+    nothing.write_bytes(VIDEO.read_bytes()[:30_000])  # no frame decodes: refused as ask refuses it
+    assert_clean_failure(cli("find", nothing, QUERY, "-m", tiny_model), Exit.INPUT, "no frame decodes")
+    image = asset("images/videollava_desert.jpg")
+    assert_clean_failure(cli("find", image, QUERY, "-m", tiny_model), Exit.USAGE, "still image, not a video")
 
 
 def test_after_a_chatml_template_the_answer_has_no_leading_space(tmp_path_factory):

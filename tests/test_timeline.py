@@ -13,7 +13,7 @@ import time
 import pytest
 
 import videoqa
-from conftest import asset, needs_assets, reference_generate
+from conftest import assert_clean_failure, asset, needs_assets, reference_generate
 from videoqa.errors import Exit
 from videoqa.families import DESCRIBE
 from videoqa.frames import read_frames
@@ -152,6 +152,9 @@ def test_the_api(tiny_model):
         (["--every", "0"], Exit.USAGE, "more than 0 s"),
         (["--segments", "0"], Exit.USAGE, "--segments"),
         (["--resume"], Exit.USAGE, "--resume needs --out"),
+        (["--segments", "1000000000"], Exit.USAGE, "the video has 243 frames"),  # nearly all would be empty
+        (["--every", "0.0000001"], Exit.USAGE, "the video has 243 frames"),
+        (["--every", "1" + "0" * 400 + ":00:00"], Exit.USAGE, "longer than any video"),
     ],
 )
 def test_usage_errors(cli, tiny_model, args, code, text):
@@ -165,6 +168,21 @@ def test_an_existing_out_is_not_replaced_and_a_missing_video_is_exit_3(cli, tiny
     result = cli("timeline", VIDEO, "-m", tiny_model, "--out", out)
     assert result.code == Exit.USAGE and "--resume to continue it" in result.err
     assert cli("timeline", tmp_path / "nope.mp4", "-m", tiny_model).code == Exit.INPUT
+
+
+@pytest.mark.parametrize("name, text", [
+    ("notes.md", "# My notes\nimportant stuff\n"),  # no blank line: read as one unfinished entry
+    ("x.srt", "hello\n"),
+    ("film.srt", '{"video": "a.mp4", "start": 0, "end": 1}\n'),  # another format's records
+    ("y.srt", "1\n00:00:00,000 --> 00:00:02,000\nfine\n\nmy own note"),  # ours, then someone's text
+    ("z.md", "# Timeline of a.mp4\n\n## 00:00–00:02\nfine\n\nmy own note"),
+])
+def test_resume_leaves_a_file_that_is_not_videoqas_untouched(cli, tiny_model, tmp_path, name, text):
+    out = tmp_path / name
+    out.write_text(text)
+    result = cli("timeline", VIDEO, "-m", tiny_model, "-n", 2, "--every", "2", "--out", out, "--resume")
+    assert_clean_failure(result, Exit.USAGE, name, "cannot resume it")
+    assert out.read_text() == text
 
 
 def test_stopping_early_leaves_no_segment_reading_a_closed_file(tiny_model):

@@ -115,11 +115,29 @@ def test_clock():
         (["--start", "20"], ["at or past the end", "9.72 s"]),  # the message names the duration
         (["--start", "9.72"], ["at or past the end", "9.72 s"]),
         (["--start", "9.70", "--end", "9.71"], ["holds no frame"]),  # frames at 9.68 and (none) after
+        (["--start", "1" + "0" * 400 + ":00:00"], ["--start", "longer than any video"]),  # past what floats hold
+        (["--end", "9" * 5000], ["--end", "longer than any video"]),  # past what int() converts
     ],
 )
 def test_bad_windows_are_one_line_and_exit_2(cli, tiny_model, args, words):
     result = cli("ask", asset(VIDEO), "What happens?", "-m", tiny_model, *args)
     assert_clean_failure(result, Exit.USAGE, *words)
+
+
+@needs_assets
+@pytest.mark.parametrize("args, words", [
+    (["--start", "5"], ["no frame of the window 00:05–end decodes", "25 of 243"]),  # past the data, not the video
+    (["--start", "0.5", "--end", "1"], None),  # inside what decodes: answered
+    (["--start", "20"], ["at or past the end", "9.72 s"]),  # the length the header gives, not the data's 1.12 s
+])
+def test_a_window_of_a_truncated_video(cli, tiny_model, tmp_path, args, words):
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(asset(VIDEO).read_bytes()[:200_000])  # 28 frames' packets, 25 decode: 0.00–1.00 s of 9.72 s
+    result = cli("ask", cut, "What happens?", "-m", tiny_model, "-n", 2, *args)
+    if words is None:
+        assert result.code == 0, result
+    else:
+        assert_clean_failure(result, Exit.USAGE if "past the end" in words[0] else Exit.INPUT, *words)
 
 
 @needs_assets

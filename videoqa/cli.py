@@ -531,7 +531,7 @@ def find(
     """
     from videoqa.output import check_stdout, display, print_json, write
     from videoqa.questions import read_question
-    from videoqa.render import progress
+    from videoqa.render import error, progress
     from videoqa.session import segments as cut
     from videoqa.windows import Window
 
@@ -548,8 +548,12 @@ def find(
     else:
         best = sorted((s for s in scored if s["score"] is not None), key=lambda s: -s["score"])[:top]
         write("".join(f"{Window(s['start'], s['end']).label()}  {s['score']:.2f}\n" for s in best))
-    failed = sum(s["error"] is not None for s in scored)
-    raise typer.Exit(Exit.OK if not failed else Exit.ALL_FAILED if failed == len(scored) else Exit.SOME_FAILED)
+    failed = [s for s in scored if s["error"] is not None]
+    if failed:
+        first = failed[0]
+        error(f"{len(failed)} of {len(scored)} segments could not be scored; "
+              f"{Window(first['start'], first['end']).label()}: {first['error']}")
+    raise typer.Exit(Exit.OK if not failed else Exit.ALL_FAILED if len(failed) == len(scored) else Exit.SOME_FAILED)
 
 
 @app.command("models")

@@ -152,6 +152,11 @@ class Index:
     length: float  # seconds the header announces
     seekable: bool  # every packet has a timestamp, so a frame can be found by seeking
 
+    @property
+    def truncated(self) -> bool:
+        """Whether the file holds fewer frames than its header announces (headers round: one short is no damage)."""
+        return self.declared - len(self.pts) >= 2
+
 
 def _packets(container, stream) -> list[tuple[int | None, bool]]:
     """(timestamp, keyframe) of each video packet; the file is read through, up to its damage if it has one."""
@@ -264,7 +269,10 @@ class Video:
         """`count` frames spread evenly over the frames inside `window` (training-code rule), found by seeking;
         a damaged video is sampled over the part that decodes, and says so in the frames' warnings."""
         index = self.index
-        inside = window.positions(index.times, index.end)
+        length = max(index.end, index.length) if index.truncated else index.end
+        if index.end <= window.start < length:  # in a truncated file, past its data but not the length it announces
+            _no_frame(self.path, window, _partial(index, self.decodable(damaged=False)))
+        inside = window.positions(index.times, length)
         try:
             chosen = [inside[i] for i in frame_indices(len(inside), count)]
             pixels = self.decode(chosen)
@@ -289,7 +297,7 @@ class Video:
 
     def _tail(self) -> int:
         index = self.index
-        if index.declared - len(index.pts) < 2 or not index.seekable:
+        if not index.truncated or not index.seekable:
             return len(index.pts)
         key, self.next = index.keys[-1], None  # the decoder is left where this stops: seek for the next frame
         self.container.seek(index.pts[key], stream=self.stream, backward=True)
@@ -331,13 +339,17 @@ def _partial(index: Index, decodable: int) -> list[str]:
 def _no_frame(path: Path, window: Window, partial: list[str]) -> None:
     if window.whole:
         raise VideoQAError(f"{path}: video is corrupted or truncated, no frame decodes", Exit.INPUT)
-    raise VideoQAError(f"{path}: no frame of the window {window.label()} decodes ({'; '.join(partial)})")
+    why = f" ({'; '.join(partial)})" if partial else ""
+    raise VideoQAError(f"{path}: no frame of the window {window.label()} decodes{why}", Exit.INPUT)
 
 
 def open_video(path: Path, threads: int = 0) -> Video:
-    """The video opened, or the error that it is not one. Only its header is read, so this comes before hashing a
-    file for the feature cache: a 20 GB file that is not a video is refused without being read."""
+    """The video opened, or the error that it is not one (an image is not: a usage error). Only its header is read,
+    so this comes before hashing a file for the feature cache: a 20 GB file that is not a video is refused without
+    being read."""
     check_file(path)
+    if is_image(path):  # FFmpeg would read it as a one-frame video
+        raise VideoQAError(f"{path}: is a still image, not a video (`videoqa ask` answers about one image)")
     return Video(path, threads)
 
 
@@ -351,10 +363,13 @@ def read_frames(path: Path, count: int, reader: Video | None = None, *, threads:
         return video.sample(count, window)
 
 
-def extent(path: Path) -> tuple[float, float]:
-    """(when the last frame starts, when the video ends), in seconds: what its segments are cut from."""
+def extent(path: Path) -> tuple[float, float, int]:
+    """(when the last frame starts, when the video ends, in seconds; how many frames it has): what its segments
+    are cut from. A video of which no frame decodes is refused, as `ask` refuses it."""
     with open_video(path) as video:
-        return video.index.times[-1], video.index.end
+        if not video.decodable(damaged=False):
+            _no_frame(path, WHOLE, [])
+        return video.index.times[-1], video.index.end, len(video.index.times)
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

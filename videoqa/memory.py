@@ -103,10 +103,19 @@ def from_table(table: dict[str, int], *, video: bool, frames: int, **run) -> Est
                     tower_tokens=tokens, **run)
 
 
-def header(file: Path) -> dict:
-    """A safetensors file's header: tensor names, dtypes and shapes, without reading any tensor."""
-    with file.open("rb") as f:
-        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+def header(file: Path) -> dict[str, list[int]]:
+    """A safetensors file's tensor names and shapes, from its header, without reading any tensor; a header that
+    cannot be read is a model error, as it is when the weights are loaded."""
+    try:
+        with file.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= file.stat().st_size - 8:
+                raise ValueError(f"a header of {length} bytes")
+            found = json.loads(f.read(length))
+        return {name: [int(n) for n in info["shape"]] for name, info in found.items() if name != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise VideoQAError(f"{file}: weights are truncated or corrupt ({type(e).__name__}); download the model again",
+                           Exit.MODEL) from None
 
 
 def counts(path: Path, vision_modules: tuple[str, ...]) -> tuple[int, int, int, int]:
@@ -116,16 +125,14 @@ def counts(path: Path, vision_modules: tuple[str, ...]) -> tuple[int, int, int, 
     vision_names = tuple(m.removeprefix("model.") for m in vision_modules)
     totals = [0, 0, 0, 0]
     for file in sorted(path.glob("*.safetensors")):
-        for name, info in header(file).items():
-            if name == "__metadata__":
-                continue
-            size = math.prod(info["shape"])
+        for name, shape in header(file).items():
+            size = math.prod(shape)
             bare = name.removeprefix("model.")
             if bare.startswith(vision_names):
                 totals[0] += size
-            elif len(info["shape"]) == 2 and ".layers." in name and "language_model" in name:
+            elif len(shape) == 2 and ".layers." in name and "language_model" in name:
                 totals[1] += size
-                totals[3] += info["shape"][0]
+                totals[3] += shape[0]
             else:
                 totals[2] += size
     return tuple(totals)

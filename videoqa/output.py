@@ -174,7 +174,7 @@ def md_section(rec: dict, number: int) -> str:
     ends each section as it ends a cue."""
     from videoqa.windows import clock
 
-    title = f"# Timeline of {display(rec['video'])}\n\n" if number == 1 else ""
+    title = f"# Timeline of {' '.join(display(rec['video']).splitlines())}\n\n" if number == 1 else ""
     return f"{title}## {clock(rec['start'])}–{clock(rec['end'])}\n{cue_text(rec)}\n\n"
 
 
@@ -208,19 +208,28 @@ def _blocks(text: str, header: str | None = None) -> list[str]:
 @dataclass(frozen=True)
 class Form:
     """A records file format: a record as text (`number` counts from 1; the first carries the file's header), what
-    ends a whole entry, and the entries of a file read back (None for one that is not a record), for --resume."""
+    ends a whole entry, the entries of a file read back (None for one that is not a record), and how entry `number`
+    begins whatever its record: for --resume, which drops a half-written last entry only if it begins so."""
 
     entry: Callable[[dict, int], str]
     read: Callable[[str], list[dict | None]]
+    head: Callable[[int], str]
     end: str = "\n"
+
+    def could_begin(self, text: str, number: int) -> bool:
+        """Whether `text` can be the first part of entry `number`."""
+        head = self.head(number)
+        return text[: len(head)] == head[: len(text)]
 
 
 FORMS = {
-    "jsonl": Form(lambda rec, number: json_line(rec), read_jsonl),
-    "csv": Form(csv_lines, read_csv),
-    "srt": Form(srt_cue, lambda text: _spans(_blocks(text), TIMING, 1), "\n\n"),
-    "vtt": Form(vtt_cue, lambda text: _spans(_blocks(text, "WEBVTT"), TIMING, 0), "\n\n"),
-    "md": Form(md_section, lambda text: _spans(_blocks(text, "# "), HEADING, 0), "\n\n"),
+    "jsonl": Form(lambda rec, number: json_line(rec), read_jsonl, lambda number: "{"),
+    "csv": Form(csv_lines, read_csv, lambda number: ",".join(FIELDS) + "\n" if number == 1 else ""),
+    "srt": Form(srt_cue, lambda text: _spans(_blocks(text), TIMING, 1), lambda number: f"{number}\n", "\n\n"),
+    "vtt": Form(vtt_cue, lambda text: _spans(_blocks(text, "WEBVTT"), TIMING, 0),
+                lambda number: "WEBVTT\n\n" if number == 1 else "", "\n\n"),
+    "md": Form(md_section, lambda text: _spans(_blocks(text, "# "), HEADING, 0),
+               lambda number: "# Timeline of " if number == 1 else "## ", "\n\n"),
 }
 
 

@@ -64,18 +64,24 @@ class Output:
         except OSError as e:
             raise VideoQAError(f"--out {display(path)}: {e.strerror}") from None
 
-    def _whole_entries(self, path: Path) -> bytes:
+    def _whole_entries(self, path: Path) -> tuple[bytes, bytes]:
+        """(the file's whole entries, what follows them: an entry left half-written, to be dropped)."""
         try:
             data = path.read_bytes()
         except OSError as e:
             raise VideoQAError(f"--out {display(path)}: cannot read it to resume ({e.strerror})") from None
         end = self.form.end.encode()
-        return data[: data.rfind(end) + len(end)] if end in data else b""  # a trailing partial entry is dropped
+        whole = data.rfind(end) + len(end) if end in data else 0
+        return data[:whole], data[whole:]
 
     def _read_done(self, path: Path, key: Callable[[dict], Hashable]) -> tuple[set, int]:
-        """The keys of the records the file holds, and their count; anything but our own records is an error."""
+        """The keys of the records the file holds, and their count; anything but our own records is an error, and
+        so is an unfinished last entry that does not begin as ours would (it is not ours to drop)."""
+        whole, rest = self._whole_entries(path)
         try:
-            entries = self.form.read(self._whole_entries(path).decode())
+            entries = self.form.read(whole.decode())
+            if not self.form.could_begin(rest.decode(errors="replace"), len(entries) + 1):
+                raise Foreign(f"not a videoqa {self.fmt} file (its end is no {self.fmt} entry of videoqa's)")
         except UnicodeDecodeError:
             raise VideoQAError(f"{display(path)}: not a videoqa {self.fmt} file (not UTF-8); cannot resume it") from None
         except Foreign as e:
@@ -93,9 +99,9 @@ class Output:
             return
         try:
             if self.resume and self.path.exists():
-                whole = len(self._whole_entries(self.path))
-                if whole != self.path.stat().st_size:
-                    os.truncate(self.path, whole)
+                whole, rest = self._whole_entries(self.path)
+                if rest:
+                    os.truncate(self.path, len(whole))
             truncate = os.O_TRUNC if self.overwrite and not self.resume else 0
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | truncate, 0o644)
             if os.fstat(self.fd).st_size == 0:

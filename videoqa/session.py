@@ -121,7 +121,7 @@ class Checkpoint:
         """Refuse videos for an image-only family, and frames whose video alone fills the context."""
         if not self.resolve().family.video:
             raise VideoQAError(f"{self.name} ({self.family.name}) answers about still images only, not videos: "
-                               "give it an image")
+                               "`videoqa ask` takes an image; caption, timeline and find need a video model")
         needed = self.family.video.positions(self.config, frames)
         if needed >= self.context:
             raise VideoQAError(
@@ -180,18 +180,20 @@ class Checkpoint:
             have, room = self.max_memory, f"--max-memory allows {memory.size(self.max_memory)}"
         if needed.total <= have:
             return
-        ways = self.ways_out()
+        ways = self.ways_out(needed.total)
         raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}" + (f": try {' or '.join(ways)}" if ways else ""))
 
-    def ways_out(self) -> list[str]:
-        """What would need less: nf4, fewer frames, the smallest model, with what each needs."""
+    def ways_out(self, needed: int) -> list[str]:
+        """The ways to need less than `needed` bytes: nf4, fewer frames, a smaller model, with what each needs. (nf4
+        is always named, with its figure: on a CPU its runtime can outweigh what it saves on a very small model.)"""
         ways = [] if self.quantize == "nf4" else [
             f"--quantize nf4 (~{memory.size(self.estimate(**self.workload, quantize='nf4').total)})"]
         if self.preset.family.video and (self.workload.get("frames") or self.preset.frames) > 4:
             ways.append("--frames 4")
         if self.name != SMALLEST and SMALLEST in models.presets():
             small = Checkpoint(SMALLEST, device=self.options[0], dtype=self.options[1], check_memory=False)
-            ways.append(f"-m {SMALLEST} (~{memory.size(small.estimate(**self.workload).total)})")
+            if (smallest := small.estimate(**self.workload).total) < needed:
+                ways.append(f"-m {SMALLEST} (~{memory.size(smallest)})")
         return ways
 
     def load(self, *, compile: bool = True) -> Model:
@@ -215,8 +217,8 @@ def segments(video: str | Path, *, every: str | float | None = None, count: int 
     length = None if every is None else timing.parse_duration(every)
     if length is not None and count is not None:
         raise VideoQAError("--every and --segments: give one of them")
-    last, end = extent(Path(video))
-    return timing.segments(last, end, every=length, count=count)
+    last, end, frames = extent(Path(video))
+    return timing.segments(last, end, frames=frames, every=length, count=count)
 
 
 @contextmanager

@@ -18,20 +18,42 @@ from videoqa.errors import VideoQAError
 CLOCK = re.compile(r"(?:(\d+):)?([0-5]?\d):([0-5]?\d(?:\.\d+)?)")  # [HH:]MM:SS[.mmm]; minutes and seconds below 60
 SECONDS = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 UNITS = {"s": 1, "m": 60, "h": 3600}
+MAX_SECONDS = 1e9  # about 32 years: a larger time is a typing mistake, and past what floats count frames by
 
 
 def parse_time(text: str | float | int, what: str = "time") -> float:
-    """Seconds from `90`, `90.5` or `[HH:]MM:SS[.mmm]` (a number is taken as seconds); negative or unparsable
-    times are refused, naming `what` (the option)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
+    """Seconds from `90`, `90.5` or `[HH:]MM:SS[.mmm]` (a number is taken as seconds); negative, unparsable or
+    absurdly large times are refused, naming `what` (the option)."""
+    seconds = _number(text)
+    if seconds is None:
+        raise VideoQAError(f"{what} {_short(text)}: give seconds (90, 90.5) or [HH:]MM:SS[.mmm] (1:30, 01:02:03.5)")
+    if math.isnan(seconds) or seconds < 0:
+        raise VideoQAError(f"{what} {_short(text)}: times are not negative")
+    return _bounded(seconds, text, what)
+
+
+def parse_duration(text: str | float | int, what: str = "--every") -> float:
+    """A positive length of time: a time as `parse_time` reads it, or a number with a unit (`10s`, `2m`, `1.5h`)."""
+    given = str(text).strip()
+    if isinstance(text, str) and given[-1:].lower() in UNITS and SECONDS.fullmatch(given[:-1]):
+        seconds = float(given[:-1]) * UNITS[given[-1].lower()]
     else:
-        seconds = _seconds(str(text).strip())
-        if seconds is None:
-            raise VideoQAError(f"{what} {text!r}: give seconds (90, 90.5) or [HH:]MM:SS[.mmm] (1:30, 01:02:03.5)")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise VideoQAError(f"{what} {text!r}: times are not negative")
-    return seconds
+        seconds = _number(text)
+    if seconds is None:
+        raise VideoQAError(f"{what} {_short(text)}: give a length such as 30, 10s, 2m or 1:30")
+    if math.isnan(seconds) or seconds <= 0:
+        raise VideoQAError(f"{what} {_short(text)}: a length of time must be more than 0 s")
+    return _bounded(seconds, text, what)
+
+
+def _number(text: str | float | int) -> float | None:
+    """Seconds from a number or from text in a form `parse_time` takes; None for any other text."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    try:
+        return _seconds(str(text).strip())
+    except (OverflowError, ValueError):  # more digits than an int or a float conversion takes
+        return math.inf
 
 
 def _seconds(text: str) -> float | None:
@@ -46,19 +68,16 @@ def _seconds(text: str) -> float | None:
     return int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def parse_duration(text: str | float | int, what: str = "--every") -> float:
-    """A positive length of time: a time as `parse_time` reads it, or a number with a unit (`10s`, `2m`, `1.5h`)."""
-    unit = str(text).strip()[-1:].lower()
-    if isinstance(text, str) and unit in UNITS and SECONDS.fullmatch(text.strip()[:-1]):
-        seconds = float(text.strip()[:-1]) * UNITS[unit]
-    else:
-        try:
-            seconds = parse_time(text, what)
-        except VideoQAError:
-            raise VideoQAError(f"{what} {text!r}: give a length such as 30, 10s, 2m or 1:30") from None
-    if seconds <= 0:
-        raise VideoQAError(f"{what} {text!r}: a length of time must be more than 0 s")
+def _bounded(seconds: float, text: object, what: str) -> float:
+    if seconds > MAX_SECONDS:
+        raise VideoQAError(f"{what} {_short(text)}: more than {MAX_SECONDS:.0e} s, longer than any video")
     return seconds
+
+
+def _short(text: object) -> str:
+    """A value as an error line quotes it: a thousand-digit time is cut short."""
+    shown = repr(text)
+    return shown if len(shown) <= 40 else f"{shown[:30]}… ({len(shown)} characters)"
 
 
 @dataclass(frozen=True)
@@ -106,16 +125,23 @@ def window(start: str | float | None = None, end: str | float | None = None) -> 
     return Window(first, last)
 
 
-def segments(last: float, end: float, *, every: float | None = None, count: int | None = None) -> list[Window]:
-    """Consecutive windows covering a video whose last frame starts at `last` s and which ends at `end` s: of
-    `every` seconds each ([k * every, (k + 1) * every), as many as reach the last frame), or `count` equal parts.
-    The last window ends at the video's end."""
+def segments(last: float, end: float, *, frames: int, every: float | None = None,
+             count: int | None = None) -> list[Window]:
+    """Consecutive windows covering a video of `frames` frames whose last frame starts at `last` s and which ends
+    at `end` s: of `every` seconds each ([k * every, (k + 1) * every), as many as reach the last frame), or `count`
+    equal parts. The last window ends at the video's end. More segments than frames is refused: most would hold
+    none."""
+    if count is not None and count < 1:
+        raise VideoQAError(f"segments {count}: give at least 1")
+    wanted = count if count is not None else math.floor(last / every) + 1
+    if wanted > frames:
+        given = f"--segments {count}" if count is not None else f"--every {every:g} s"
+        raise VideoQAError(f"{given} makes {wanted:,} segments and the video has {frames:,} frames: "
+                           "give fewer segments or longer ones")
     if count is not None:
-        if count < 1:
-            raise VideoQAError(f"segments {count}: give at least 1")
         bounds = [end * k / count for k in range(count + 1)]
     else:
-        bounds = [every * k for k in range(math.floor(last / every) + 1)] + [end]
+        bounds = [every * k for k in range(wanted)] + [end]
     return [Window(round(a, 6), round(b, 6)) for a, b in zip(bounds, bounds[1:])]
 
 
