@@ -48,6 +48,25 @@ def test_ask_stream_chat_features_and_errors(tiny_model):
     assert error.value.exit_code == 3
 
 
+def test_wrong_arguments_are_videoqa_errors(tiny_model):
+    """Through the API as through the CLI: a bad argument is a VideoQAError with exit code 2, never another
+    exception, and a value the CLI refuses is not quietly replaced by a default."""
+    for load in ({"device": "gpu"}, {"dtype": "int8"}):
+        with pytest.raises(videoqa.VideoQAError) as error:
+            videoqa.load(tiny_model, **load)
+        assert error.value.exit_code == 2 and str(next(iter(load.values()))) in str(error.value)
+    model = videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False)
+    for call in (lambda: model.features(VIDEOS[0], frames=0), lambda: model.features(VIDEOS[0], frames=-5),
+                 lambda: model.features(VIDEOS[0], frames=2.5), lambda: model.ask(VIDEOS[0], None),
+                 lambda: list(model.caption([VIDEOS[0]], batch_size=0)),
+                 lambda: list(model.timeline(VIDEOS[0], batch_size=-1))):
+        with pytest.raises(videoqa.VideoQAError) as error:
+            call()
+        assert error.value.exit_code == 2
+    one = list(model.caption(VIDEOS[0], prompt=None, max_new_tokens=2, frames=2))  # one path; the default prompt
+    assert len(one) == 1 and one[0]["error"] is None and one[0]["question"] == "Describe this video."
+
+
 def test_import_videoqa_does_not_import_torch():
     import subprocess
 

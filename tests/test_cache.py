@@ -302,3 +302,14 @@ def test_chat_refuses_a_file_that_is_not_a_video_before_hashing_it(cli, tiny_mod
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {sparse_non_video(tmp_path)}\n"))
     result = cli("chat", "-m", tiny_model, "--no-compile")
     assert result.code == 3 and "not a readable video" in result.err and hashed == [], result
+
+
+def test_clear_and_info_pass_over_what_is_no_entry(cli):
+    """A folder or a loop of links under an entry's name is not an entry: not counted, not removed, no crash."""
+    fake_entries(2)
+    (cache_dir() / "folder.safetensors").mkdir()
+    (cache_dir() / "loop.safetensors").symlink_to("loop.safetensors")
+    shown = cli("cache", "info")
+    assert shown.code == 0 and "entries    2\n" in shown.out, shown
+    cleared = cli("cache", "clear")
+    assert cleared.code == 0 and cleared.out == "removed 2 entries\n", cleared

@@ -325,3 +325,29 @@ def test_a_video_that_decodes_in_part_has_a_warning_in_its_record(cli, tiny_mode
     assert whole["warnings"] == [] and partial["error"] is None
     assert len(partial["warnings"]) == 1 and " of 243 frames decode" in partial["warnings"][0]
     assert f"note: {cut}: {partial['warnings'][0]}" in result.err
+
+
+def test_links_pipes_and_names_that_are_no_utf8(cli, tiny_model, tmp_path):
+    """A loop of links or a pipe in a folder gets its error record; two names that differ only in bytes that are
+    not UTF-8 are two videos; a hard link to a video is refused as --out; an empty --out resumes."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    video = asset(f"videos/{REAL[0]}")
+    shutil.copy(video, os.fsdecode(bytes(clips) + b"/caf\xe9.mp4"))
+    shutil.copy(video, os.fsdecode(bytes(clips) + b"/caf\xe8.mp4"))
+    (clips / "loop.mp4").symlink_to("loop.mp4")
+    os.mkfifo(clips / "pipe.mp4")
+    out = tmp_path / "c.jsonl"
+    out.touch()  # what `kill -9` before the first record leaves
+    result = cli("caption", clips, "-m", tiny_model, "-n", 2, "--frames", 2, "--out", out, "--resume")
+    assert result.code == Exit.SOME_FAILED, result
+    records = read_jsonl(out)
+    assert sorted(r["video"].rsplit("/", 1)[1] for r in records) == ["caf\ufffd.mp4", "caf\ufffd.mp4", "loop.mp4",
+                                                                       "pipe.mp4"]
+    assert sorted(bool(r["error"]) for r in records) == [False, False, True, True]
+    linked = tmp_path / "linked.jsonl"
+    os.link(video_copy := shutil.copy(video, tmp_path / "v.mp4"), linked)
+    before = linked.read_bytes()
+    refused = cli("caption", video_copy, "-m", tiny_model, "-n", 2, "--out", linked, "--overwrite")
+    assert_clean_failure(refused, Exit.USAGE, "one of the videos")
+    assert linked.read_bytes() == before

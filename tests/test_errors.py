@@ -248,3 +248,20 @@ def test_a_safetensors_header_that_cannot_be_read(cli, video, tiny_model, tmp_pa
     shutil.copytree(tiny_model, bad)
     (bad / "extra.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
     assert_clean_failure(cli("ask", video, QUESTION, "-m", bad), Exit.MODEL, "extra.safetensors", "corrupt")
+
+
+@needs_assets
+@pytest.mark.parametrize("field, value, words", [
+    ("vision_feature_layer", -100, ["vision_feature_layer -100"]),  # the tiny tower has 2 layers
+    ("vision_feature_layer", 3, ["vision_feature_layer 3"]),
+    ("max_position_embeddings", -1, ["max_position_embeddings"]),
+])
+def test_a_config_field_out_of_range(cli, video, tiny_model, tmp_path, field, value, words):
+    import json
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (config["text_config"] if field == "max_position_embeddings" else config)[field] = value
+    (broken / "config.json").write_text(json.dumps(config))
+    assert_clean_failure(cli("ask", video, QUESTION, "-m", broken), Exit.MODEL, "config.json", *words)

@@ -133,6 +133,8 @@ def test_the_estimate_counts_what_the_checkpoint_holds(tiny_model):
     # KV cache: 2 layers x (K, V) x 4 heads x 16 dims x 4 bytes x the 256-position bucket (40 + 64 + 20 positions)
     assert estimate.kv_cache == 2 * 2 * 4 * 16 * 4 * 256
     assert found.estimate(max_new_tokens=20, quantize="nf4").weights < estimate.weights
+    # Decoding stops at the context (4096 positions): asking for more tokens needs no more cache than that
+    assert found.estimate(max_new_tokens=3_000_000).kv_cache == 2 * 2 * 4 * 16 * 4 * 4096
 
 
 def oom(*args, **kwargs):

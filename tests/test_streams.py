@@ -35,6 +35,13 @@ def test_stdout_on_a_full_disk_is_a_usage_error(tiny_model):
     one_error_line(result.stderr, "stdout", "No space left on device")
 
 
+def test_chat_on_a_full_disk_stops_at_the_first_answer(tiny_model):
+    with open("/dev/full", "w") as full:
+        result = run_videoqa("chat", asset(VIDEO), "-m", tiny_model, "-n", 2, input=b"a\nb\nc\n", stdout=full)
+    assert result.returncode == Exit.USAGE
+    one_error_line(result.stderr, "stdout", "No space left on device")  # once, not once per question
+
+
 def test_caption_out_on_a_full_disk_is_a_usage_error(tiny_model):
     result = run_videoqa("caption", asset(VIDEO), "-m", tiny_model, "-n", 2, "--out", "/dev/full")
     assert result.returncode == Exit.USAGE and result.stdout == b""

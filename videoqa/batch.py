@@ -78,6 +78,8 @@ def prefetched(model: Model, jobs: list[Job], read: Read, ahead: int, workers: i
 
 
 def batches(items: Iterable, size: int) -> Iterator[list]:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise VideoQAError(f"batch size {size!r}: give a whole number from 1")
     batch = []
     for item in items:
         batch.append(item)

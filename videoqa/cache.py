@@ -17,6 +17,7 @@ import re
 import tempfile
 from contextlib import suppress
 from pathlib import Path
+from stat import S_ISREG
 
 from videoqa.errors import VideoQAError
 from videoqa import frames as framing
@@ -96,6 +97,7 @@ class FeatureCache:
         meta = {"indices": json.dumps(frames.indices), "times": json.dumps(frames.times),
                 "warnings": json.dumps(frames.warnings)}
         meta["sha256"] = checksum(key, features, meta)
+        partial = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, partial = tempfile.mkstemp(dir=self.dir, suffix=".partial")  # one per writer
@@ -104,6 +106,8 @@ class FeatureCache:
             os.replace(partial, self.dir / f"{key}.safetensors")  # whole entries only
             evict(self.dir, self.limit)
         except OSError as e:
+            if partial is not None:
+                Path(partial).unlink(missing_ok=True)
             return f"the feature cache in {self.dir} was not written ({e.strerror or e})"
         return None
 
@@ -138,9 +142,11 @@ def entries(directory: Path, pattern: str = "*.safetensors") -> list[Path]:
     stamped = []
     for file in directory.glob(pattern) if directory.is_dir() else []:
         try:
-            stamped.append((file.stat().st_mtime_ns, file))
-        except FileNotFoundError:
+            found = file.stat()
+        except OSError:  # gone meanwhile, or a loop of links: no entry
             continue
+        if S_ISREG(found.st_mode):  # a folder or a device under an entry's name is none either
+            stamped.append((found.st_mtime_ns, file))
     return [file for _, file in sorted(stamped)]
 
 
@@ -150,7 +156,7 @@ def sizes(files: list[Path]) -> list[tuple[Path, int]]:
     for file in files:
         try:
             sized.append((file, file.stat().st_size))
-        except FileNotFoundError:
+        except OSError:
             continue
     return sized
 
@@ -163,7 +169,8 @@ def evict(directory: Path, limit: int) -> None:
         if total <= limit:
             break
         total -= size
-        file.unlink(missing_ok=True)
+        with suppress(OSError):  # gone already, or not ours to delete: the bound is best effort
+            file.unlink()
 
 
 def info(directory: Path) -> dict:
@@ -185,11 +192,14 @@ def clear(directory: Path) -> int:
 
 
 def remove(file: Path) -> bool:
-    """Delete `file`; False if another process did first."""
+    """Delete `file`; False if another process did first. A file this user may not delete is an error (exit code
+    2), named."""
     try:
         file.unlink()
     except FileNotFoundError:
         return False
+    except OSError as e:
+        raise VideoQAError(f"{file}: cannot remove it ({e.strerror})") from None
     return True
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from videoqa.errors import Exit, VideoQAError
-from videoqa.records import Output, identity, is_folder
+from videoqa.records import Output, identity, is_folder, record_key
 from videoqa.render import STOP_SIGNALS, Interrupt, progress_bar
 from videoqa.session import Model
 
@@ -37,7 +37,8 @@ def find_videos(paths: list[Path], glob: str, recursive: bool) -> list[Path]:
             found.append(path)  # a missing or unreadable file gets an error record, like any broken video
             continue
         walk = path.rglob if recursive else path.glob
-        found += sorted({f for pattern in wanted for f in walk(pattern) if f.is_file()})
+        # every name that matches but a folder: a pipe or a dangling link gets its error record, as when named
+        found += sorted({f for pattern in wanted for f in walk(pattern) if not is_folder(f)})
     unique: dict[str, Path] = {}
     for file in found:
         unique.setdefault(identity(file), file)  # the first spelling of each video
@@ -64,7 +65,7 @@ class Tally:
 def run(model: Model, videos: list[Path], question: str, out: Output, batch_size: int, **settings) -> Tally:
     """Caption every video not already in the output (`settings` and the window, `start` and `end`, as
     `Model.caption` takes them)."""
-    todo = [v for v in videos if identity(v) not in out.done]
+    todo = [v for v in videos if record_key(v) not in out.done]
     return drain(lambda stop, stats: model.caption(todo, question, batch_size=batch_size, stop=stop, stats=stats,
                                                    **settings),
                  out, len(todo), skipped=len(videos) - len(todo), what="captioning")

@@ -16,7 +16,7 @@ from pathlib import Path
 from videoqa import output
 from videoqa.errors import VideoQAError
 from videoqa.frames import is_image
-from videoqa.output import print_json, stream
+from videoqa.output import Unwritable, print_json, stream
 from videoqa.render import Interrupt, error, note, progress
 from videoqa.session import Chat, Media, Model
 from videoqa.settings import SPECS, Settings
@@ -146,6 +146,8 @@ class Repl:
                 return self.command(line)
             if line:
                 self.ask(line)
+        except Unwritable:
+            raise
         except VideoQAError as e:
             error(str(e))
             self.failed = self.failed or e.code

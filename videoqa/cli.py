@@ -75,7 +75,7 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, th
 DTypeOpt = Annotated[DType, typer.Option(
     "--dtype", help="auto: float16 on cuda/mps; on cpu bfloat16 where the CPU computes it natively, else float32.")]
 QuantizeOpt = Annotated[Quantize, typer.Option(
-    "--quantize", help="The language model's linear layers in int8 or nf4 (bitsandbytes: pip install 'videoqa[quant]').")]
+    "--quantize", help="The language model's linear layers in int8 or nf4 (bitsandbytes: pip install 'videoqa\\[quant]').")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", help="Cap the memory the run may use below what the device has free, e.g. 6GB, 6GiB, 6000MB.",
     show_default=False)]
@@ -397,15 +397,15 @@ def caption(
     """
     from videoqa import caption as captioning
     from videoqa.questions import read_question
-    from videoqa.records import Output, identity
+    from videoqa.records import Output, record_key
 
     question = read_question(prompt, prompt_file)
     videos = captioning.find_videos(paths, glob, recursive)
     if not videos:
         raise VideoQAError(f"no videos found in {', '.join(map(str, paths))} matching {glob}")
     output = Output(out, fmt.value, resume=resume, overwrite=overwrite, inputs=videos,
-                    key=lambda rec: identity(rec["video"]))
-    if all(identity(v) in output.done for v in videos):
+                    key=lambda rec: record_key(rec["video"]))
+    if all(record_key(v) in output.done for v in videos):
         return summarize(captioning.Tally(skipped=len(videos)), "videos")
     write_records(checkpoint(run, given, cache=False, batch_size=batch_size), run, given, output, "videos",
                   lambda model: captioning.run(model, videos, question, output, batch_size, start=window.start,

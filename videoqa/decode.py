@@ -19,7 +19,9 @@ from videoqa.settings import Sampling
 
 def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     # Shifted so the largest is 0 before dividing: no temperature, however small, overflows to inf - inf = NaN;
-    # as it goes to 0 the distribution goes to the argmax (ties shared), as it should.
+    # as it goes to 0 the distribution goes to the argmax (ties shared), as it should. A temperature below the
+    # dtype's smallest normal number would round to 0 (0 / 0): at that one every other logit is -inf already.
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
     logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # (B, V)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]

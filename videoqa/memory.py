@@ -113,7 +113,9 @@ def header(file: Path) -> dict[str, list[int]]:
                 raise ValueError(f"a header of {length} bytes")
             found = json.loads(f.read(length))
         return {name: [int(n) for n in info["shape"]] for name, info in found.items() if name != "__metadata__"}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+    except OSError as e:
+        raise VideoQAError(f"{file}: cannot read it ({e.strerror})", Exit.MODEL) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise VideoQAError(f"{file}: weights are truncated or corrupt ({type(e).__name__}); download the model again",
                            Exit.MODEL) from None
 

@@ -189,6 +189,8 @@ def cpu_has_bf16() -> bool:
 
 
 QUANTIZE = ("none", "int8", "nf4")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 def quantization(found: Family, quantize: str, device, dtype):
@@ -219,6 +221,15 @@ def context(config) -> int:
     rope = getattr(text, "rope_parameters", None) or {}
     stretch = rope.get("factor", 1.0) if rope.get("rope_type") == "linear" else 1.0
     return int(text.max_position_embeddings * stretch)
+
+
+def check_feature_layers(config) -> None:
+    """The vision tower's layers the features are read from must exist (-1 is the last; 0 the embeddings)."""
+    count = config.vision_config.num_hidden_layers
+    layers = config.vision_feature_layer
+    for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
+        if count < 1 or not -count - 1 <= layer <= count:
+            raise ValueError(f"vision_feature_layer {layer} is not one of the vision tower's {count} layers")
 
 
 def model_class(found: Family):
@@ -257,7 +268,9 @@ def config_of(path: Path, found: Family):
         # The class's own model_type: transformers picks the checkpoint's key renames by it, and a registered
         # family may name another (a renamed copy of Video-LLaVA's entry is still read as Video-LLaVA)
         config.model_type = type(config).model_type
-        context(config)
+        if context(config) < 1:
+            raise ValueError(f"max_position_embeddings is {config.text_config.max_position_embeddings}")
+        check_feature_layers(config)
         if found.video:
             found.video.positions(config, 1)
     except Exception as e:

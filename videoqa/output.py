@@ -28,6 +28,10 @@ class OutputClosed(Exception):
     """stdout's reader went away (`| head -1`): stop quietly, as `cat` does."""
 
 
+class Unwritable(VideoQAError):
+    """stdout cannot be written (closed, a full disk): nothing more can be shown, so even a chat stops."""
+
+
 def display(path: Path | str) -> str:
     """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogate escapes) become
     U+FFFD, so JSON, CSV and the terminal always get valid text."""
@@ -37,7 +41,7 @@ def display(path: Path | str) -> str:
 def check_stdout() -> None:
     """Before any slow work, for commands that answer on stdout: one started with stdout closed (`>&-`) fails now."""
     if sys.stdout is None:
-        raise VideoQAError("cannot write to stdout: it is closed")
+        raise Unwritable("cannot write to stdout: it is closed")
 
 
 def write(text: str) -> None:
@@ -49,7 +53,7 @@ def write(text: str) -> None:
     except BrokenPipeError:
         raise OutputClosed from None
     except OSError as e:
-        raise VideoQAError(f"cannot write to stdout ({e.strerror or e})") from None
+        raise Unwritable(f"cannot write to stdout ({e.strerror or e})") from None
 
 
 def record(
@@ -119,6 +123,8 @@ def csv_lines(rec: dict, number: int) -> str:
 
 def split_lines(text: str) -> list[str]:
     """JSONL lines: split at "\\n" only (U+2028 and U+0085 may stand inside a JSON string)."""
+    if not text:
+        return []  # an empty file: `kill -9` before the first record, or `touch`
     return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
 
 

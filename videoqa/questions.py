@@ -19,6 +19,8 @@ MAX_BYTES = 1_000_000  # 1 MB: far beyond any model's context, small enough to r
 
 def check_question(question: str) -> str:
     """The question stripped; empty, over-long, or not UTF-8 (bytes kept as surrogate escapes) is refused."""
+    if not isinstance(question, str):
+        raise VideoQAError(f"the question must be text, not {type(question).__name__}")
     try:
         size = len(question.encode("utf-8"))
     except UnicodeEncodeError:

@@ -17,8 +17,37 @@ from videoqa.output import FORMS, Foreign, display, write
 
 
 def identity(path: Path | str) -> str:
-    """What makes two spellings of a path one file: the absolute path with links resolved, as text."""
-    return display(Path(os.path.abspath(path)).resolve())
+    """What makes two spellings of a path one file: the absolute path with links resolved (a loop of links stays as
+    it is: opening it says what is wrong). Bytes that are not UTF-8 are kept: two names differing only in them are
+    two files."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a loop of links, in Python 3.11
+        return str(absolute)
+
+
+def record_key(path: Path | str) -> str:
+    """What --resume knows a video by: its identity as a record writes it (bytes that are not UTF-8 become U+FFFD
+    in the record, so two names differing only in them are one to --resume)."""
+    return display(identity(path))
+
+
+def one_of(path: Path, inputs: list[Path]) -> bool:
+    """Whether `path` is one of the `inputs`, by any spelling or link, hard links included."""
+    if identity(path) in {identity(v) for v in inputs}:
+        return True
+    try:
+        here = path.stat()
+    except OSError:
+        return False
+    for video in inputs:
+        try:
+            if os.path.samestat(here, video.stat()):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def is_folder(path: Path) -> bool:
@@ -46,7 +75,7 @@ class Output:
             if resume:
                 raise VideoQAError("--resume needs --out: there is no file to continue on stdout")
             return
-        if identity(path) in {identity(v) for v in inputs}:
+        if one_of(path, inputs):
             raise VideoQAError(f"--out {display(path)} is one of the videos; give another file")
         if is_folder(path):
             raise VideoQAError(f"--out {display(path)} is a directory")

@@ -71,8 +71,10 @@ class Checkpoint:
     def __init__(self, model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto",
                  cache: bool = True, quantize: str = "none", max_memory: str | float | None = None,
                  check_memory: bool = True, workload: dict[str, int | None] | None = None):
-        if quantize not in models.QUANTIZE:
-            raise VideoQAError(f"quantize {quantize!r}: one of {', '.join(models.QUANTIZE)}")
+        for name, value, allowed in (("quantize", quantize, models.QUANTIZE), ("device", device, models.DEVICES),
+                                     ("dtype", dtype, models.DTYPES)):
+            if value not in allowed:
+                raise VideoQAError(f"{name} {value!r}: one of {', '.join(allowed)}")
         self.name, self.options, self.resolved = str(model), (device, dtype, cache), False
         self.quantize, self.check_memory, self.workload = quantize, check_memory, workload or {}
         self.max_memory = memory.parse_size(max_memory) if isinstance(max_memory, str) else max_memory
@@ -142,7 +144,7 @@ class Checkpoint:
             if not window.whole:
                 raise VideoQAError(f"{path}: an image has no time window; start and end are for videos")
             return Media(path, image=read_image(path), seconds=time.perf_counter() - began)
-        frames = frames or self.preset.frames
+        frames = self.settings(frames=frames).frames
         self.check_videos(frames)
         sampled, features = read_video(path, frames, self.cache, window)
         for warning in sampled.warnings:
@@ -167,8 +169,9 @@ class Checkpoint:
         tiles = settings.frames if video else 5  # an image-only family's largest AnyRes image: 5 tiles
         positions = video.positions(self.config, tiles) if video else tiles * tower_tokens
         shape = memory.shape_of(self.path, self.config, self.preset.family.vision_modules)
-        return memory.estimate(shape, positions=positions + memory.TEXT, frames=tiles, tower_tokens=tower_tokens,
-                               **run)
+        positions += memory.TEXT
+        run["new_tokens"] = min(run["new_tokens"], max(models.context(self.config) - positions, 0))  # decode stops there
+        return memory.estimate(shape, positions=positions, frames=tiles, tower_tokens=tower_tokens, **run)
 
     def fit(self) -> None:
         """Refuse, with the figures and a way out, a run whose estimate passes what the device has free (or
@@ -180,20 +183,19 @@ class Checkpoint:
             have, room = self.max_memory, f"--max-memory allows {memory.size(self.max_memory)}"
         if needed.total <= have:
             return
-        ways = self.ways_out(needed.total)
+        ways = self.ways_out()
         raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}" + (f": try {' or '.join(ways)}" if ways else ""))
 
-    def ways_out(self, needed: int) -> list[str]:
-        """The ways to need less than `needed` bytes: nf4, fewer frames, a smaller model, with what each needs. (nf4
-        is always named, with its figure: on a CPU its runtime can outweigh what it saves on a very small model.)"""
+    def ways_out(self) -> list[str]:
+        """What would need less: nf4, fewer frames, the smallest model, each with its figure. (Both are named even
+        where, for a model smaller than the smallest preset, they would not need less: the figures say so.)"""
         ways = [] if self.quantize == "nf4" else [
             f"--quantize nf4 (~{memory.size(self.estimate(**self.workload, quantize='nf4').total)})"]
         if self.preset.family.video and (self.workload.get("frames") or self.preset.frames) > 4:
             ways.append("--frames 4")
         if self.name != SMALLEST and SMALLEST in models.presets():
             small = Checkpoint(SMALLEST, device=self.options[0], dtype=self.options[1], check_memory=False)
-            if (smallest := small.estimate(**self.workload).total) < needed:
-                ways.append(f"-m {SMALLEST} (~{memory.size(smallest)})")
+            ways.append(f"-m {SMALLEST} (~{memory.size(small.estimate(**self.workload).total)})")
         return ways
 
     def load(self, *, compile: bool = True) -> Model:
@@ -311,11 +313,12 @@ class Model:
             media = self.media(media, frames, start=start, end=end)
         return self.encode(media)
 
-    def caption(self, videos: Iterable[str | Path], prompt: str | Sequence[str] = "Describe this video.", *,
+    def caption(self, videos: str | Path | Iterable[str | Path], prompt: str | Sequence[str] | None = None, *,
                 start: Time = None, end: Time = None, batch_size: int = 4, stop: Callable[[], bool] = lambda: False,
                 stats: dict | None = None, **settings: Any) -> Iterator[dict]:
         """One record per video (the `--json` schema, `error` set for a video that could not be answered), in
-        order. `prompt`: one question for every video, or one per video; [start, end): the window of each video.
+        order. `videos`: paths, or one path. `prompt`: one question for every video ("Describe this video." by
+        default), or one per video; [start, end): the window of each video.
         Videos are decoded ahead on background threads and answered `batch_size` at a time; `stop()` is asked
         after each batch. A batch that runs out of memory is answered in halves; `stats["backoffs"]` counts how
         often."""
@@ -324,7 +327,8 @@ class Model:
 
         chosen, window = self.settings(**settings), timing.window(start, end)
         self.checkpoint.check_videos(chosen.frames)
-        videos = [Path(v) for v in videos]
+        videos = [Path(videos)] if isinstance(videos, (str, Path)) else [Path(v) for v in videos]
+        prompt = "Describe this video." if prompt is None else prompt
         prompts = [prompt] * len(videos) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(videos):
             raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
