@@ -18,6 +18,8 @@ from typing import Annotated, Optional
 import typer
 
 from videoqa.errors import Exit, VideoQAError
+from videoqa.questions import CAPTION_PROMPT
+from videoqa.settings import DEVICES, DTYPES, QUANTIZE
 
 app = typer.Typer(
     rich_markup_mode="rich",
@@ -39,24 +41,10 @@ def _group(ctx: typer.Context) -> None:
         raise VideoQAError("missing command: ask, chat, caption, timeline, find or cache (videoqa --help shows them)")
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cuda = "cuda"
-    mps = "mps"
-    cpu = "cpu"
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-    float32 = "float32"
-
-
-class Quantize(str, Enum):
-    none = "none"
-    int8 = "int8"
-    nf4 = "nf4"
+# The choices are the API's (settings.py), so the two cannot drift apart
+Device = Enum("Device", {name: name for name in DEVICES}, type=str)
+DType = Enum("DType", {name: name for name in DTYPES}, type=str)
+Quantize = Enum("Quantize", {name: name for name in QUANTIZE}, type=str)
 
 
 DEBUG = False  # VIDEOQA_DEBUG=1 or --debug: errors keep their exit code and show a traceback too
@@ -364,9 +352,7 @@ class Format(str, Enum):
 @shared_options
 def caption(
     paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False, readable=False)],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every video.")] = (
-        "Describe this video."
-    ),
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every video.")] = CAPTION_PROMPT,
     prompt_file: PromptFileOpt = None,
     out: OutOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help="Record format.")] = Format.jsonl,

@@ -188,11 +188,6 @@ def cpu_has_bf16() -> bool:
     return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-QUANTIZE = ("none", "int8", "nf4")
-DEVICES = ("auto", "cuda", "mps", "cpu")
-DTYPES = ("auto", "float16", "bfloat16", "float32")
-
-
 def quantization(found: Family, quantize: str, device, dtype):
     """transformers' BitsAndBytesConfig for `quantize`: the language model's linear layers in int8 or nf4; the
     vision side and the LM head (full module paths) in the compute dtype, so visual features do not change."""

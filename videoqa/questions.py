@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from videoqa.errors import VideoQAError
 
+CAPTION_PROMPT = "Describe this video."  # what caption asks of every video unless told otherwise
 MAX_BYTES = 1_000_000  # 1 MB: far beyond any model's context, small enough to refuse at once
 
 

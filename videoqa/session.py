@@ -25,7 +25,7 @@ from videoqa import memory, models, output
 from videoqa import windows as timing
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames, check_file, is_image, read_image
-from videoqa.settings import Settings, defaults
+from videoqa.settings import DEVICES, DTYPES, QUANTIZE, Settings, defaults
 from videoqa.windows import Window
 
 Time = str | float | None  # seconds, or "[HH:]MM:SS[.mmm]"; None: the start or end of the video
@@ -71,8 +71,8 @@ class Checkpoint:
     def __init__(self, model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto",
                  cache: bool = True, quantize: str = "none", max_memory: str | float | None = None,
                  check_memory: bool = True, workload: dict[str, int | None] | None = None):
-        for name, value, allowed in (("quantize", quantize, models.QUANTIZE), ("device", device, models.DEVICES),
-                                     ("dtype", dtype, models.DTYPES)):
+        for name, value, allowed in (("quantize", quantize, QUANTIZE), ("device", device, DEVICES),
+                                     ("dtype", dtype, DTYPES)):
             if value not in allowed:
                 raise VideoQAError(f"{name} {value!r}: one of {', '.join(allowed)}")
         self.name, self.options, self.resolved = str(model), (device, dtype, cache), False
@@ -323,12 +323,12 @@ class Model:
         after each batch. A batch that runs out of memory is answered in halves; `stats["backoffs"]` counts how
         often."""
         from videoqa.batch import Job, records
-        from videoqa.questions import check_question
+        from videoqa.questions import CAPTION_PROMPT, check_question
 
         chosen, window = self.settings(**settings), timing.window(start, end)
         self.checkpoint.check_videos(chosen.frames)
         videos = [Path(videos)] if isinstance(videos, (str, Path)) else [Path(v) for v in videos]
-        prompt = "Describe this video." if prompt is None else prompt
+        prompt = CAPTION_PROMPT if prompt is None else prompt
         prompts = [prompt] * len(videos) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(videos):
             raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")

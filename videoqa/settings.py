@@ -59,6 +59,11 @@ class Spec:
         return value
 
 
+# How a model is loaded (the CLI's choices and the API's `load` keywords): a device, a compute dtype, quantization
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+QUANTIZE = ("none", "int8", "nf4")
+
 SPECS = {
     spec.name: spec
     for spec in (
