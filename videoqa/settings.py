@@ -1,4 +1,5 @@
-"""The settings a question is answered with, in one table: names, ranges, defaults and help.
+"""The settings a question is answered with, in one table: names, ranges, defaults and help; and the choices a
+model is loaded with.
 
 The command-line options, chat's `/set` (parse, check, display), the Python API's keywords and a
 preset's `[generation]` defaults all derive from SPECS, so a new setting is one entry here and one
