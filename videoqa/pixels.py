@@ -52,9 +52,11 @@ def _rgb(frame: np.ndarray | Image.Image) -> Image.Image:
 
 
 def _normalise(image: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """(H, W) RGB image -> (3, H, W) float32: x / 255, then (x - mean) / std."""
-    x = np.asarray(image).astype(np.float64) * (1 / 255)
-    return ((x - mean) / std).astype(np.float32).transpose(2, 0, 1)
+    """(H, W) RGB image -> (3, H, W) float32: x / 255 (in float64, then float32), then (x - mean) / std in
+    float32: transformers' order and precisions, so the pixels are its bits (an int8 model's activation rounding
+    turns a last-bit difference into another answer)."""
+    x = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)
+    return ((x - mean) / std).transpose(2, 0, 1)
 
 
 def clip_pixels(frames: np.ndarray | list[Image.Image], size: int) -> np.ndarray:
