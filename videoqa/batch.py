@@ -129,15 +129,16 @@ def rows(model: Model, ready: list[Ready]) -> tuple[list[list[int]], torch.Tenso
     return ids, torch.cat(features)
 
 
-def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict]:
-    """Each job's tokens, up to and including its EOS, and the batch's timings. Greedy answers equal `ask`'s."""
+def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict, list[str]]:
+    """Each job's tokens, up to and including its EOS, the batch's timings, and its warnings (the context cut the
+    answers' length). Greedy answers equal `ask`'s."""
     from videoqa.decode import static_cache
 
     start = time.perf_counter()
     ids, features = rows(model, ready)
     width = max(map(len, ids))
     model.check_fits(width)
-    budget = min(settings.max_new_tokens, model.context - width)
+    budget, cut = model.budget(settings.max_new_tokens, width)
     cache = static_cache(model.net.config.text_config, width + budget)
     vision = time.perf_counter() - start
     answers: list[list[int]] = [[] for _ in ids]
@@ -149,7 +150,7 @@ def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[
             if not answer or answer[-1] != eos:
                 answer.append(token)
     decode = time.perf_counter() - start - vision - prefill
-    return answers, {"vision": vision, "prefill": prefill, "decode": decode}
+    return answers, {"vision": vision, "prefill": prefill, "decode": decode}, cut
 
 
 def answered(model: Model, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
@@ -158,7 +159,7 @@ def answered(model: Model, ready: list[Ready], settings: Settings, stats: dict) 
     from videoqa.memory import is_oom
 
     try:
-        answers, timings = answer_batch(model, ready, settings)
+        answers, timings, cut = answer_batch(model, ready, settings)
     except Exception as e:
         if len(ready) > 1 and (is_oom(e) or not isinstance(e, VideoQAError)):
             half = (len(ready) + 1) // 2 if is_oom(e) else 1
@@ -170,7 +171,8 @@ def answered(model: Model, ready: list[Ready], settings: Settings, stats: dict) 
     return [
         output.record(video=r.job.video, question=r.job.question, prompt=prompt(model, r.job.question),
                       answer=model.decode(t), tokens=t, frames=r.frames.listed(), model=model.name,
-                      runtime=model.runtime, timings={"frames": r.waited, **timings}, warnings=r.frames.warnings)
+                      runtime=model.runtime, timings={"frames": r.waited, **timings},
+                      warnings=[*r.frames.warnings, *cut])
         for r, t in zip(ready, answers)
     ]
 

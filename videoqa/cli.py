@@ -627,6 +627,8 @@ def run() -> int:
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C
         return Exit.INTERRUPTED
     except typer.TyperException as e:  # bad usage, reported by typer's parser
+        if isinstance(e, typer.BadParameter):  # typer validates through pydantic, whose prefix is noise here
+            e.message = e.message.removeprefix("Value error, ")
         return failed(e.format_message(), Exit.USAGE)
     except VideoQAError as e:
         return failed(str(e), e.code)

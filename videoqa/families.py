@@ -48,6 +48,7 @@ class Family:
     name: str  # config.json's model_type
     model_class: str  # the transformers class that loads it
     image_features: Callable[[Any, Any], Any]  # (net, PIL image) -> (positions, D)
+    largest_image: Callable[[Any], tuple[int, int]]  # (config) -> (tower tiles, positions) of the largest image
     template: str = VICUNA  # the first turn; {media} is the placeholder, {question} the question
     followup: str = VICUNA_FOLLOWUP  # later turns, after the previous answer and its EOS, tokenised without BOS
     describe: str = DESCRIBE  # what a timeline asks of each segment by default
@@ -87,18 +88,18 @@ def siglip_frames(config, frames):
 
 
 register(Family(  # all 257 tokens of a frame (CLS kept); images through their own tower
-    "video_llava", "VideoLlavaForConditionalGeneration", features.video_llava_image,
+    "video_llava", "VideoLlavaForConditionalGeneration", features.video_llava_image, features.single_image_bound,
     video=Videos(clip_frames, features.video_llava_video, lambda config, n: n * (patches_per_side(config) ** 2 + 1)),
     vision_modules=("model.video_tower", "model.image_tower", "model.multi_modal_projector"),
 ))
 register(Family(  # frames 2x2-pooled (144 tokens at 336 px); AnyRes images
-    "llava_next_video", "LlavaNextVideoForConditionalGeneration", features.anyres_image,
+    "llava_next_video", "LlavaNextVideoForConditionalGeneration", features.anyres_image, features.anyres_image_bound,
     video=Videos(clip_frames, features.pooled_video,
                  lambda config, n: n * (patches_per_side(config) // config.spatial_pool_stride) ** 2),
     vision_modules=("model.vision_tower", "model.vision_resampler", "model.multi_modal_projector", "model.image_newline"),
 ))
 register(Family(  # still images only, AnyRes
-    "llava_next", "LlavaNextForConditionalGeneration", features.anyres_image,
+    "llava_next", "LlavaNextForConditionalGeneration", features.anyres_image, features.anyres_image_bound,
     # vicuna_v1 with its system line, the format transformers' LLaVA-NeXT docs give for llava-v1.6-vicuna-7b-hf
     template="A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions. " + VICUNA,
@@ -107,11 +108,12 @@ register(Family(  # still images only, AnyRes
 register(Family(  # frames 2x2 bilinear-pooled after the projector (196 tokens at 384 px), one newline after the
     # whole video; AnyRes-max-9 images
     "llava_onevision", "LlavaOnevisionForConditionalGeneration", features.anyres_max_image,
+    features.anyres_max_image_bound,
     template=ONEVISION, followup=ONEVISION_FOLLOWUP,
     video=Videos(siglip_frames, features.onevision_video, lambda config, n: n * pooled_side(config) ** 2 + 1),
     vision_modules=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
 ))
 register(Family(  # LLaVA-1.5: still images only, one 336 px CLIP crop, CLS dropped (576 tokens)
-    "llava", "LlavaForConditionalGeneration", features.llava_image,
+    "llava", "LlavaForConditionalGeneration", features.llava_image, features.single_image_bound,
     vision_modules=("model.vision_tower", "model.multi_modal_projector"),
 ))

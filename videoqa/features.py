@@ -173,3 +173,29 @@ def llava_image(net, image: Image.Image) -> torch.Tensor:
     """LLaVA-1.5: a still image -> (patches, D); CLIP's shortest-edge resize and centre crop, CLS dropped."""
     model, size = net.model, net.config.vision_config.image_size
     return model.multi_modal_projector(_patches(net, model.vision_tower, clip_pixels([image], size))).flatten(0, 1)
+
+
+def single_image_bound(config) -> tuple[int, int]:
+    """(tiles through the tower, positions) of any image of a one-tile family: its patches, CLS dropped."""
+    return 1, patches_per_side(config) ** 2
+
+
+def _largest_grid(config) -> tuple[int, int]:
+    """(rows, cols) of tiles of the largest grid among the checkpoint's pinpoints."""
+    size = config.vision_config.image_size
+    return max(((h // size, w // size) for h, w in config.image_grid_pinpoints), key=lambda g: g[0] * g[1])
+
+
+def anyres_image_bound(config) -> tuple[int, int]:
+    """(tiles, positions) of AnyRes's largest image: the base tile, then the largest grid with a newline per row
+    (unpadding only takes positions away)."""
+    side, (rows, cols) = patches_per_side(config), _largest_grid(config)
+    return 1 + rows * cols, side**2 + rows * side * (cols * side + 1)
+
+
+def anyres_max_image_bound(config) -> tuple[int, int]:
+    """(tiles, positions) of AnyRes-max's largest image: as AnyRes's, the grid capped at `anyres_max_N` tiles'
+    worth of features with its 10% slack (shrink's rule), a newline per row."""
+    side, (rows, cols) = patches_per_side(config), _largest_grid(config)
+    cap = 1.1**2 * int(config.vision_aspect_ratio.removeprefix("anyres_max_")) * side**2
+    return 1 + rows * cols, side**2 + int(min(rows * cols * side**2, cap)) + rows * side

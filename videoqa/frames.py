@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -52,6 +53,9 @@ def frame_indices(n: int, count: int) -> list[int]:
     return np.linspace(0, n - 1, count, dtype=int).tolist()
 
 
+URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*:)/+(?=[^/])")  # https://host/clip.mp4, s3://bucket/clip.mp4
+
+
 def check_file(path: Path) -> None:
     """Reject what cannot be media before a decoder sees it, in one message that names the file and the problem.
 
@@ -63,6 +67,9 @@ def check_file(path: Path) -> None:
         if stat.S_ISREG(status.st_mode):
             path.open("rb").close()  # the permission to read, which the decoders need
     except FileNotFoundError:
+        if URL.match(str(path)):  # Path has folded the scheme's "//" into one slash
+            url = URL.sub(r"\1//", str(path), count=1)
+            raise VideoQAError(f"{url}: URLs are not read; download the file first", Exit.INPUT) from None
         raise VideoQAError(f"{path}: no such file", Exit.INPUT) from None
     except OSError as e:
         raise VideoQAError(f"{path}: cannot be read: {(e.strerror or str(e)).lower()}", Exit.INPUT) from None

@@ -93,14 +93,28 @@ def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, n
     return Estimate(weights, kv, max(prefill, vision) + runtime)
 
 
-def from_table(table: dict[str, int], *, video: bool, frames: int, **run) -> Estimate:
+def from_table(table: dict[str, int], *, image: bool, frames: int, new_tokens: int, **run) -> Estimate:
     """The estimate for a preset not downloaded yet, from its `[memory]` table: an 8-frame question's positions
-    and tower work, scaled to `frames` for a video family. `run`: estimate()'s other keywords."""
+    and tower work scaled to `frames`, or (`image`) the largest image's. `run`: estimate()'s other keywords."""
     table = dict(table)
     positions, tokens, tiles = (table.pop(key) for key in ("positions", "tower_tokens", "tower_frames"))
-    scale = frames / tiles if video else 1
-    return estimate(Shape(**table), positions=round(positions * scale) + TEXT, frames=round(tiles * scale),
-                    tower_tokens=tokens, **run)
+    context = table.pop("context")
+    image_positions, image_tiles = table.pop("image_positions", positions), table.pop("image_tiles", tiles)
+    if image:  # an image-only preset's positions are its largest image's
+        positions, tiles = image_positions, image_tiles
+    else:
+        positions, tiles = table_frames(dict(positions=positions, tower_frames=tiles), frames)[0], frames
+    positions += TEXT
+    return estimate(Shape(**table), positions=positions, frames=tiles, tower_tokens=tokens,
+                    new_tokens=min(new_tokens, max(context - positions, 0)), **run)
+
+
+def table_frames(table: dict[str, int], frames: int) -> tuple[int, int]:
+    """From a video preset's table: the positions `frames` frames take (its 8-frame figure scaled), and the most
+    frames whose video leaves a position free in its context."""
+    per_frame = table["positions"] / table["tower_frames"]
+    context = table.get("context", 0)
+    return round(frames * per_frame), int((context - 1) / per_frame)
 
 
 def header(file: Path) -> dict[str, list[int]]:

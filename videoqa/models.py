@@ -80,16 +80,34 @@ def will_download(preset: Preset) -> bool:
 
 
 def download(repo: str, revision: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    fetch = f"`hf download {repo} --revision {revision}`"
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
     except Exception as e:
-        raise VideoQAError(
-            f"{repo} is not in the Hugging Face cache and could not be downloaded ({type(e).__name__}); "
-            f"fetch it with `hf download {repo} --revision {revision}` (with HF_HUB_OFFLINE unset)",
-            Exit.MODEL,
-        ) from None
+        if constants.HF_HUB_OFFLINE:
+            message = (f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: unset it to download "
+                       f"the model, or fetch it with {fetch}")
+        elif unreachable(e):
+            message = f"cannot reach the Hugging Face hub: {unreachable(e)}; {repo} is not in the cache (fetch it " \
+                      f"with {fetch} once the hub can be reached)"
+        else:
+            message = f"{repo} could not be downloaded ({type(e).__name__}: {e}); fetch it with {fetch}"
+        raise VideoQAError(message.splitlines()[0], Exit.MODEL) from None
+
+
+def unreachable(error: BaseException) -> str | None:
+    """The network failure behind a download error (no name resolution, refused, timed out), as "Kind: what", or
+    None when the hub answered."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (ConnectionError, TimeoutError)) or type(error).__name__ in (
+                "ConnectError", "ConnectTimeout", "gaierror", "ProxyError"):
+            found = error  # the innermost one names the cause best
+        error = error.__cause__ or error.__context__
+    return None if found is None else f"{type(found).__name__}: {found}"
 
 
 def check_safetensors(file: Path) -> None:
@@ -108,6 +126,8 @@ def check_safetensors(file: Path) -> None:
 
 def check_dir(path: Path) -> Family:
     """Validate a checkpoint directory and return its family (by config.json's model_type)."""
+    if path.is_file():
+        raise VideoQAError(f"{path} is a file, not a model directory (a Hugging Face checkpoint folder)", Exit.MODEL)
     if not path.is_dir():
         raise VideoQAError(f"model directory {path} does not exist", Exit.MODEL)
     config = path / "config.json"

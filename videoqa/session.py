@@ -90,19 +90,23 @@ class Checkpoint:
         return models.pick_dtype(self.options[1], self.device)
 
     def resolve(self) -> Checkpoint:
-        """Pick the device and dtype, check that the run described by `workload` (frames, max_new_tokens,
-        batch_size) fits (from a preset's table before downloading it, then from the checkpoint), find the model
-        (downloading it if needed) and check it. Once."""
+        """Pick the device and dtype, check the run described by `workload` (frames, max_new_tokens, batch_size,
+        medium): its medium and frames against the family and context, then its memory (from a preset's table
+        before downloading it, then from the checkpoint), find the model (downloading it if needed) and check it.
+        Once."""
         from videoqa.cache import open_cache
 
         if self.resolved:
             return self
         self.dtype  # noqa: B018 (an unavailable device is refused first, before the model is looked for)
-        if self.check_memory and self.preset and models.will_download(self.preset):
-            self.fit()  # before a download of many gigabytes
+        if self.preset:
+            self.check_medium()  # before a download of many gigabytes, and before the memory check
+            if self.check_memory and models.will_download(self.preset):
+                self.fit()
         self.path, self.preset = models.resolve(self.name)
         self.family = self.preset.family
         self.config = models.config_of(self.path, self.family)
+        self.check_medium()
         if self.check_memory:
             self.fit()
         self.cache = open_cache(self.path, self.dtype) if self.options[2] else None
@@ -119,84 +123,150 @@ class Checkpoint:
         preset = self.preset if self.preset is not None else self.resolve().preset
         return defaults(preset.frames, preset.generation).changed(**chosen)
 
+    def check_medium(self) -> None:
+        """The workload's medium, if known: a video's frames against the family and the context."""
+        if self.workload.get("medium") == "video":
+            self.check_videos(self.settings(frames=self.workload.get("frames")).frames)
+
     def check_videos(self, frames: int) -> None:
-        """Refuse videos for an image-only family, and frames whose video alone fills the context."""
-        if not self.resolve().family.video:
-            raise VideoQAError(f"{self.name} ({self.family.name}) answers about still images only, not videos: "
+        """Refuse videos for an image-only family, and frames whose video alone fills the context: for a preset
+        not downloaded yet, from its table (nothing is downloaded for a run that cannot work)."""
+        family = self.preset.family if self.preset else self.resolve().family
+        if not family.video:
+            raise VideoQAError(f"{self.name} ({family.name}) answers about still images only, not videos: "
                                "`videoqa ask` takes an image; caption, timeline and find need a video model")
-        needed = self.family.video.positions(self.config, frames)
-        if needed >= self.context:
-            raise VideoQAError(
-                f"--frames {frames}: the video alone needs {needed} positions and the model's context holds "
-                f"{self.context}; use at most {self.family.video.max_frames(self.config, self.context)} frames"
-            )
+        if self.config is None and "context" in self.preset.memory:
+            table = self.preset.memory
+            context, needed, most = table["context"], *memory.table_frames(table, frames)
+        else:
+            context = models.context(self.config if self.config is not None else self.resolve().config)
+            needed, most = family.video.positions(self.config, frames), family.video.max_frames(self.config, context)
+        if needed >= context:
+            raise VideoQAError(f"--frames {frames}: the video alone needs {needed} positions and the model's context "
+                               f"holds {context}; use at most {most} frames")
 
     def media(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> Media:
         """A video (`frames` sampled, the preset's count by default, from its window [start, end) if given) or an
-        image, read and checked. What a damaged video's frames warn of goes to the logger too."""
+        image, read and checked (before the model is looked for, the run's memory is checked for this medium).
+        What a damaged video's frames warn of goes to the logger too."""
         from videoqa.cache import read_video
 
         path, window = Path(path), timing.window(start, end)
         check_file(path)
-        self.resolve()
+        image = is_image(path)
+        if image and not window.whole:
+            raise VideoQAError(f"{path}: an image has no time window; start and end are for videos")
+        if not self.resolved:
+            self.workload = {**self.workload, "medium": "image" if image else "video"}
+            if not image and frames is not None:
+                self.workload["frames"] = frames
         began = time.perf_counter()
-        if is_image(path):
-            if not window.whole:
-                raise VideoQAError(f"{path}: an image has no time window; start and end are for videos")
+        if image:
+            self.resolve()
             return Media(path, image=read_image(path), seconds=time.perf_counter() - began)
         frames = self.settings(frames=frames).frames
         self.check_videos(frames)
+        self.resolve()
         sampled, features = read_video(path, frames, self.cache, window)
         for warning in sampled.warnings:
             log.warning(f"{output.display(path)}: {warning}")
         return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - began)
 
     def estimate(self, *, frames: int | None = None, max_new_tokens: int | None = None, batch_size: int = 1,
-                 quantize: str | None = None, dtype_bytes: int | None = None) -> memory.Estimate:
-        """What a question of `frames` frames (the preset's by default) answered with up to `max_new_tokens`
-        tokens, `batch_size` at a time, will need on the device: known before a weight is read (for a preset
-        not downloaded yet, from its table)."""
+                 medium: str | None = None, quantize: str | None = None,
+                 dtype_bytes: int | None = None) -> memory.Estimate:
+        """What a question of `frames` frames (the preset's by default; `medium` "image": the family's largest
+        image instead) answered with up to `max_new_tokens` tokens, `batch_size` at a time, will need on the
+        device: known before a weight is read (for a preset not downloaded yet, from its table)."""
         if self.config is None and not (self.preset and self.preset.memory):
             self.resolve()
         settings = self.settings(frames=frames, max_new_tokens=max_new_tokens)
-        run = dict(dtype_bytes=dtype_bytes or self.dtype.itemsize, quantize=quantize or self.quantize,
-                   new_tokens=settings.max_new_tokens, batch=batch_size, device_type=self.device.type)
         video = self.preset.family.video
+        image = medium == "image" or not video
+        run = dict(dtype_bytes=dtype_bytes or self.dtype.itemsize, quantize=quantize or self.quantize,
+                   batch=batch_size, device_type=self.device.type)
         if self.config is None:
-            return memory.from_table(self.preset.memory, video=bool(video), frames=settings.frames, **run)
+            return memory.from_table(self.preset.memory, image=image, frames=settings.frames,
+                                     new_tokens=settings.max_new_tokens, **run)
         vision = self.config.vision_config
         tower_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        tiles = settings.frames if video else 5  # an image-only family's largest AnyRes image: 5 tiles
-        positions = video.positions(self.config, tiles) if video else tiles * tower_tokens
-        shape = memory.shape_of(self.path, self.config, self.preset.family.vision_modules)
+        tiles, positions = (self.preset.family.largest_image(self.config) if image else
+                            (settings.frames, video.positions(self.config, settings.frames)))
         positions += memory.TEXT
-        run["new_tokens"] = min(run["new_tokens"], max(models.context(self.config) - positions, 0))  # decode stops there
-        return memory.estimate(shape, positions=positions, frames=tiles, tower_tokens=tower_tokens, **run)
+        new_tokens = min(settings.max_new_tokens, max(models.context(self.config) - positions, 0))  # decode stops there
+        return memory.estimate(self.shape, positions=positions, frames=tiles, tower_tokens=tower_tokens,
+                               new_tokens=new_tokens, **run)
+
+    @functools.cached_property
+    def shape(self) -> memory.Shape:
+        return memory.shape_of(self.path, self.config, self.preset.family.vision_modules)
 
     def fit(self) -> None:
-        """Refuse, with the figures and a way out, a run whose estimate passes what the device has free (or
-        --max-memory): exit code 8, before a weight is read."""
+        """Refuse, with the figures and the ways out that fit, a run whose estimate passes what the device has free
+        (or --max-memory): exit code 8, before a weight is read."""
         needed = self.estimate(**self.workload)
-        have, where = memory.free(self.device)
-        room = f"{where} has {memory.size(have)} free"
-        if self.max_memory is not None and self.max_memory < have:
-            have, room = self.max_memory, f"--max-memory allows {memory.size(self.max_memory)}"
+        have, room = self.room()
         if needed.total <= have:
             return
-        ways = self.ways_out()
-        raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}" + (f": try {' or '.join(ways)}" if ways else ""))
+        ways = self.ways_out(have)
+        advice = (f": try {' or '.join(ways)}" if ways else
+                  ": nothing fits in that (no other precision, quantization, frame count or preset)")
+        raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}{advice}")
 
-    def ways_out(self) -> list[str]:
-        """What would need less: nf4, fewer frames, the smallest model, each with its figure. (Both are named even
-        where, for a model smaller than the smallest preset, they would not need less: the figures say so.)"""
-        ways = [] if self.quantize == "nf4" else [
-            f"--quantize nf4 (~{memory.size(self.estimate(**self.workload, quantize='nf4').total)})"]
-        if self.preset.family.video and (self.workload.get("frames") or self.preset.frames) > 4:
-            ways.append("--frames 4")
-        if self.name != SMALLEST and SMALLEST in models.presets():
-            small = Checkpoint(SMALLEST, device=self.options[0], dtype=self.options[1], check_memory=False)
-            ways.append(f"-m {SMALLEST} (~{memory.size(small.estimate(**self.workload).total)})")
-        return ways
+    def room(self) -> tuple[float, str]:
+        """Bytes this run may use, and where they are: the device's free memory, or --max-memory below it."""
+        have, where = memory.free(self.device)
+        if self.max_memory is not None and self.max_memory < have:
+            return self.max_memory, f"--max-memory allows {memory.size(self.max_memory)}"
+        return have, f"{where} has {memory.size(have)} free"
+
+    def ways_out(self, have: float) -> list[str]:
+        """The changes to this run that fit in `have` bytes, each with its figure, best first: a smaller
+        precision, then quantization (int8 before nf4), then the most frames that fit, then the presets that fit
+        (the largest first: more parameters, as a rule a better answer)."""
+        ways = [*self._precisions(), *self._quantizations(), *self._fewer_frames(have), *self._presets(have)]
+        return [f"{way} (~{memory.size(total)}{note})" for way, total, note in ways if total <= have]
+
+    def _precisions(self) -> Iterator[tuple[str, float, str]]:
+        if self.dtype.itemsize <= 2:
+            return
+        cpu = self.device.type == "cpu"
+        slow = "; slower than float32 on this CPU, which does not compute bfloat16 natively"
+        yield (f"--dtype {'bfloat16' if cpu else 'float16'}", self.estimate(**self.workload, dtype_bytes=2).total,
+               slow if cpu and not models.cpu_has_bf16() else "")
+
+    def _quantizations(self) -> Iterator[tuple[str, float, str]]:
+        if self.device.type == "mps":  # bitsandbytes has no MPS backend
+            return
+        for quantize in QUANTIZE[QUANTIZE.index(self.quantize) + 1:]:
+            yield f"--quantize {quantize}", self.estimate(**self.workload, quantize=quantize).total, ""
+
+    def _fewer_frames(self, have: float) -> Iterator[tuple[str, float, str]]:
+        """The most frames below the run's that fit (the estimate grows with them), found by bisection."""
+        if self.workload.get("medium") == "image" or not self.preset.family.video:
+            return
+        low, high = 0, self.settings(frames=self.workload.get("frames")).frames  # low fits (or is 0), high does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.estimate(**{**self.workload, "frames": middle}).total <= have else (
+                low, middle)
+        if low:
+            yield f"--frames {low}", self.estimate(**{**self.workload, "frames": low}).total, ""
+
+    def _presets(self, have: float) -> Iterator[tuple[str, float, str]]:
+        """Up to three other presets that take the medium and fit, at this run's options, the largest first."""
+        fitting = []
+        for name in models.presets().keys() - {self.name}:
+            other = Checkpoint(name, device=self.options[0], dtype=self.options[1], quantize=self.quantize,
+                               cache=False, check_memory=False, workload=self.workload)
+            try:
+                other.check_medium()
+            except VideoQAError:  # an image-only preset for a video, or frames past its context
+                continue
+            total = other.estimate(**self.workload).total
+            if total <= have:
+                fitting.append((f"-m {name}", total, ""))
+        yield from sorted(fitting, key=lambda way: -way[1])[:3]
 
     def load(self, *, compile: bool = True) -> Model:
         """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only)."""
@@ -273,6 +343,7 @@ class Model:
         self.name, self.family, self.preset = checkpoint.name, checkpoint.family, checkpoint.preset
         self.lm = self.family.language_model(net)
         self.pending = {"load": seconds}  # reported with the first answer
+        self.noted_budget = False  # the note that the context cut --max-new-tokens is said once
         self.runtime = {"device": str(net.device), "dtype": str(checkpoint.dtype).removeprefix("torch."),
                         "quantize": checkpoint.quantize}
 
@@ -400,6 +471,19 @@ class Model:
             log.warning(problem)
         return features
 
+    def budget(self, wanted: int, prompt: int) -> tuple[int, list[str]]:
+        """The tokens an answer after a `prompt`-token prompt may take: `wanted` (--max-new-tokens), or what the
+        context leaves, with a warning that says so (also a note, once per model)."""
+        budget = min(wanted, self.context - prompt)
+        if budget == wanted:
+            return budget, []
+        warning = (f"--max-new-tokens {wanted}: the model's context of {self.context} positions leaves {budget} after "
+                   f"the prompt's {prompt}, so the answer is at most {budget} tokens")
+        if not self.noted_budget:
+            self.noted_budget = True
+            log.warning(warning)
+        return budget, [warning]
+
     def check_fits(self, needed: int, follow_up: bool = False) -> None:
         """Refuse a prompt that leaves no room in the model's context for even one answer token."""
         if needed >= self.context:
@@ -520,10 +604,11 @@ class Chat:
         prompt = preset.followup.format(question=question) if self.ids else preset.template.format(
             media=self.placeholder, question=question)
         frames = self.media.frames
+        budget, cut = self.model.budget(chosen.max_new_tokens, len(ids))
         turn = Answer(video=self.media.path, question=question, prompt=prompt, text="", tokens=[],
                       frames=frames.listed() if frames else [], model=self.model.name, runtime=self.model.runtime,
-                      warnings=frames.warnings if frames else [])
-        return self._answer(turn, ids, min(chosen.max_new_tokens, self.model.context - len(ids)), chosen)
+                      warnings=[*(frames.warnings if frames else []), *cut])
+        return self._answer(turn, ids, budget, chosen)
 
     def _cache_for(self, length: int):
         """The static KV cache, able to hold `length` tokens: preallocated, then moved up a bucket when outgrown.
