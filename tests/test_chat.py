@@ -149,3 +149,22 @@ def test_a_line_over_1_mb_is_refused_and_the_session_goes_on(chat, tiny_model):
     errors = [line for line in result.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "1 MB" in errors[0] and result.code == 2
     assert [json.loads(line)["question"] for line in result.out.splitlines()] == ["Why?"]
+
+
+def test_video_and_image_say_what_they_loaded_and_save_counts_turns(chat, tiny_model, tmp_path):
+    other, image = asset("videos/videollava_sample_demo_9.mp4"), asset("images/videollava_desert.jpg")
+    lines = [f"/video {other} 1 3", "Why?", f"/save {tmp_path / 'one.md'}", f"/image {image}", f"/video {other}"]
+    result = chat(lines, asset(VIDEO), "-m", tiny_model, "-n", 2, "--json")
+    assert result.code == 0, result
+    shown = result.err.splitlines()
+    window = next(line for line in shown if line.startswith(f"video {other}"))
+    record = turns(result)[0]
+    times = [f["time"] for f in record["frames"]]
+    assert "8 frames of 00:01–00:03" in window and f"{times[0]:.2f}–{times[-1]:.2f} s" in window
+    assert all(1 <= t < 3 for t in times)
+    from PIL import Image
+
+    width, height = Image.open(image).size
+    assert any(line.startswith(f"image {image}: {width} × {height}") for line in shown)
+    assert any(line.startswith(f"video {other}: 8 frames of the whole video") for line in shown)
+    assert f"saved 1 turn to {tmp_path / 'one.md'}" in shown

@@ -68,3 +68,36 @@ def test_an_unusable_history_location_is_a_note_and_chat_goes_on(tiny_model, tmp
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_leaving_after_a_failed_command_is_exit_0_on_a_terminal(tiny_model, tmp_path):
+    """The first-failure exit code is for piped input: on a terminal each failure was said at once."""
+    import pexpect
+
+    child = spawn(tiny_model, tmp_path, "-n", "2")
+    child.expect_exact("> ")
+    child.sendline("/bogus")
+    child.expect_exact("unknown command")
+    child.expect_exact("> ")
+    child.sendline("/set top_p 7")
+    child.expect_exact("top_p")
+    child.expect_exact("> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_the_spinner_names_each_stage(tiny_model, tmp_path):
+    """On a terminal, what runs before the answer is named as it runs: the imports, the model, its weights."""
+    import pexpect
+
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    command = ["-m", "videoqa", "ask", str(asset("videos/videollava_sample_demo_1.mp4")), "Why?",
+               "-m", str(tiny_model), "-n", "2"]
+    child = pexpect.spawn(sys.executable, command, env=env, encoding="utf-8", timeout=120, dimensions=(50, 200))
+    for label in ("Importing torch and transformers", "Finding ", "Loading the weights of "):
+        child.expect_exact(label)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

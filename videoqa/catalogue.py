@@ -1,39 +1,53 @@
-"""`videoqa models`: every preset, whether it is downloaded, and the memory an 8-frame question needs with it at
-each precision, against what this machine's best device has free now."""
+"""`videoqa models`: every preset, whether it is downloaded, and the memory a default question (the preset's
+frames, 256 new tokens) needs with it at each precision the memory check considers, against what this machine's
+best device has free now; the precision `--dtype auto` picks is the one `videoqa ask` uses."""
 
 from __future__ import annotations
 
 from videoqa import memory, models
 
-PRECISIONS = {"float16": ("none", 2), "bfloat16": ("none", 2), "int8": ("int8", 2), "nf4": ("nf4", 2)}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def precisions(auto: str) -> dict[str, tuple[str, int]]:
+    """Each precision as (quantize, compute dtype bytes): the compute dtypes, then int8 and nf4, whose other
+    weights and activations stay in auto's dtype (as `--quantize` alone gives them)."""
+    return {**{name: ("none", size) for name, size in DTYPE_BYTES.items()},
+            "int8": ("int8", DTYPE_BYTES[auto]), "nf4": ("nf4", DTYPE_BYTES[auto])}
 
 
 def disk_size(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())  # the snapshot's links resolve to blobs
 
 
-def estimates(preset, path, device) -> dict[str, memory.Estimate]:
+def estimates(preset, path, device, auto: str) -> dict[str, memory.Estimate]:
     """Per precision: from the checkpoint's headers and config when it is downloaded, else the preset's table."""
     from videoqa.session import Checkpoint
 
     found = Checkpoint(str(path) if path else preset.name, device=device.type, check_memory=False, cache=False)
     if path is not None:
         found.resolve()
-    return {name: found.estimate(quantize=q, dtype_bytes=b) for name, (q, b) in PRECISIONS.items()}
+    return {name: found.estimate(quantize=q, dtype_bytes=b) for name, (q, b) in precisions(auto).items()}
 
 
-def rows(device_name: str = "auto") -> tuple[list[dict], str]:
-    """One row per preset, and the device that "fits" was judged against."""
+def rows(device_name: str = "auto", max_memory: str | None = None) -> tuple[list[dict], str]:
+    """One row per preset, and the device (and free memory, or --max-memory below it) "fits" was judged against."""
     device = models.pick_device(device_name)
+    auto = str(models.pick_dtype("auto", device)).removeprefix("torch.")
     have, where = memory.free(device)
+    against = f"{where}, {memory.size(have)} free"
+    cap = None if max_memory is None else memory.parse_size(max_memory)
+    if cap is not None and cap < have:
+        have, against = cap, f"--max-memory {memory.size(cap)}"
     found = []
     for preset in models.presets().values():
         path = models.cached(preset.repo, preset.revision)
-        needs = estimates(preset, path, device)
+        needs = estimates(preset, path, device, auto)
+        fits = {name: e.total <= have for name, e in needs.items()}
         found.append({
             "name": preset.name, "architecture": preset.family.name, "repo": preset.repo,
             "cached": path is not None, "disk_bytes": disk_size(path) if path else 0,
-            "memory_bytes": {name: round(e.total) for name, e in needs.items()},
-            "fits": {name: e.total <= have for name, e in needs.items()},
+            "memory_bytes": {name: round(e.total) for name, e in needs.items()}, "fits": fits,
+            "auto": auto, "default_fits": fits[auto],
         })
-    return found, f"{where}, {memory.size(have)} free"
+    return found, against

@@ -34,12 +34,32 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from videoqa import __version__
+
+        typer.echo(f"videoqa {__version__}")
+        raise typer.Exit()
+
+
 @app.callback(invoke_without_command=True)
-def _group(ctx: typer.Context) -> None:
+def _group(ctx: typer.Context, version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print videoqa's version and exit.")] = False) -> None:
     """Ask local video-language models about video files."""
     if ctx.invoked_subcommand is None:
-        raise VideoQAError("missing command: ask, chat, caption, timeline, find or cache (videoqa --help shows them)")
+        names = list(typer.main.get_command(app).commands)  # every command, as registered
+        raise VideoQAError(f"missing command: {', '.join(names[:-1])} or {names[-1]} (videoqa --help shows them)")
 
+
+def _flags_without_a_type() -> None:
+    """typer labels a flag `<bool>` in --help, as if it took a value: a flag's help shows no type."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+
+_flags_without_a_type()
 
 # The choices are the API's (settings.py), so the two cannot drift apart
 Device = Enum("Device", {name: name for name in DEVICES}, type=str)
@@ -57,7 +77,7 @@ def _debug(value: bool) -> bool:
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Preset name, local Hugging Face directory, or hub id.")
+    str, typer.Option("--model", "-m", metavar="<preset|dir|hub id>", help="Preset name, local Hugging Face directory, or hub id.")
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.")]
 DTypeOpt = Annotated[DType, typer.Option(
@@ -65,7 +85,7 @@ DTypeOpt = Annotated[DType, typer.Option(
 QuantizeOpt = Annotated[Quantize, typer.Option(
     "--quantize", help="The language model's linear layers in int8 or nf4 (bitsandbytes: pip install 'videoqa\\[quant]').")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
-    "--max-memory", help="Cap the memory the run may use below what the device has free, e.g. 6GB, 6GiB, 6000MB.",
+    "--max-memory", metavar="<size>", help="Cap the memory the run may use below what the device has free, e.g. 6GB, 6GiB, 6000MB.",
     show_default=False)]
 SkipCheckOpt = Annotated[bool, typer.Option("--skip-memory-check", help="Load even if the estimate says it does not fit.")]
 class Shown(str, Enum):
@@ -85,7 +105,7 @@ NoCompileOpt = Annotated[
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the video feature cache.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr, only the answer (errors still).")]
 PromptFileOpt = Annotated[
-    Optional[Path], typer.Option("--prompt-file", help="Read the question from this file (at most 1 MB).", show_default=False)
+    Optional[Path], typer.Option("--prompt-file", metavar="<file>", help="Read the question from this file (at most 1 MB).", show_default=False)
 ]
 
 
@@ -99,16 +119,16 @@ def _time(value: str | None) -> float | None:
 
 
 StartOpt = Annotated[Optional[str], typer.Option(
-    "--start", callback=_time, show_default=False,
+    "--start", callback=_time, show_default=False, metavar="<time>",
     help="Sample frames from this time on: seconds (90, 90.5) or [HH:]MM:SS[.mmm] \\[default: the start].")]
 EndOpt = Annotated[Optional[str], typer.Option(
-    "--end", callback=_time, show_default=False, help="...and before this time \\[default: the end of the video].")]
+    "--end", callback=_time, show_default=False, metavar="<time>", help="...and before this time \\[default: the end of the video].")]
 SegmentsOpt = Annotated[Optional[int], typer.Option(
     "--segments", min=1, show_default=False, help="Cut the video into this many equal segments instead.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos or segments answered together.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip what --out holds already.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file; - or none: stdout.", show_default=False)]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="<file>", help="Output file; - or none: stdout.", show_default=False)]
 
 
 def _checker(spec):
@@ -219,36 +239,51 @@ def quiet_mode(quiet: bool) -> None:
     stderr.quiet = quiet
 
 
-def checkpoint(run: Run, given: dict, cache: bool, batch_size: int = 1):
+def checkpoint(run: Run, given: dict, cache: bool, batch_size: int = 1, medium: str | None = None):
     """The model to load, resolved on first need (a bad file is refused before the model is looked for), with
-    the run its memory is checked for: its frames, answer length and batch."""
+    the run its memory is checked for: its frames, answer length, batch and medium ("video"; None: known once
+    the file is read)."""
     from videoqa.session import Checkpoint
 
-    workload = {"frames": given["frames"], "max_new_tokens": given["max_new_tokens"], "batch_size": batch_size}
+    workload = {"frames": given["frames"], "max_new_tokens": given["max_new_tokens"], "batch_size": batch_size,
+                "medium": medium}
     return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache,
                       quantize=run.quantize.value, max_memory=run.max_memory, check_memory=not run.skip_memory_check,
                       workload=workload)
 
 
 def read_media(found, path: Path, frames: int | None, window):
-    """The video (its `window`) or image, read before the model loads (a bad file fails fast); a pipe through a
-    temporary copy."""
+    """The video (its `window`) or image, checked before the model is looked for (a bad file fails fast), then
+    read; a pipe through a temporary copy."""
     from dataclasses import replace
 
     from videoqa.frames import seekable
     from videoqa.render import progress
 
-    with progress("Reading frames…"), seekable(path) as readable:
-        media = found.media(readable, frames, start=window.start, end=window.end)
+    with seekable(path) as readable:
+        found.expect(readable, frames, start=window.start, end=window.end)
+        prepare(found)
+        with progress("Reading frames…"):
+            media = found.media(readable, frames, start=window.start, end=window.end)
     return replace(media, path=path)  # the answer names the pipe, not its copy
+
+
+def prepare(found) -> None:
+    """Import the libraries, then find (or download) and check the model, each under its own spinner label."""
+    from videoqa.render import progress
+
+    with progress("Importing torch and transformers…"):
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    with progress(f"Finding {found.name}…"):
+        found.resolve()
 
 
 def load(found, run: Run):
     from videoqa.render import progress
 
-    with progress("Finding the model…"):
-        found.resolve()
-    with progress(f"Loading {found.name}…"):
+    prepare(found)
+    with progress(f"Loading the weights of {found.name}…"):
         return found.load(compile=not run.no_compile)
 
 
@@ -258,7 +293,7 @@ def ask(
     # readable=False on file arguments: check_file says why a file cannot be read (exit 3), click would say bad usage
     video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False, readable=False)],
     question: Annotated[
-        Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False)
+        Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False, metavar="<text>")
     ] = None,
     prompt_file: PromptFileOpt = None,
     window=None,
@@ -343,6 +378,9 @@ def chat(
     raise typer.Exit(code)
 
 
+VIDEO_GLOB = "*.mp4,*.mkv,*.mov,*.avi,*.webm,*.m4v,*.mpg,*.mpeg,*.flv,*.wmv"  # what caption finds in folders
+
+
 class Format(str, Enum):
     jsonl = "jsonl"
     csv = "csv"
@@ -352,14 +390,14 @@ class Format(str, Enum):
 @shared_options
 def caption(
     paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False, readable=False)],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question asked of every video.")] = CAPTION_PROMPT,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="<text>", help="The question asked of every video.")] = CAPTION_PROMPT,
     prompt_file: PromptFileOpt = None,
     out: OutOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help="Record format.")] = Format.jsonl,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively.")] = False,
-    glob: Annotated[str, typer.Option("--glob", help="File name patterns in folders, comma-separated.")] = (
-        "*.mp4,*.mkv,*.mov,*.avi,*.webm,*.m4v,*.mpg,*.mpeg,*.flv,*.wmv"
-    ),
+    glob: Annotated[str, typer.Option(
+        "--glob", metavar="<patterns>", show_default=False, help="File name patterns in folders, comma-separated "
+        f"\\[default: {VIDEO_GLOB.replace(',', ', ')}].")] = VIDEO_GLOB,
     batch_size: BatchOpt = 4,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
@@ -393,7 +431,8 @@ def caption(
                     key=lambda rec: record_key(rec["video"]))
     if all(record_key(v) in output.done for v in videos):
         return summarize(captioning.Tally(skipped=len(videos)), "videos")
-    write_records(checkpoint(run, given, cache=False, batch_size=batch_size), run, given, output, "videos",
+    write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, given, output,
+                  "videos",
                   lambda model: captioning.run(model, videos, question, output, batch_size, start=window.start,
                                                end=window.end, **given))
 
@@ -424,7 +463,7 @@ def summarize(tally, unit: str) -> None:
 
 def every_option(default: str):
     return Annotated[Optional[str], typer.Option(
-        "--every", show_default=False,
+        "--every", show_default=False, metavar="<length>",
         help=f"Segment length: 30, 10s, 2m or 1:30 (seconds unless a unit is given) \\[default: {default}].")]
 
 
@@ -443,7 +482,7 @@ SUFFIXES = {".srt": "srt", ".vtt": "vtt", ".jsonl": "jsonl", ".md": "md", ".mark
 def timeline(
     video: Annotated[Path, typer.Argument(help="Video file.", show_default=False, readable=False)],
     prompt: Annotated[Optional[str], typer.Option(
-        "--prompt", "-p", show_default=False,
+        "--prompt", "-p", show_default=False, metavar="<text>",
         help="The question asked of each segment \\[default: the model's, \"Describe what happens in this part of "
         "the video.\"].")] = None,
     prompt_file: PromptFileOpt = None,
@@ -483,7 +522,8 @@ def timeline(
     todo = [w for w in windows if captioning.start_key({"start": w.start}) not in output.done]
     if not todo:
         return summarize(captioning.Tally(skipped=len(windows)), "segments")
-    write_records(checkpoint(run, given, cache=False, batch_size=batch_size), run, given, output, "segments",
+    write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, given, output,
+                  "segments",
                   lambda model: captioning.drain(
                       lambda stop, stats: model.timeline(video, question, windows=todo, batch_size=batch_size,
                                                          stop=stop, stats=stats, **given),
@@ -524,7 +564,8 @@ def find(
     check_stdout()
     query = read_question(query, None)
     windows = cut(video, every=every, count=segments, default=10)
-    found = checkpoint(run, {**given, "max_new_tokens": 1}, cache=False, batch_size=batch_size)  # no answer text
+    found = checkpoint(run, {**given, "max_new_tokens": 1}, cache=False, batch_size=batch_size,
+                       medium="video")  # no answer text
     found.check_videos(found.settings(**given).frames)  # before the slow load
     loaded = load(found, run)
     with progress(f"Scoring {len(windows)} segments…"):
@@ -545,21 +586,27 @@ def find(
 @app.command("models")
 def models_command(
     device: DeviceOpt = Device.auto,
+    max_memory: MaxMemoryOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per preset, one per line.")] = False,
 ) -> None:
-    """The presets: where they come from, whether they are downloaded, and the memory an 8-frame question needs
-    with each at float16, bfloat16, int8 and nf4; a ✓ where that fits the device's free memory now.
+    """The presets: where they come from, whether they are downloaded, and the memory each needs here.
+
+    For a default question (the preset's frames, 256 new tokens) at float32, float16, bfloat16, int8 and nf4; a ✓
+    where that fits the device's free memory now (or --max-memory). (auto) marks the precision `--dtype auto`
+    picks here: the one `videoqa ask` uses, and the memory check it passes or fails ("ask").
 
     [bold]Examples[/bold]
 
       videoqa models
 
-      videoqa models --json | jq -r 'select(.fits.nf4) | .name'
+      videoqa models --json | jq -r 'select(.default_fits) | .name'
+
+      videoqa models --max-memory 8GB
     """
     from videoqa.catalogue import rows
     from videoqa.output import print_json, write
 
-    found, against = rows(device.value)
+    found, against = rows(device.value, max_memory)
     if json_output:
         for row in found:
             print_json(row)
@@ -574,14 +621,18 @@ def table(found: list[dict], against: str) -> str:
 
     from videoqa.memory import size
 
-    grid = Table(title=f"estimates for an 8-frame question; ✓ fits {against}", title_justify="left")
-    for column in ("preset", "architecture", "hub id", "downloaded", "float16", "bfloat16", "int8", "nf4"):
+    auto = found[0]["auto"] if found else ""
+    grid = Table(title=f"memory for a default question; ✓ fits {against}; (auto): what `videoqa ask` uses here, "
+                 f"int8 and nf4 over {auto}", title_justify="left")
+    precisions = list(found[0]["memory_bytes"]) if found else []
+    for column in ("preset", "architecture", "hub id", "downloaded",
+                   *(f"{p} (auto)" if p == auto else p for p in precisions), "ask"):
         grid.add_column(column)
     for row in found:
-        cells = [f"{size(row['memory_bytes'][p])} {'✓' if row['fits'][p] else '✗'}" for p in row["memory_bytes"]]
+        cells = [f"{size(row['memory_bytes'][p])} {'✓' if row['fits'][p] else '✗'}" for p in precisions]
         grid.add_row(row["name"], row["architecture"], row["repo"], size(row["disk_bytes"]) if row["cached"] else "no",
-                     *cells)
-    console = Console(width=200, record=True, file=open(os.devnull, "w"), color_system=None)
+                     *cells, "fits" if row["default_fits"] else "too big")
+    console = Console(width=220, record=True, file=open(os.devnull, "w"), color_system=None)
     console.print(grid)
     return console.export_text()
 

@@ -81,13 +81,34 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what a batch jo
 
 @contextmanager
 def progress_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
-    """A bar with rate and ETA on stderr; yields the function that advances it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+    """A bar with the time spent and left on stderr; yields the function that advances it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    columns = [BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), "ETA", TimeRemainingColumn()]
+    columns = [BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), eta_column()]
     with Progress(*columns, console=stderr, disable=not stderr.is_terminal or stderr.quiet) as bar:
         task = bar.add_task(what, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def eta(elapsed: float | None, done: float, total: float | None) -> str:
+    """The time left at the pace of the work finished so far (a batch's records arrive together, so a rate over
+    recent advances would claim a second for minutes); nothing until something is finished."""
+    if not done or not elapsed or total is None:
+        return "ETA -:--:--"
+    left = elapsed / done * max(total - done, 0)
+    return f"ETA {int(left) // 3600}:{int(left) // 60 % 60:02d}:{int(left) % 60:02d}"
+
+
+def eta_column():
+    """A rich column showing `eta` (rich.progress is imported only when a bar is drawn)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Column(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(eta(task.elapsed, task.completed, task.total), style="progress.remaining")
+
+    return Column()
 
 
 def summary(rows: dict[str, str]) -> None:

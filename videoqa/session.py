@@ -145,12 +145,10 @@ class Checkpoint:
             raise VideoQAError(f"--frames {frames}: the video alone needs {needed} positions and the model's context "
                                f"holds {context}; use at most {most} frames")
 
-    def media(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> Media:
-        """A video (`frames` sampled, the preset's count by default, from its window [start, end) if given) or an
-        image, read and checked (before the model is looked for, the run's memory is checked for this medium).
-        What a damaged video's frames warn of goes to the logger too."""
-        from videoqa.cache import read_video
-
+    def expect(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> bool:
+        """Check a video or image before the model is looked for (and downloaded): the file, its window (videos
+        only), and a video's frames against the family and context; the run's memory is then checked for this
+        medium. Whether it is an image."""
         path, window = Path(path), timing.window(start, end)
         check_file(path)
         image = is_image(path)
@@ -160,14 +158,22 @@ class Checkpoint:
             self.workload = {**self.workload, "medium": "image" if image else "video"}
             if not image and frames is not None:
                 self.workload["frames"] = frames
-        began = time.perf_counter()
-        if image:
-            self.resolve()
-            return Media(path, image=read_image(path), seconds=time.perf_counter() - began)
-        frames = self.settings(frames=frames).frames
-        self.check_videos(frames)
+        if not image:
+            self.check_videos(self.settings(frames=frames).frames)
+        return image
+
+    def media(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> Media:
+        """A video (`frames` sampled, the preset's count by default, from its window [start, end) if given) or an
+        image, read and checked (first as `expect` checks it). What a damaged video's frames warn of goes to the
+        logger too."""
+        from videoqa.cache import read_video
+
+        image = self.expect(path, frames, start=start, end=end)
         self.resolve()
-        sampled, features = read_video(path, frames, self.cache, window)
+        path, began = Path(path), time.perf_counter()
+        if image:
+            return Media(path, image=read_image(path), seconds=time.perf_counter() - began)
+        sampled, features = read_video(path, self.settings(frames=frames).frames, self.cache, timing.window(start, end))
         for warning in sampled.warnings:
             log.warning(f"{output.display(path)}: {warning}")
         return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - began)
