@@ -272,7 +272,7 @@ class Checkpoint:
             total = other.estimate(**self.workload).total
             if total <= have:
                 fitting.append((f"-m {name}", total, ""))
-        yield from sorted(fitting, key=lambda way: -way[1])[:3]
+        yield from sorted(fitting, key=lambda way: (-way[1], way[0]))[:3]
 
     def load(self, *, compile: bool = True) -> Model:
         """The weights, on the device in the dtype; `compile`: the decode step with CUDA graphs (CUDA only)."""
@@ -326,7 +326,6 @@ def _walker(video: str | Path, frames: int) -> Iterator[Callable]:
 
 
 ADVICE = "try --quantize nf4, fewer --frames, a smaller --batch-size, or -m llava-onevision-0.5b"
-SMALLEST = "llava-onevision-0.5b"  # the preset that runs on any laptop: suggested when a model does not fit
 
 
 def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto", cache: bool = True,
