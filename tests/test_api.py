@@ -20,9 +20,9 @@ VIDEOS = [asset(f"videos/{name}") for name in
           ("videollava_sample_demo_1.mp4", "videollava_sample_demo_3.mp4", "videollava_sample_demo_9.mp4")]
 
 
-def test_the_readme_example_runs(tiny_model, capsys):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
+def test_the_documented_example_runs(tiny_model, capsys):
+    docs = (Path(__file__).parents[1] / "docs" / "python-api.md").read_text()
+    code = re.search(r"# The Python API\n.*?```python\n(.*?)```", docs, re.S).group(1)
     code = code.replace('"video-llava-7b"', repr(str(tiny_model))).replace('"clip.mp4"', repr(str(VIDEOS[0])))
     code = code.replace('"a.mp4"', repr(str(VIDEOS[1]))).replace('"b.mp4"', repr(str(VIDEOS[2])))
     exec(compile(code, "README.md", "exec"), {})

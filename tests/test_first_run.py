@@ -146,8 +146,10 @@ def test_a_preset_is_refused_for_frames_and_videos_before_any_download(tmp_path)
     env = unreachable_hub(tmp_path)
     frames = run_videoqa("ask", VIDEO, QUESTION, "--frames", 1_000_000, env=env)
     assert frames.returncode == Exit.USAGE and "at most 15 frames" in one_line(frames)  # 4096 // 257 per frame
-    image_only = run_videoqa("ask", VIDEO, QUESTION, "-m", "llava-1.5-7b", env=env)
-    assert image_only.returncode == Exit.USAGE and "images only" in one_line(image_only)
+    for command in ("ask", "caption"):
+        image_only = run_videoqa(command, VIDEO, *([QUESTION] if command == "ask" else []), "-m", "llava-1.5-7b",
+                                 env=env)
+        assert image_only.returncode == Exit.USAGE and "images only" in one_line(image_only)
     assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").iterdir())
 
 

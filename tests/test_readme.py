@@ -42,3 +42,12 @@ def test_the_questions_run_with_the_tiny_checkpoint(cli, tiny_model):
             args += ["-m", str(tiny_model)]
         result = cli(*args, "-n", 3, "--json")
         assert result.code == 0 and json.loads(result.out)["question"] == "Why is this video funny?", result
+
+
+@needs_assets
+def test_the_python_example_runs(tiny_model, capsys):
+    code = README.read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"llava-onevision-0.5b"', repr(str(tiny_model)))
+    code = code.replace('"clip.mp4"', repr(str(asset("videos/videollava_sample_demo_1.mp4"))))
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()

@@ -158,8 +158,8 @@ class Checkpoint:
             self.workload = {**self.workload, "medium": "image" if image else "video"}
             if not image and frames is not None:
                 self.workload["frames"] = frames
-        if not image:
-            self.check_videos(self.settings(frames=frames).frames)
+        if not image and (self.preset or self.resolved):  # a directory's family is known once resolved, which
+            self.check_videos(self.settings(frames=frames).frames)  # checks the workload's medium then
         return image
 
     def media(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> Media:
