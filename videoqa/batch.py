@@ -19,7 +19,8 @@ import torch
 from videoqa import output
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames
-from videoqa.session import ADVICE, Model
+from videoqa.engine import Engine
+from videoqa.memory import ADVICE
 from videoqa.settings import Settings
 from videoqa.windows import WHOLE, Window
 
@@ -49,7 +50,7 @@ class Ready:
 Read = Callable[[Job], Frames]  # a job's frames, read on a background thread
 
 
-def prepare(model: Model, job: Job, read: Read) -> Ready:
+def prepare(model: Engine, job: Job, read: Read) -> Ready:
     """Decode and preprocess one job's frames on a background thread; any failure is this job's alone."""
     try:
         frames = read(job)
@@ -60,7 +61,7 @@ def prepare(model: Model, job: Job, read: Read) -> Ready:
         return Ready(job, error=f"internal error: {type(e).__name__}: {e}")
 
 
-def prefetched(model: Model, jobs: list[Job], read: Read, ahead: int, workers: int) -> Iterator[Future]:
+def prefetched(model: Engine, jobs: list[Job], read: Read, ahead: int, workers: int) -> Iterator[Future]:
     """Futures of `prepare` in order, with up to `ahead` jobs decoding on `workers` background threads."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frames")
     futures: list[Future] = []
@@ -90,7 +91,7 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def ready_batches(model: Model, jobs: list[Job], read: Read, batch_size: int, workers: int) -> Iterator[list[Ready]]:
+def ready_batches(model: Engine, jobs: list[Job], read: Read, batch_size: int, workers: int) -> Iterator[list[Ready]]:
     """The jobs prepared, a batch at a time, in order; each job's wait for its frames timed, and each warning about
     a video said once (a damaged video's segments share theirs)."""
     said: set[tuple[Path, str]] = set()
@@ -107,18 +108,18 @@ def ready_batches(model: Model, jobs: list[Job], read: Read, batch_size: int, wo
         yield ready
 
 
-def prompt(model: Model, question: str) -> str:
+def prompt(model: Engine, question: str) -> str:
     return model.preset.template.format(media=model.family.video_token, question=question)
 
 
-def failure(model: Model, ready: Ready, error: str) -> dict:
+def failure(model: Engine, ready: Ready, error: str) -> dict:
     """The record of a job that got no answer."""
     job = ready.job
     return output.record(video=job.video, question=job.question, prompt=prompt(model, job.question), answer="",
                          tokens=[], frames=[], model=model.name, runtime=model.runtime, timings={}, error=error)
 
 
-def rows(model: Model, ready: list[Ready]) -> tuple[list[list[int]], torch.Tensor]:
+def rows(model: Engine, ready: list[Ready]) -> tuple[list[list[int]], torch.Tensor]:
     """Each job's prompt ids (its placeholder expanded to its features' rows) and all their features, in order."""
     from videoqa.prompt import prompt_ids
 
@@ -129,7 +130,7 @@ def rows(model: Model, ready: list[Ready]) -> tuple[list[list[int]], torch.Tenso
     return ids, torch.cat(features)
 
 
-def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict, list[str]]:
+def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict, list[str]]:
     """Each job's tokens, up to and including its EOS, the batch's timings, and its warnings (the context cut the
     answers' length). Greedy answers equal `ask`'s."""
     from videoqa.decode import static_cache
@@ -153,7 +154,7 @@ def answer_batch(model: Model, ready: list[Ready], settings: Settings) -> tuple[
     return answers, {"vision": vision, "prefill": prefill, "decode": decode}, cut
 
 
-def answered(model: Model, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
+def answered(model: Engine, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
     """Records of jobs answered together. Out of memory, the batch is answered in halves, down to one job (each
     back-off counted in `stats`); a batch that fails otherwise is answered one job at a time."""
     from videoqa.memory import is_oom
@@ -177,14 +178,14 @@ def answered(model: Model, ready: list[Ready], settings: Settings, stats: dict) 
     ]
 
 
-def batch_records(model: Model, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
+def batch_records(model: Engine, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
     """Records for a batch, in order: an error record for each job whose frames cannot be read, answers for the rest."""
     good = [r for r in ready if r.error is None]
     answers = iter(answered(model, good, settings, stats) if good else [])
     return [next(answers) if r.error is None else failure(model, r, r.error) for r in ready]
 
 
-def records(model: Model, jobs: list[Job], settings: Settings, batch_size: int, stop: Callable[[], bool],
+def records(model: Engine, jobs: list[Job], settings: Settings, batch_size: int, stop: Callable[[], bool],
             stats: dict, *, read: Read | None = None, workers: int = 2) -> Iterator[dict]:
     """One record per job, in order, a batch at a time; `stop()` is asked after each batch; out-of-memory back-offs
     are counted in `stats`. `read`: how a job's frames are read (by default each video opened on its own, one
@@ -202,7 +203,7 @@ def read_frames_of(job: Job, count: int) -> Frames:
     return read_frames(job.video, count, threads=1, window=job.window)
 
 
-def score_batch(model: Model, ready: list[Ready]) -> list[float]:
+def score_batch(model: Engine, ready: list[Ready]) -> list[float]:
     """P(yes) / (P(yes) + P(no)) for the token after each job's prompt: one batched prefill, no decoding. Computed
     as sigmoid(logit(yes) - logit(no)), which is that ratio of the softmax without the rest of the vocabulary."""
     ids, features = rows(model, ready)
@@ -212,7 +213,7 @@ def score_batch(model: Model, ready: list[Ready]) -> list[float]:
     return torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
 
 
-def scores(model: Model, jobs: list[Job], read: Read, batch_size: int, workers: int) -> Iterator[dict]:
+def scores(model: Engine, jobs: list[Job], read: Read, batch_size: int, workers: int) -> Iterator[dict]:
     """{"start", "end", "score", "frames", "warnings", "error"} per job, in order; `score` None where it failed."""
     for ready in ready_batches(model, jobs, read, batch_size, workers):
         good = [r for r in ready if r.error is None]

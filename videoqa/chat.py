@@ -83,7 +83,7 @@ class Repl:
             print_json({**answer.record(), "turn": len(self.chat.answers)})
         else:
             stop = (lambda: self.interrupt.requested) if self.interrupt else (lambda: False)
-            stream(self.chat.stream(question, **settings), stop)
+            stream(self.chat.stream(question, **settings), stop, waiting=progress("Reading the prompt…"))
 
     def turns(self) -> list[dict]:
         return [{**a.record(), "turn": n} for n, a in enumerate(self.chat.answers if self.chat else [], 1)]

@@ -334,7 +334,7 @@ def ask(
         with progress("Answering…"):
             print_json(conversation.ask(question).record())
     else:
-        stream(conversation.stream(question))
+        stream(conversation.stream(question), waiting=progress("Reading the prompt…"))
 
 
 @app.command()

@@ -202,6 +202,7 @@ def parse_size(text: str) -> float:
     return float(match.group(1)) * UNITS[unit]
 
 
+ADVICE = "try --quantize nf4, fewer --frames, a smaller --batch-size, or -m llava-onevision-0.5b"  # after an OOM
 OOM = ("out of memory", "can't allocate memory", "not enough memory", "allocation failed", "failed to allocate")
 
 

@@ -11,14 +11,15 @@ import csv
 import io
 import itertools
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from videoqa.errors import VideoQAError
+from videoqa.names import display
 
 FIELDS = ["video", "question", "prompt", "answer", "tokens", "frames", "model", "runtime", "timings", "warnings",
           "error"]
@@ -30,12 +31,6 @@ class OutputClosed(Exception):
 
 class Unwritable(VideoQAError):
     """stdout cannot be written (closed, a full disk): nothing more can be shown, so even a chat stops."""
-
-
-def display(path: Path | str) -> str:
-    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogate escapes) become
-    U+FFFD, so JSON, CSV and the terminal always get valid text."""
-    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def check_stdout() -> None:
@@ -85,17 +80,17 @@ def print_json(rec: dict) -> None:
     write(json_line(rec))
 
 
-def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False) -> None:
+def stream(pieces: Iterator[str], stop: Callable[[], bool] = lambda: False,
+           waiting: AbstractContextManager = nullcontext()) -> None:
     """Print the answer's text as it is generated.
 
     `stop()` is asked after each piece: true ends the answer there with KeyboardInterrupt, and `pieces` is
-    closed, so its producer drops the unfinished turn at once.
+    closed, so its producer drops the unfinished turn at once. `waiting` (the caller's spinner) is entered while
+    the prefill runs, until the first piece.
     """
-    from videoqa.render import progress
-
     shown = False
     try:
-        with progress("Reading the prompt…"):  # the prefill runs until the first piece
+        with waiting:
             first = next(pieces, "").lstrip()
         for piece in itertools.chain([first], pieces):
             write(piece)

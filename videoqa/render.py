@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.markup import escape
 
-from videoqa.output import display
+from videoqa.names import display
 
 stderr = Console(stderr=True, highlight=False)  # progress and notices; `--quiet` silences it
 errors = Console(stderr=True, highlight=False)  # errors are never silenced

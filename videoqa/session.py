@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from videoqa import memory, models, output
+from videoqa.engine import Engine
+from videoqa.memory import ADVICE
 from videoqa import windows as timing
 from videoqa.errors import VideoQAError
 from videoqa.frames import Frames, check_file, is_image, read_image
@@ -325,9 +327,6 @@ def _walker(video: str | Path, frames: int) -> Iterator[Callable]:
             opened.close()
 
 
-ADVICE = "try --quantize nf4, fewer --frames, a smaller --batch-size, or -m llava-onevision-0.5b"
-
-
 def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto", cache: bool = True,
          compile: bool = True, quantize: str = "none", max_memory: str | float | None = None,
          check_memory: bool = True) -> Model:
@@ -339,22 +338,9 @@ def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: s
     return found.load(compile=compile)
 
 
-class Model:
+class Model(Engine):
     """A loaded model: `ask`, `stream`, `chat`, `features`, `caption`. Settings (frames, max_new_tokens,
     temperature, top_k, top_p, seed) are keywords of each."""
-
-    def __init__(self, checkpoint: Checkpoint, net, tokenizer, *, compile: bool, seconds: float):
-        self.checkpoint, self.net, self.tokenizer, self.compiled = checkpoint, net, tokenizer, compile
-        self.name, self.family, self.preset = checkpoint.name, checkpoint.family, checkpoint.preset
-        self.lm = self.family.language_model(net)
-        self.pending = {"load": seconds}  # reported with the first answer
-        self.noted_budget = False  # the note that the context cut --max-new-tokens is said once
-        self.runtime = {"device": str(net.device), "dtype": str(checkpoint.dtype).removeprefix("torch."),
-                        "quantize": checkpoint.quantize}
-
-    @property
-    def context(self) -> int:
-        return self.checkpoint.context
 
     def settings(self, **given: Any) -> Settings:
         return self.checkpoint.settings(**given)
@@ -475,76 +461,6 @@ class Model:
         if problem:
             log.warning(problem)
         return features
-
-    def budget(self, wanted: int, prompt: int) -> tuple[int, list[str]]:
-        """The tokens an answer after a `prompt`-token prompt may take: `wanted` (--max-new-tokens), or what the
-        context leaves, with a warning that says so (also a note, once per model)."""
-        budget = min(wanted, self.context - prompt)
-        if budget == wanted:
-            return budget, []
-        warning = (f"--max-new-tokens {wanted}: the model's context of {self.context} positions leaves {budget} after "
-                   f"the prompt's {prompt}, so the answer is at most {budget} tokens")
-        if not self.noted_budget:
-            self.noted_budget = True
-            log.warning(warning)
-        return budget, [warning]
-
-    def check_fits(self, needed: int, follow_up: bool = False) -> None:
-        """Refuse a prompt that leaves no room in the model's context for even one answer token."""
-        if needed >= self.context:
-            what = "conversation too long: it" if follow_up else "question too long: the prompt"
-            hint = "; /reset to start over" if follow_up else ""
-            raise VideoQAError(f"{what} needs {needed} tokens and the model's context holds {self.context}{hint}")
-
-    def generate(self, rows: list[list[int]], features, placeholder: str, cache, budget: int,
-                 settings: Settings) -> Iterator:
-        """The one decode path: rows of ids (left-padded into `cache` when their lengths differ) with `features`
-        spliced over their `placeholder` positions, prefilled, then decoded token by token ((B,) ids per step)."""
-        from videoqa.decode import compiled_step, decode_step, generate
-
-        embeds, padding = self.embedded(rows, features, placeholder)
-        step = compiled_step() if self.compiled else decode_step
-        return generate(self.lm, embeds, cache, budget, self.tokenizer.eos_token_id, settings.sampling, padding, step)
-
-    def next_logits(self, rows: list[list[int]], features, placeholder: str):
-        """(B, V) float32 logits of the token after each row, the rows made as for `generate`: one prefill, no
-        decoding."""
-        from videoqa.decode import prefill, static_cache
-
-        embeds, padding = self.embedded(rows, features, placeholder)
-        return prefill(self.lm, embeds, static_cache(self.net.config.text_config, embeds.shape[1]), padding)
-
-    def embedded(self, rows: list[list[int]], features, placeholder: str):
-        """(B, L, D) embeddings of the rows, left-padded, with `features` over the `placeholder` positions; and the
-        (B, L) mask of real tokens (None: no row is padded)."""
-        from videoqa.prompt import left_pad, splice
-
-        ids, padding = left_pad(rows, self.pad_id, self.net.device)
-        return splice(self.lm.embed, ids, features, self.tokenizer.convert_tokens_to_ids(placeholder)), padding
-
-    @functools.cached_property
-    def answer_ids(self) -> tuple[int, int]:
-        """The ids of "Yes" and "No" as the first token of an answer after the template: " Yes" after a template
-        that ends in a word or punctuation (`ASSISTANT:`), "Yes" after one that ends in white space (ChatML's
-        newline); read off the tokenizer, which encodes the answer after the template."""
-        from videoqa.prompt import text_ids
-
-        prompt = self.preset.template.format(media=self.family.video_token, question="?")
-        base, space = text_ids(self.tokenizer, prompt), "" if prompt[-1].isspace() else " "
-
-        def first(word: str) -> int:
-            ids = text_ids(self.tokenizer, prompt + space + word)
-            return ids[next((i for i, (a, b) in enumerate(zip(ids, base)) if a != b), len(base))]
-
-        return first("Yes"), first("No")
-
-    @property
-    def pad_id(self) -> int:
-        tokenizer = self.tokenizer
-        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 class Chat:

@@ -1,0 +1,102 @@
+"""A loaded model's one decode path, shared by the API (session.py) and the batches (batch.py): a prompt's ids
+with the visual features spliced over its placeholder, the answer's room in the context, prefill and decoding on
+the static KV cache, and the answer's text.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+
+from videoqa.errors import VideoQAError
+from videoqa.settings import Settings
+
+log = logging.getLogger("videoqa")
+
+
+class Engine:
+    """The net, its tokenizer and family, and what a prompt and an answer need of them."""
+
+    def __init__(self, checkpoint, net, tokenizer, *, compile: bool, seconds: float):
+        self.checkpoint, self.net, self.tokenizer, self.compiled = checkpoint, net, tokenizer, compile
+        self.name, self.family, self.preset = checkpoint.name, checkpoint.family, checkpoint.preset
+        self.lm = self.family.language_model(net)
+        self.pending = {"load": seconds}  # reported with the first answer
+        self.noted_budget = False  # the note that the context cut --max-new-tokens is said once
+        self.runtime = {"device": str(net.device), "dtype": str(checkpoint.dtype).removeprefix("torch."),
+                        "quantize": checkpoint.quantize}
+
+    @property
+    def context(self) -> int:
+        return self.checkpoint.context
+
+    def budget(self, wanted: int, prompt: int) -> tuple[int, list[str]]:
+        """The tokens an answer after a `prompt`-token prompt may take: `wanted` (--max-new-tokens), or what the
+        context leaves, with a warning that says so (also a note, once per model)."""
+        budget = min(wanted, self.context - prompt)
+        if budget == wanted:
+            return budget, []
+        warning = (f"--max-new-tokens {wanted}: the model's context of {self.context} positions leaves {budget} after "
+                   f"the prompt's {prompt}, so the answer is at most {budget} tokens")
+        if not self.noted_budget:
+            self.noted_budget = True
+            log.warning(warning)
+        return budget, [warning]
+
+    def check_fits(self, needed: int, follow_up: bool = False) -> None:
+        """Refuse a prompt that leaves no room in the model's context for even one answer token."""
+        if needed >= self.context:
+            what = "conversation too long: it" if follow_up else "question too long: the prompt"
+            hint = "; /reset to start over" if follow_up else ""
+            raise VideoQAError(f"{what} needs {needed} tokens and the model's context holds {self.context}{hint}")
+
+    def generate(self, rows: list[list[int]], features, placeholder: str, cache, budget: int,
+                 settings: Settings) -> Iterator:
+        """The one decode path: rows of ids (left-padded into `cache` when their lengths differ) with `features`
+        spliced over their `placeholder` positions, prefilled, then decoded token by token ((B,) ids per step)."""
+        from videoqa.decode import compiled_step, decode_step, generate
+
+        embeds, padding = self.embedded(rows, features, placeholder)
+        step = compiled_step() if self.compiled else decode_step
+        return generate(self.lm, embeds, cache, budget, self.tokenizer.eos_token_id, settings.sampling, padding, step)
+
+    def next_logits(self, rows: list[list[int]], features, placeholder: str):
+        """(B, V) float32 logits of the token after each row, the rows made as for `generate`: one prefill, no
+        decoding."""
+        from videoqa.decode import prefill, static_cache
+
+        embeds, padding = self.embedded(rows, features, placeholder)
+        return prefill(self.lm, embeds, static_cache(self.net.config.text_config, embeds.shape[1]), padding)
+
+    def embedded(self, rows: list[list[int]], features, placeholder: str):
+        """(B, L, D) embeddings of the rows, left-padded, with `features` over the `placeholder` positions; and the
+        (B, L) mask of real tokens (None: no row is padded)."""
+        from videoqa.prompt import left_pad, splice
+
+        ids, padding = left_pad(rows, self.pad_id, self.net.device)
+        return splice(self.lm.embed, ids, features, self.tokenizer.convert_tokens_to_ids(placeholder)), padding
+
+    @functools.cached_property
+    def answer_ids(self) -> tuple[int, int]:
+        """The ids of "Yes" and "No" as the first token of an answer after the template: " Yes" after a template
+        that ends in a word or punctuation (`ASSISTANT:`), "Yes" after one that ends in white space (ChatML's
+        newline); read off the tokenizer, which encodes the answer after the template."""
+        from videoqa.prompt import text_ids
+
+        prompt = self.preset.template.format(media=self.family.video_token, question="?")
+        base, space = text_ids(self.tokenizer, prompt), "" if prompt[-1].isspace() else " "
+
+        def first(word: str) -> int:
+            ids = text_ids(self.tokenizer, prompt + space + word)
+            return ids[next((i for i, (a, b) in enumerate(zip(ids, base)) if a != b), len(base))]
+
+        return first("Yes"), first("No")
+
+    @property
+    def pad_id(self) -> int:
+        tokenizer = self.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
