@@ -53,8 +53,7 @@ class LanguageModel(NamedTuple):
 def forward(lm: LanguageModel, embeds: torch.Tensor, cache, mask=None, positions=None) -> torch.Tensor:
     """(B, T, D) new embeddings -> (B, V) float32 logits of the last position; extends the cache.
 
-    `mask` (B, cache capacity) is 0 at left padding and `positions` (B, T) count real tokens only; both None when
-    no row is padded, and positions then continue from the cache's length.
+    `mask` (B, cache capacity) is 0 at left padding (None: no row is padded); `positions` are the family's.
     """
     out = lm.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return lm.head(out.last_hidden_state[:, -1]).float()
@@ -115,41 +114,52 @@ def truncate(cache, length: int) -> None:
             layer.crop(length - held)
 
 
-def padded(padding: torch.Tensor | None, cache):
+class Positions(NamedTuple):
+    """Where tokens sit for the rotary embedding, as the family computes them (this loop computes none): `prompt`
+    for the tokens prefilled, (B, T) (or (3, B, T) under M-RoPE), and `next` for the first answer token, (B, 1)
+    (or (3, B, 1)); each later answer token sits one further along every axis."""
+
+    prompt: torch.Tensor
+    next: torch.Tensor
+
+
+def attention_mask(padding: torch.Tensor | None, cache) -> torch.Tensor | None:
     """For left-padded rows (`padding` (B, T): 1 at real tokens) entering an empty cache: the (B, capacity) mask,
-    fixed for the whole answer, the prompt's positions (B, T) and the first answer token's (B, 1)."""
+    fixed for the whole answer; None when no row is padded."""
     if padding is None:
-        return None, None, None
+        return None
     mask = padding.new_ones(padding.shape[0], capacity(cache))
     mask[:, : padding.shape[1]] = padding
-    return mask, (padding.cumsum(-1) - 1).clamp(min=0), padding.sum(-1, keepdim=True)
+    return mask
 
 
 @torch.inference_mode()
-def prefill(lm: LanguageModel, embeds: torch.Tensor, cache, padding: torch.Tensor | None = None) -> torch.Tensor:
+def prefill(lm: LanguageModel, embeds: torch.Tensor, cache, positions: Positions,
+            padding: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) float32 logits of the token after each row: the prompt run once into the empty `cache`, left padding
     (`padding`) masked as `generate` masks it."""
-    mask, positions, _ = padded(padding, cache)
-    return forward(lm, embeds, cache, mask, positions)
+    return forward(lm, embeds, cache, attention_mask(padding, cache), positions.prompt)
 
 
 @torch.inference_mode()
 def generate(
     lm: LanguageModel, embeds: torch.Tensor, cache, max_new_tokens: int, eos_id: int, sampling: Sampling,
-    padding: torch.Tensor | None = None, step=decode_step,
+    positions: Positions, padding: torch.Tensor | None = None, step=decode_step,
 ) -> Iterator[torch.Tensor]:
     """Yield the (B,) next token ids, step by step, until every row has produced EOS or `max_new_tokens`.
 
     One path for a question, a conversation's next turn and a batch of videos. `cache` (static) holds everything
-    before `embeds`; `padding` marks left padding of a batch's rows (None when no row is padded). Rows that are done
-    keep getting tokens: the caller drops them. Prefill runs eagerly; `step` (eager or compiled) runs each new token.
+    before `embeds`; `positions` are the family's; `padding` marks left padding of a batch's rows (None when no row
+    is padded). Rows that are done keep getting tokens: the caller drops them. Prefill runs eagerly; `step` (eager
+    or compiled) runs each new token.
     """
     if max_new_tokens == 0:
         return
     generator = make_generator(sampling, embeds.device)
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
-    mask, positions, after = padded(padding, cache)
-    logits = forward(lm, embeds, cache, mask, positions)  # prefill
+    mask = attention_mask(padding, cache)
+    logits = forward(lm, embeds, cache, mask, positions.prompt)  # prefill
+    after = positions.next
     for produced in range(1, max_new_tokens + 1):
         token = next_token(logits, sampling, generator)  # (B,)
         yield token
@@ -157,4 +167,4 @@ def generate(
         if produced == max_new_tokens or bool(done.all()):
             return
         logits = step(lm, token[:, None], cache, mask, after)  # one decode step
-        after = None if after is None else after + 1
+        after = after + 1

@@ -3,7 +3,8 @@ LLaVA-1.5, in one object each, keyed by config.json's `model_type`.
 
 A family says which transformers class loads it, how frames and images become pixels and pixels become the
 rows spliced over its placeholder, how many positions a video takes (known from the config before anything is
-decoded), its prompt format and placeholder tokens, and which modules are the vision side (kept in the compute
+decoded), where a prompt's tokens sit for the rotary embedding (the decode loop computes no positions), its prompt
+format and placeholder tokens, and which modules are the vision side (kept in the compute
 dtype when the language model is quantized). Adding a family is one `register(Family(...))`; a `model_type`
 that no family claims is an error everywhere.
 """
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from videoqa import features, pixels
-from videoqa.decode import LanguageModel
+import torch
+
+from videoqa.decode import LanguageModel, Positions
 from videoqa.errors import Exit, VideoQAError
 from videoqa.features import patches_per_side, pooled_side
 
@@ -27,6 +30,16 @@ FIND = "Does this part of the video show: {query}? Answer yes or no."  # find's 
 # media and then "\n" + the text, `<|im_end|>` with no newline after it; no system turn, no BOS.
 ONEVISION = "<|im_start|>user {media}\n{question}<|im_end|><|im_start|>assistant\n"
 ONEVISION_FOLLOWUP = "<|im_start|>user \n{question}<|im_end|><|im_start|>assistant\n"  # after `{a1}<|im_end|>`
+
+
+def text_positions(ids: torch.Tensor, padding: torch.Tensor | None, past: int) -> Positions:
+    """1-D positions (the LLaVA families): (B, T) `ids` after `past` tokens in the cache count on from `past`,
+    left padding left out of the count (as `generate` counts with its attention mask)."""
+    batch, length = ids.shape
+    if padding is None:
+        prompt = torch.arange(past, past + length, device=ids.device).expand(batch, -1)
+        return Positions(prompt, torch.full((batch, 1), past + length, device=ids.device))
+    return Positions((padding.cumsum(-1) - 1).clamp(min=0) + past, padding.sum(-1, keepdim=True) + past)
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,8 @@ class Family:
     generation: dict[str, Any] = field(default_factory=dict)  # setting defaults over the built-in ones
     language_model: Callable[[Any], LanguageModel] = field(default=lambda net: LanguageModel(
         net.get_input_embeddings(), net.model.language_model, net.lm_head))  # what decodes, in the loaded class
+    # (ids (B, T), left padding (B, T) or None, tokens already in the cache) -> where the prompt and answer sit
+    positions: Callable[[Any, Any, int], Positions] = text_positions
 
 
 FAMILIES: dict[str, Family] = {}
