@@ -118,7 +118,7 @@ def test_models_agrees_with_ask(tmp_path):
     """For each preset, `models` says whether a default question fits a budget; `ask` then passes the memory check
     (and fails to reach the hub: exit 4) exactly where it said so, and stops with exit 8 elsewhere."""
     env = unreachable_hub(tmp_path)
-    listed = run_videoqa("models", "--json", "--max-memory", "17GB", env=env)
+    listed = run_videoqa("models", "--json", "--max-memory", "6GB", env=env)
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.decode().splitlines()]
     assert {row["auto"] for row in rows} <= {"bfloat16", "float32"} and len({row["auto"] for row in rows}) == 1
@@ -127,9 +127,9 @@ def test_models_agrees_with_ask(tmp_path):
         assert list(row["memory_bytes"]) == ["float32", "float16", "bfloat16", "int8", "nf4"]
         assert row["default_fits"] == row["fits"][row["auto"]]
         medium = VIDEO if row["name"] not in ("llava-1.5-7b", "llava-v1.6-vicuna-7b") else IMAGE
-        asked = run_videoqa("ask", medium, QUESTION, "-m", row["name"], "--max-memory", "17GB", env=env)
+        asked = run_videoqa("ask", medium, QUESTION, "-m", row["name"], "--max-memory", "6GB", env=env)
         assert asked.returncode == (Exit.MODEL if row["default_fits"] else Exit.MEMORY), (row["name"], asked.stderr)
-    table = run_videoqa("models", "--max-memory", "17GB", env=env).stdout.decode()
+    table = run_videoqa("models", "--max-memory", "6GB", env=env).stdout.decode()
     header = next(line for line in table.splitlines() if "preset" in line)
     assert header.count("(auto)") == 1 and f"{rows[0]['auto']} (auto)" in header
     for name in ("float32", "float16", "bfloat16", "int8", "nf4", "ask"):

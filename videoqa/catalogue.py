@@ -34,11 +34,7 @@ def rows(device_name: str = "auto", max_memory: str | None = None) -> tuple[list
     """One row per preset, and the device (and free memory, or --max-memory below it) "fits" was judged against."""
     device = models.pick_device(device_name)
     auto = str(models.pick_dtype("auto", device)).removeprefix("torch.")
-    have, where = memory.free(device)
-    against = f"{where}, {memory.size(have)} free"
-    cap = None if max_memory is None else memory.parse_size(max_memory)
-    if cap is not None and cap < have:
-        have, against = cap, f"--max-memory {memory.size(cap)}"
+    have, against = memory.room(device, None if max_memory is None else memory.parse_size(max_memory))
     found = []
     for preset in models.presets().values():
         path = models.cached(preset.repo, preset.revision)

@@ -243,8 +243,12 @@ def checkpoint(run: Run, given: dict, cache: bool, batch_size: int = 1, medium: 
     """The model to load, resolved on first need (a bad file is refused before the model is looked for), with
     the run its memory is checked for: its frames, answer length, batch and medium ("video"; None: known once
     the file is read)."""
-    from videoqa.session import Checkpoint
+    from videoqa.render import progress
 
+    with progress("Importing torch and transformers…"):  # session imports torch; the config classes transformers
+        import transformers  # noqa: F401
+
+        from videoqa.session import Checkpoint
     workload = {"frames": given["frames"], "max_new_tokens": given["max_new_tokens"], "batch_size": batch_size,
                 "medium": medium}
     return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache,
@@ -269,14 +273,12 @@ def read_media(found, path: Path, frames: int | None, window):
 
 
 def prepare(found) -> None:
-    """Import the libraries, then find (or download) and check the model, each under its own spinner label."""
+    """Find (or download) and check the model, once, under its own spinner label."""
     from videoqa.render import progress
 
-    with progress("Importing torch and transformers…"):
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    with progress(f"Finding {found.name}…"):
-        found.resolve()
+    if not found.resolved:
+        with progress(f"Finding {found.name}…"):
+            found.resolve()
 
 
 def load(found, run: Run):
@@ -431,16 +433,15 @@ def caption(
                     key=lambda rec: record_key(rec["video"]))
     if all(record_key(v) in output.done for v in videos):
         return summarize(captioning.Tally(skipped=len(videos)), "videos")
-    write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, given, output,
-                  "videos",
+    write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, output, "videos",
                   lambda model: captioning.run(model, videos, question, output, batch_size, start=window.start,
                                                end=window.end, **given))
 
 
-def write_records(found, run: Run, given: dict, output, unit: str, produce) -> None:
-    """Load the model, then let `produce(model)` write the records to `output` (opened after the load: a failed
-    load leaves an old file untouched); print the summary and exit with the run's code."""
-    found.check_videos(found.settings(**given).frames)  # before the slow load
+def write_records(found, run: Run, output, unit: str, produce) -> None:
+    """Load the model (its video workload checked first), then let `produce(model)` write the records to `output`
+    (opened after the load: a failed load leaves an old file untouched); print the summary and exit with the run's
+    code."""
     try:
         loaded = load(found, run)
         output.open()
@@ -522,7 +523,7 @@ def timeline(
     todo = [w for w in windows if captioning.start_key({"start": w.start}) not in output.done]
     if not todo:
         return summarize(captioning.Tally(skipped=len(windows)), "segments")
-    write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, given, output,
+    write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, output,
                   "segments",
                   lambda model: captioning.drain(
                       lambda stop, stats: model.timeline(video, question, windows=todo, batch_size=batch_size,
@@ -566,7 +567,6 @@ def find(
     windows = cut(video, every=every, count=segments, default=10)
     found = checkpoint(run, {**given, "max_new_tokens": 1}, cache=False, batch_size=batch_size,
                        medium="video")  # no answer text
-    found.check_videos(found.settings(**given).frames)  # before the slow load
     loaded = load(found, run)
     with progress(f"Scoring {len(windows)} segments…"):
         scored = loaded.find(video, query, windows=windows, batch_size=batch_size, frames=given["frames"])
@@ -622,8 +622,8 @@ def table(found: list[dict], against: str) -> str:
     from videoqa.memory import size
 
     auto = found[0]["auto"] if found else ""
-    grid = Table(title=f"memory for a default question; ✓ fits {against}; (auto): what `videoqa ask` uses here, "
-                 f"int8 and nf4 over {auto}", title_justify="left")
+    grid = Table(title=f"memory for a default question; ✓ where it fits ({against}); (auto): what `videoqa ask` "
+                 f"uses here, int8 and nf4 over {auto}", title_justify="left")
     precisions = list(found[0]["memory_bytes"]) if found else []
     for column in ("preset", "architecture", "hub id", "downloaded",
                    *(f"{p} (auto)" if p == auto else p for p in precisions), "ask"):

@@ -61,7 +61,8 @@ class Family:
     name: str  # config.json's model_type
     model_class: str  # the transformers class that loads it
     image_features: Callable[[Any, Any], Any]  # (net, PIL image) -> (positions, D)
-    largest_image: Callable[[Any], tuple[int, int]]  # (config) -> (tower tiles, positions) of the largest image
+    # (config) -> (tower tiles, positions) of the largest image, for the memory estimate; by default one tile
+    largest_image: Callable[[Any], tuple[int, int]] = features.single_image_bound
     template: str = VICUNA  # the first turn; {media} is the placeholder, {question} the question
     followup: str = VICUNA_FOLLOWUP  # later turns, after the previous answer and its EOS, tokenised without BOS
     describe: str = DESCRIBE  # what a timeline asks of each segment by default

@@ -96,25 +96,26 @@ def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, n
 def from_table(table: dict[str, int], *, image: bool, frames: int, new_tokens: int, **run) -> Estimate:
     """The estimate for a preset not downloaded yet, from its `[memory]` table: an 8-frame question's positions
     and tower work scaled to `frames`, or (`image`) the largest image's. `run`: estimate()'s other keywords."""
+    video_positions = table_frames(table, frames)[0]
     table = dict(table)
     positions, tokens, tiles = (table.pop(key) for key in ("positions", "tower_tokens", "tower_frames"))
-    context = table.pop("context")
+    context = table.pop("context", None)  # None: no cap (the check after download caps with the config's)
     image_positions, image_tiles = table.pop("image_positions", positions), table.pop("image_tiles", tiles)
     if image:  # an image-only preset's positions are its largest image's
         positions, tiles = image_positions, image_tiles
     else:
-        positions, tiles = table_frames(dict(positions=positions, tower_frames=tiles), frames)[0], frames
+        positions, tiles = video_positions, frames
     positions += TEXT
-    return estimate(Shape(**table), positions=positions, frames=tiles, tower_tokens=tokens,
-                    new_tokens=min(new_tokens, max(context - positions, 0)), **run)
+    cap = new_tokens if context is None else min(new_tokens, max(context - positions, 0))
+    return estimate(Shape(**table), positions=positions, frames=tiles, tower_tokens=tokens, new_tokens=cap, **run)
 
 
-def table_frames(table: dict[str, int], frames: int) -> tuple[int, int]:
+def table_frames(table: dict[str, int], frames: int) -> tuple[int, int | None]:
     """From a video preset's table: the positions `frames` frames take (its 8-frame figure scaled), and the most
-    frames whose video leaves a position free in its context."""
+    frames whose video leaves a position free in its context (None: the table gives no context)."""
     per_frame = table["positions"] / table["tower_frames"]
-    context = table.get("context", 0)
-    return round(frames * per_frame), int((context - 1) / per_frame)
+    most = int((table["context"] - 1) / per_frame) if "context" in table else None
+    return round(frames * per_frame), most
 
 
 def header(file: Path) -> dict[str, list[int]]:
@@ -178,6 +179,14 @@ def free(device) -> tuple[float, str]:
     if device.type == "mps":
         return float(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()), "mps"
     return available_ram(), "this machine's RAM"
+
+
+def room(device, max_memory: float | None) -> tuple[float, str]:
+    """Bytes a run may use on `device`, and what they are: its free memory, or `max_memory` below it."""
+    have, where = free(device)
+    if max_memory is not None and max_memory < have:
+        return max_memory, f"--max-memory allows {size(max_memory)}"
+    return have, f"{where} has {size(have)} free"
 
 
 def available_ram() -> float:

@@ -93,8 +93,9 @@ def download(repo: str, revision: str) -> Path:
             message = f"cannot reach the Hugging Face hub: {unreachable(e)}; {repo} is not in the cache (fetch it " \
                       f"with {fetch} once the hub can be reached)"
         else:
-            message = f"{repo} could not be downloaded ({type(e).__name__}: {e}); fetch it with {fetch}"
-        raise VideoQAError(message.splitlines()[0], Exit.MODEL) from None
+            cause = (str(e).strip().splitlines() or [""])[0]
+            message = f"{repo} could not be downloaded ({type(e).__name__}: {cause}); fetch it with {fetch}"
+        raise VideoQAError(message, Exit.MODEL) from None
 
 
 def unreachable(error: BaseException) -> str | None:

@@ -137,7 +137,9 @@ class Checkpoint:
         if not family.video:
             raise VideoQAError(f"{self.name} ({family.name}) answers about still images only, not videos: "
                                "`videoqa ask` takes an image; caption, timeline and find need a video model")
-        if self.config is None and "context" in self.preset.memory:
+        if self.config is None:  # a preset not resolved yet: from its table, or once its config is read
+            if "context" not in self.preset.memory:
+                return
             table = self.preset.memory
             context, needed, most = table["context"], *memory.table_frames(table, frames)
         else:
@@ -213,7 +215,7 @@ class Checkpoint:
         """Refuse, with the figures and the ways out that fit, a run whose estimate passes what the device has free
         (or --max-memory): exit code 8, before a weight is read."""
         needed = self.estimate(**self.workload)
-        have, room = self.room()
+        have, room = memory.room(self.device, self.max_memory)
         if needed.total <= have:
             return
         ways = self.ways_out(have)
@@ -221,12 +223,6 @@ class Checkpoint:
                   ": nothing fits in that (no other precision, quantization, frame count or preset)")
         raise memory.OutOfMemory(f"{self.name} needs {needed} and {room}{advice}")
 
-    def room(self) -> tuple[float, str]:
-        """Bytes this run may use, and where they are: the device's free memory, or --max-memory below it."""
-        have, where = memory.free(self.device)
-        if self.max_memory is not None and self.max_memory < have:
-            return self.max_memory, f"--max-memory allows {memory.size(self.max_memory)}"
-        return have, f"{where} has {memory.size(have)} free"
 
     def ways_out(self, have: float) -> list[str]:
         """The changes to this run that fit in `have` bytes, each with its figure, best first: a smaller
@@ -244,10 +240,13 @@ class Checkpoint:
                slow if cpu and not models.cpu_has_bf16() else "")
 
     def _quantizations(self) -> Iterator[tuple[str, float, str]]:
+        import importlib.util
+
         if self.device.type == "mps":  # bitsandbytes has no MPS backend
             return
+        install = "" if importlib.util.find_spec("bitsandbytes") else "; pip install 'videoqa[quant]' first"
         for quantize in QUANTIZE[QUANTIZE.index(self.quantize) + 1:]:
-            yield f"--quantize {quantize}", self.estimate(**self.workload, quantize=quantize).total, ""
+            yield f"--quantize {quantize}", self.estimate(**self.workload, quantize=quantize).total, install
 
     def _fewer_frames(self, have: float) -> Iterator[tuple[str, float, str]]:
         """The most frames below the run's that fit (the estimate grows with them), found by bisection."""
@@ -263,15 +262,18 @@ class Checkpoint:
 
     def _presets(self, have: float) -> Iterator[tuple[str, float, str]]:
         """Up to three other presets that take the medium and fit, at this run's options, the largest first."""
-        fitting = []
-        for name in models.presets().keys() - {self.name}:
+        medium = self.workload.get("medium") or ("video" if self.preset.family.video else "image")
+        workload, fitting = {**self.workload, "medium": medium}, []
+        for name, preset in models.presets().items():
+            if name == self.name or "context" not in preset.memory:  # estimated from its table: nothing downloaded
+                continue
             other = Checkpoint(name, device=self.options[0], dtype=self.options[1], quantize=self.quantize,
-                               cache=False, check_memory=False, workload=self.workload)
+                               cache=False, check_memory=False, workload=workload)
             try:
                 other.check_medium()
             except VideoQAError:  # an image-only preset for a video, or frames past its context
                 continue
-            total = other.estimate(**self.workload).total
+            total = other.estimate(**workload).total
             if total <= have:
                 fitting.append((f"-m {name}", total, ""))
         yield from sorted(fitting, key=lambda way: (-way[1], way[0]))[:3]

@@ -69,8 +69,8 @@ SPECS = {
     spec.name: spec
     for spec in (
         Spec("frames", int, None, "Frames sampled uniformly \\[default: the model's, 8].", ("--frames", "-f"), low=1),
-        Spec("max_new_tokens", int, 256, "Answer length limit in tokens; 0: no answer, the prompt only prefilled "
-             "\\[default: 256].", ("--max-new-tokens", "-n")),
+        Spec("max_new_tokens", int, 256, "Answer length limit in tokens; 0: no answer (the video is encoded, no "
+             "token generated) \\[default: 256].", ("--max-new-tokens", "-n")),
         Spec("temperature", float, 0.0, "0 is greedy \\[default: 0].", ("--temperature", "-t")),
         Spec("top_k", int, 0, "Sample from the k likeliest tokens (0: all).", ("--top-k",)),
         Spec("top_p", float, 1.0, "Nucleus sampling mass, in (0, 1].", ("--top-p",), high=1, open_low=True),
