@@ -19,7 +19,9 @@ from onevision_fixtures import (
 )
 from test_onevision_pixels import OV_PINPOINTS
 from test_pixels import pictures
-from videoqa.features import anyres_max_image, llava_image, onevision_video, pack_max
+from videoqa.families.llava import image_features as llava_image
+from videoqa.families.llava_onevision import image_features as anyres_max_image, pack_max
+from videoqa.families.llava_onevision import video_features as onevision_video
 from videoqa.frames import read_frames
 from videoqa.pixels import anyres_max_pixels, best_resolution, clip_pixels, siglip_pixels
 

@@ -126,5 +126,5 @@ def anyres_max_pixels(image: Image.Image, size: int, pinpoints: list[list[int]])
 
     The same tiles as LLaVA-NeXT (`LlavaOnevisionImageProcessorPil` resizes and pads for the grid
     alike); the tiles are already size x size, so SigLIP's squash leaves them as they are. The
-    "max 9" of anyres_max_9 caps the features per image, not the tiles (see features.py)."""
+    "max 9" of anyres_max_9 caps the features per image, not the tiles (see families/llava_onevision.py)."""
     return siglip_pixels(anyres_tiles(image, size, pinpoints), size)

@@ -1,0 +1,73 @@
+"""What every model family is made of: the `Family` and `Videos` records, the 1-D positions of the LLaVA line, the
+prompt texts and frame preprocessing more than one family shares. The families themselves are the modules beside
+this one; the registry is the package (`videoqa.families`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from videoqa import features, pixels
+from videoqa.decode import LanguageModel, Positions
+
+VICUNA = "USER: {media}\n{question} ASSISTANT:"  # llava_v1, as the HF ports render it; {media} is the placeholder
+VICUNA_FOLLOWUP = "USER: {question} ASSISTANT:"  # later turns: `... ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+DESCRIBE = "Describe what happens in this part of the video."  # a timeline's question for each segment
+FIND = "Does this part of the video show: {query}? Answer yes or no."  # find's question; the answer's first token
+
+
+def text_positions(ids: torch.Tensor, padding: torch.Tensor | None, past: int) -> Positions:
+    """1-D positions (the LLaVA families): (B, T) `ids` after `past` tokens in the cache count on from `past`,
+    left padding left out of the count (as `generate` counts with its attention mask)."""
+    batch, length = ids.shape
+    if padding is None:
+        prompt = torch.arange(past, past + length, device=ids.device).expand(batch, -1)
+        return Positions(prompt, torch.full((batch, 1), past + length, device=ids.device))
+    return Positions((padding.cumsum(-1) - 1).clamp(min=0) + past, padding.sum(-1, keepdim=True) + past)
+
+
+def clip_frames(config, frames):
+    return pixels.clip_pixels(frames, config.vision_config.image_size)
+
+
+def siglip_frames(config, frames):
+    return pixels.siglip_pixels(frames, config.vision_config.image_size)
+
+
+@dataclass(frozen=True)
+class Videos:
+    """How a family answers about videos: frames to pixels, pixels to rows, and the rows' count in advance."""
+
+    pixels: Callable[[Any, Any], Any]  # (config, (N, H, W, 3) uint8 frames) -> (N, 3, S, S) float32
+    features: Callable[[Any, Any], Any]  # (net, pixels) -> (positions, D)
+    positions: Callable[[Any, int], int]  # (config, frames) -> positions, known before anything is decoded
+
+    def max_frames(self, config, context: int) -> int:
+        """The most frames whose video alone leaves a position free in `context`."""
+        empty, one = self.positions(config, 0), self.positions(config, 1)
+        return (context - 1 - empty) // (one - empty)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # config.json's model_type
+    model_class: str  # the transformers class that loads it
+    image_features: Callable[[Any, Any], Any]  # (net, PIL image) -> (positions, D)
+    # (config) -> (tower tiles, positions) of the largest image, for the memory estimate; by default one tile
+    largest_image: Callable[[Any], tuple[int, int]] = features.single_image_bound
+    template: str = VICUNA  # the first turn; {media} is the placeholder, {question} the question
+    followup: str = VICUNA_FOLLOWUP  # later turns, after the previous answer and its EOS, tokenised without BOS
+    describe: str = DESCRIBE  # what a timeline asks of each segment by default
+    video: Videos | None = None  # None: the family answers about still images only
+    video_token: str = "<video>"
+    image_token: str = "<image>"
+    vision_modules: tuple[str, ...] = ("model.vision_tower", "model.multi_modal_projector")
+    frames: int = 8  # frames sampled by default (the model cards' examples)
+    generation: dict[str, Any] = field(default_factory=dict)  # setting defaults over the built-in ones
+    language_model: Callable[[Any], LanguageModel] = field(default=lambda net: LanguageModel(
+        net.get_input_embeddings(), net.model.language_model, net.lm_head))  # what decodes, in the loaded class
+    # (ids (B, T), left padding (B, T) or None, tokens already in the cache) -> where the prompt and answer sit
+    positions: Callable[[Any, Any, int], Positions] = text_positions
