@@ -18,7 +18,7 @@ import torch
 
 from videoqa import output
 from videoqa.errors import VideoQAError
-from videoqa.frames import Frames
+from videoqa.frames import Frames, Rule
 from videoqa.engine import Engine
 from videoqa.memory import ADVICE
 from videoqa.settings import Settings
@@ -190,14 +190,15 @@ def records(model: Engine, jobs: list[Job], settings: Settings, batch_size: int,
     """One record per job, in order, a batch at a time; `stop()` is asked after each batch; out-of-memory back-offs
     are counted in `stats`. `read`: how a job's frames are read (by default each video opened on its own, one
     decoder thread each, `workers` at once)."""
-    read = read or (lambda job: read_frames_of(job, settings.frames))
+    rule = model.checkpoint.sampler(settings)
+    read = read or (lambda job: read_frames_of(job, rule))
     for ready in ready_batches(model, jobs, read, batch_size, workers):
         yield from batch_records(model, ready, settings, stats)
         if stop():
             return
 
 
-def read_frames_of(job: Job, count: int) -> Frames:
+def read_frames_of(job: Job, count: Rule) -> Frames:
     from videoqa.frames import read_frames
 
     return read_frames(job.video, count, threads=1, window=job.window)

@@ -21,7 +21,7 @@ from stat import S_ISREG
 
 from videoqa.errors import VideoQAError
 from videoqa import frames as framing
-from videoqa.frames import Frames
+from videoqa.frames import Frames, Rule
 from videoqa.windows import WHOLE, Window
 
 FRAME_RULE = "linspace(0,n-1,N)/v2"  # change when the frame sampling changes, to orphan old entries (v2: PyAV)
@@ -66,7 +66,7 @@ class FeatureCache:
         self.model, self.limit, self.dir = model, limit, directory or cache_dir()  # limit: bytes, from max_bytes()
         self.keys: dict[tuple, str] = {}  # hash each file once per process, while it stays the same
 
-    def key(self, video: Path, frames: int, window: Window = WHOLE) -> str:
+    def key(self, video: Path, frames: Rule, window: Window = WHOLE) -> str:
         stat = video.stat()
         seen = (video, stat.st_size, stat.st_mtime_ns, frames, window)
         if seen not in self.keys:
@@ -74,7 +74,7 @@ class FeatureCache:
             self.keys[seen] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
         return self.keys[seen]
 
-    def get(self, video: Path, frames: int, window: Window = WHOLE):
+    def get(self, video: Path, frames: Rule, window: Window = WHOLE):
         """(Frames without pixels, features) of a cached video, or None: absent, or not exactly as written (the
         caller then recomputes it and `put` replaces it). The frames keep the warnings they were read with."""
         key = self.key(video, frames, window)
@@ -86,13 +86,13 @@ class FeatureCache:
         with suppress(OSError):  # another process may remove the entry meanwhile; it has been read whole
             os.utime(file)  # recently used
         return Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"]),
-                      warnings=json.loads(meta["warnings"]), window=window), features
+                      warnings=json.loads(meta["warnings"]), window=window, rule=frames), features
 
     def put(self, video: Path, frames: Frames, features) -> str | None:
         """Store an entry; the cache is an optimisation, so a failure is returned as a reason, not raised."""
         from safetensors.torch import save_file
 
-        key = self.key(video, len(frames.indices), frames.window)
+        key = self.key(video, len(frames.indices) if frames.rule is None else frames.rule, frames.window)
         features = features.detach().cpu().contiguous()
         meta = {"indices": json.dumps(frames.indices), "times": json.dumps(frames.times),
                 "warnings": json.dumps(frames.warnings)}
@@ -216,7 +216,7 @@ def open_cache(path: Path, dtype) -> FeatureCache:
     return FeatureCache(model_identity(path, dtype), limit)
 
 
-def read_video(path: Path, frames: int, cache: FeatureCache | None, window: Window = WHOLE):
+def read_video(path: Path, frames: Rule, cache: FeatureCache | None, window: Window = WHOLE):
     """(Frames, features) of a video (or a `window` of it) the cache knows (then no frame is decoded), else
     (Frames, None).
 

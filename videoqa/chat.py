@@ -19,7 +19,7 @@ from videoqa.frames import is_image
 from videoqa.output import Unwritable, print_json, stream
 from videoqa.render import Interrupt, error, note, progress
 from videoqa.session import Chat, Media, Model
-from videoqa.settings import SPECS, Settings
+from videoqa.settings import FRAMING, SPECS, Settings
 
 HELP = """\
 /video PATH [START [END]]  switch to another video, or a part of it (a new conversation)
@@ -27,7 +27,8 @@ HELP = """\
 /reset                     forget the conversation, keep the video
 /frames                    the sampled frames: index and time
 /save FILE                 save the conversation as Markdown (.md) or JSON (.json)
-/set [KEY VAL]             show or change {settings} (frames: from the next /video)
+/set [KEY VAL]             show or change {settings} (frames, fps, max_frames: from the next /video;
+                           fps none goes back to frames)
 /help                      this list
 /exit                      leave (or Ctrl-D)"""
 
@@ -69,14 +70,20 @@ class Repl:
         already is)."""
         if not isinstance(media, Media):
             with progress("Reading frames…"):
-                media = self.model.media(media, self.settings.frames, start=start, end=end)
+                media = self.model.media(media, **self.framing(), start=start, end=end)
         with progress("Encoding frames…"):
-            self.chat = self.model.chat(media, frames=self.settings.frames)
+            self.chat = self.model.chat(media, **self.framing())
+
+    def framing(self) -> dict:
+        """How the next video's frames are chosen: by time when `fps` is set, else the frame count."""
+        fps = self.settings.fps
+        return {"frames": None if fps is not None else self.settings.frames, "fps": fps,
+                "max_frames": self.settings.max_frames}
 
     def ask(self, question: str) -> None:
         if self.chat is None:
             raise VideoQAError("no video yet: /video PATH (or /image PATH) first")
-        settings = {name: self.settings.get(name) for name in SPECS if name != "frames"}
+        settings = {name: self.settings.get(name) for name in SPECS if name not in FRAMING}
         if self.json_output:
             with progress("Answering…"):
                 answer = self.chat.ask(question, **settings)

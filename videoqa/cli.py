@@ -249,14 +249,17 @@ def checkpoint(run: Run, given: dict, cache: bool, batch_size: int = 1, medium: 
         import transformers  # noqa: F401
 
         from videoqa.session import Checkpoint
-    workload = {"frames": given["frames"], "max_new_tokens": given["max_new_tokens"], "batch_size": batch_size,
-                "medium": medium}
+    by_time = given.get("fps") is not None  # then at least one frame, capped once the video's length is known
+    if by_time and given["frames"] is not None:
+        raise VideoQAError("--frames and --fps: give one (a count spread evenly, or a rate by time)")
+    workload = {"frames": 1 if by_time else given["frames"], "max_new_tokens": given["max_new_tokens"],
+                "batch_size": batch_size, "medium": medium}
     return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache,
                       quantize=run.quantize.value, max_memory=run.max_memory, check_memory=not run.skip_memory_check,
                       workload=workload)
 
 
-def read_media(found, path: Path, frames: int | None, window):
+def read_media(found, path: Path, given: dict, window):
     """The video (its `window`) or image, checked before the model is looked for (a bad file fails fast), then
     read; a pipe through a temporary copy."""
     from dataclasses import replace
@@ -264,11 +267,12 @@ def read_media(found, path: Path, frames: int | None, window):
     from videoqa.frames import seekable
     from videoqa.render import progress
 
+    framing = {"frames": given["frames"], "fps": given["fps"], "max_frames": given["max_frames"]}
     with seekable(path) as readable:
-        found.expect(readable, frames, start=window.start, end=window.end)
+        found.expect(readable, given["frames"], fps=given["fps"], start=window.start, end=window.end)
         prepare(found)
         with progress("Reading frames…"):
-            media = found.media(readable, frames, start=window.start, end=window.end)
+            media = found.media(readable, **framing, start=window.start, end=window.end)
     return replace(media, path=path)  # the answer names the pipe, not its copy
 
 
@@ -328,7 +332,7 @@ def ask(
         raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
     found = checkpoint(run, given, cache=reply.cache)
-    media = read_media(found, video, given["frames"], window)
+    media = read_media(found, video, given, window)
     loaded = load(found, run)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
@@ -371,7 +375,7 @@ def chat(
     if is_stdin(video):
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
     found = checkpoint(run, given, cache=reply.cache)
-    media = read_media(found, video, given["frames"], window) if video is not None else None
+    media = read_media(found, video, given, window) if video is not None else None
     session = Repl(load(found, run), found.settings(**given), reply.json)
     if media is not None:
         session.open(media)
@@ -532,7 +536,7 @@ def timeline(
 
 
 @app.command()
-@shared_options(settings=("frames",))
+@shared_options(settings=("frames", "fps", "max_frames"))
 def find(
     video: Annotated[Path, typer.Argument(help="Video file.", show_default=False, readable=False)],
     query: Annotated[str, typer.Argument(help="What to look for, e.g. \"a dog jumps into the pool\".",
@@ -569,7 +573,8 @@ def find(
                        medium="video")  # no answer text
     loaded = load(found, run)
     with progress(f"Scoring {len(windows)} segments…"):
-        scored = loaded.find(video, query, windows=windows, batch_size=batch_size, frames=given["frames"])
+        scored = loaded.find(video, query, windows=windows, batch_size=batch_size, frames=given["frames"],
+                             fps=given["fps"], max_frames=given["max_frames"])
     if json_output:
         print_json({"video": display(video), "query": query, "model": loaded.name, "segments": scored})
     else:

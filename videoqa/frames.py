@@ -1,9 +1,10 @@
-"""Stage 1: decode N uniformly spaced RGB frames from a video file with PyAV (FFmpeg), or read a still image with
-Pillow.
+"""Stage 1: decode sampled RGB frames from a video file with PyAV (FFmpeg), or read a still image with Pillow.
 
-The sampling rule is the one of the original Video-LLaVA training code:
+A count N of frames is sampled by the rule of the original Video-LLaVA training code:
 `np.linspace(0, n - 1, N, dtype=int)`, first and last frame included, over the frames of the video or of a time
-window of it. A video with fewer than N frames repeats frames by the same rule.
+window of it; a video with fewer than N frames repeats frames by the same rule. By time (`ByTime`, `--fps`), a
+window of s seconds takes int(s x fps) frames within its caps, by `np.linspace(0, n - 1, N).round()`, as
+transformers' Qwen3-VL video processor samples.
 
 Frames are found by seeking to the keyframe before them and decoding forward to their presentation timestamp, so
 sampling a long video decodes a few keyframe intervals, not the file. (decord, used before, returned wrong frames
@@ -35,6 +36,39 @@ from videoqa.errors import Exit, VideoQAError
 from videoqa.windows import WHOLE, Window
 
 
+@dataclass(frozen=True)
+class ByTime:
+    """`--fps`: `fps` frames a second of the window, at least `least` and at most `most` (its reason `why`), as
+    transformers' Qwen3-VL video processor samples: int(seconds x fps) frames, clamped, spread by
+    np.linspace(0, n - 1, N).round()."""
+
+    fps: float
+    most: int
+    why: str = "--max-frames"  # what set `most`: --max-frames, the model's context or the memory free
+    least: int = 1
+
+    def wanted(self, seconds: float) -> int:
+        return max(int(seconds * self.fps), self.least)
+
+    def indices(self, available: int, seconds: float) -> list[int]:
+        count = min(self.wanted(seconds), self.most, available)
+        return np.linspace(0, available - 1, count).round().astype(int).tolist()
+
+    def capped(self, available: int, seconds: float) -> list[str]:
+        """The note that the cap cut the rate, if it did (and not the video's own frame rate)."""
+        wanted = self.wanted(seconds)
+        if wanted <= self.most or available <= self.most:
+            return []
+        return [f"--fps {self.fps:g}: {seconds:.1f} s would take {wanted} frames; {self.why} allows {self.most}, "
+                f"so they are {self.most / seconds:.3g} a second"]
+
+    def __str__(self) -> str:  # the feature cache's key
+        return f"fps={self.fps!r},most={self.most},least={self.least}"
+
+
+Rule = int | ByTime  # how frames are chosen: a count spread uniformly (--frames), or by time (--fps)
+
+
 @dataclass
 class Frames:
     pixels: np.ndarray | None  # (N, H, W, 3) uint8 RGB; None when the features came from the cache
@@ -42,6 +76,7 @@ class Frames:
     times: list[float]  # its presentation time in seconds, from the video's start
     warnings: list[str] = field(default_factory=list)  # e.g. that only part of the video decodes
     window: Window = WHOLE  # the part of the video the frames were sampled from
+    rule: Rule | None = None  # what chose them (None: a count, the number of indices)
 
     def listed(self) -> list[dict]:
         """Each sampled frame's {"index", "time"}, as records show them."""
@@ -51,6 +86,11 @@ class Frames:
 def frame_indices(n: int, count: int) -> list[int]:
     """Uniform sample of `count` indices out of `n` frames (training-code rule)."""
     return np.linspace(0, n - 1, count, dtype=int).tolist()
+
+
+def pick(rule: Rule, available: int, seconds: float) -> list[int]:
+    """Which of `available` frames, covering `seconds`, a rule samples."""
+    return rule.indices(available, seconds) if isinstance(rule, ByTime) else frame_indices(available, rule)
 
 
 URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*:)/+(?=[^/])")  # https://host/clip.mp4, s3://bucket/clip.mp4
@@ -158,6 +198,12 @@ class Index:
     declared: int  # frames the header announces (from its duration where it gives no count)
     length: float  # seconds the header announces
     seekable: bool  # every packet has a timestamp, so a frame can be found by seeking
+
+    def span(self, inside: list[int]) -> float:
+        """Seconds the frames at `inside` (consecutive positions) cover: from the first's start to the next frame's
+        (or the video's end)."""
+        after = inside[-1] + 1
+        return (self.times[after] if after < len(self.times) else self.end) - self.times[inside[0]]
 
     @property
     def truncated(self) -> bool:
@@ -272,25 +318,29 @@ class Video:
         except Exception:  # FFmpeg's errors at damaged data
             return
 
-    def sample(self, count: int, window: Window = WHOLE) -> Frames:
-        """`count` frames spread evenly over the frames inside `window` (training-code rule), found by seeking;
-        a damaged video is sampled over the part that decodes, and says so in the frames' warnings."""
+    def sample(self, rule: Rule, window: Window = WHOLE) -> Frames:
+        """Frames chosen by `rule` among those inside `window` (a count spread evenly, the training-code rule; or by
+        time), found by seeking; a damaged video is sampled over the part that decodes, and says so in the frames'
+        warnings, as a cap that cut --fps's rate does."""
         index = self.index
         length = max(index.end, index.length) if index.truncated else index.end
         if index.end <= window.start < length:  # in a truncated file, past its data but not the length it announces
             _no_frame(self.path, window, _partial(index, self.decodable(damaged=False)))
         inside = window.positions(index.times, length)
         try:
-            chosen = [inside[i] for i in frame_indices(len(inside), count)]
+            chosen = [inside[i] for i in pick(rule, len(inside), index.span(inside))]
             pixels = self.decode(chosen)
             decodable = self.decodable(damaged=False)
         except Damaged:
             decodable = self.decodable(damaged=True)
-            chosen, pixels = _sample_in_order(self.path, [i for i in inside if i < decodable], count)
+            inside = [i for i in inside if i < decodable]
+            chosen, pixels = _sample_in_order(self.path, inside, rule, index.span(inside) if inside else 0.0)
             if pixels is None:
                 _no_frame(self.path, window, _partial(index, decodable))
         times = [round(index.times[i], 3) for i in chosen]
-        return Frames(pixels=pixels, indices=chosen, times=times, warnings=_partial(index, decodable), window=window)
+        capped = rule.capped(len(inside), index.span(inside)) if isinstance(rule, ByTime) else []
+        return Frames(pixels=pixels, indices=chosen, times=times, warnings=[*_partial(index, decodable), *capped],
+                      window=window, rule=rule)
 
     def decodable(self, damaged: bool) -> int:
         """How many frames decode, found once for every window: all that the index lists, or, in a file shorter
@@ -318,11 +368,12 @@ def _decodable(path: Path) -> int:
         return sum(1 for _ in video.in_order())
 
 
-def _sample_in_order(path: Path, inside: list[int], count: int) -> tuple[list[int], np.ndarray | None]:
-    """Sample `count` of the frames at `inside` (positions), decoding in order from the start; if the damage comes
-    earlier this time, sample fewer."""
+def _sample_in_order(path: Path, inside: list[int], rule: Rule,
+                     seconds: float) -> tuple[list[int], np.ndarray | None]:
+    """Sample the frames at `inside` (positions, covering `seconds`) by `rule`, decoding in order from the start; if
+    the damage comes earlier this time, sample fewer."""
     while inside:
-        chosen = [inside[i] for i in frame_indices(len(inside), count)]
+        chosen = [inside[i] for i in pick(rule, len(inside), seconds)]
         kept, decoded = {}, 0
         with Video(path, threads=1) as video:
             for decoded, frame in enumerate(video.in_order(), 1):
@@ -360,9 +411,10 @@ def open_video(path: Path, threads: int = 0) -> Video:
     return Video(path, threads)
 
 
-def read_frames(path: Path, count: int, reader: Video | None = None, *, threads: int = 0,
+def read_frames(path: Path, count: Rule, reader: Video | None = None, *, threads: int = 0,
                 window: Window = WHOLE) -> Frames:
-    """Sample `count` frames of the video (of its `window`); damaged videos are sampled over the part that decodes.
+    """Sample frames of the video (of its `window`) by `count` (a number, or a ByTime rule); damaged videos are
+    sampled over the part that decodes.
     `reader`: the video, from `open_video`, when the caller opened it already."""
     if reader is not None:
         return reader.sample(count, window)

@@ -26,8 +26,8 @@ from videoqa.engine import Engine
 from videoqa.memory import ADVICE
 from videoqa import windows as timing
 from videoqa.errors import VideoQAError
-from videoqa.frames import Frames, check_file, is_image, read_image
-from videoqa.settings import DEVICES, DTYPES, QUANTIZE, Settings, defaults
+from videoqa.frames import ByTime, Frames, Rule, check_file, is_image, read_image
+from videoqa.settings import DEVICES, DTYPES, FRAMING, QUANTIZE, Settings, defaults
 from videoqa.windows import Window
 
 Time = str | float | None  # seconds, or "[HH:]MM:SS[.mmm]"; None: the start or end of the video
@@ -82,6 +82,7 @@ class Checkpoint:
         self.max_memory = memory.parse_size(max_memory) if isinstance(max_memory, str) else max_memory
         self.preset = models.presets().get(self.name)  # a directory or hub id: its family's defaults, once resolved
         self.path = self.config = None  # known once resolved (a preset's table stands in until it is downloaded)
+        self.loaded = False  # the memory free then holds the weights: --fps is no longer capped by it
 
     @functools.cached_property
     def device(self):
@@ -125,6 +126,27 @@ class Checkpoint:
         preset = self.preset if self.preset is not None else self.resolve().preset
         return defaults(preset.frames, preset.generation).changed(**chosen)
 
+    def sampler(self, settings: Settings) -> Rule:
+        """How a video's frames are chosen: `frames` spread evenly, or (`fps` set) by time, capped by `max_frames`,
+        by what the model's context holds and, before the model is loaded with the memory check on, by what the
+        memory holds (the cap that cuts the rate is named in the frames' warnings)."""
+        if settings.fps is None:
+            return settings.frames
+        self.resolve()
+        caps = [(settings.max_frames, "--max-frames")] if settings.max_frames is not None else []
+        room = self.context - memory.TEXT  # the question's text and the template take some of the context
+        caps.append((self.preset.family.video.max_frames(self.config, room), "the model's context"))
+        if self.check_memory and not self.loaded:
+            have, _ = memory.room(self.device, self.max_memory)
+            caps.append((self.most_frames(have, caps[-1][0] + 1), "the memory free"))
+        most, why = min(caps, key=lambda cap: cap[0])
+        return ByTime(settings.fps, max(most, 1), why)
+
+    @staticmethod
+    def least(settings: Settings) -> int:
+        """The fewest frames a video question with these settings takes: what the checks before reading count."""
+        return settings.frames if settings.fps is None else 1
+
     def check_medium(self) -> None:
         """The workload's medium, if known: a video's frames against the family and the context."""
         if self.workload.get("medium") == "video":
@@ -149,10 +171,11 @@ class Checkpoint:
             raise VideoQAError(f"--frames {frames}: the video alone needs {needed} positions and the model's context "
                                f"holds {context}; use at most {most} frames")
 
-    def expect(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> bool:
+    def expect(self, path: str | Path, frames: int | None = None, *, fps: float | None = None, start: Time = None,
+               end: Time = None) -> bool:
         """Check a video or image before the model is looked for (and downloaded): the file, its window (videos
-        only), and a video's frames against the family and context; the run's memory is then checked for this
-        medium. Whether it is an image."""
+        only), and a video's frames (`fps`: by time, so at least one) against the family and context; the run's
+        memory is then checked for this medium. Whether it is an image."""
         path, window = Path(path), timing.window(start, end)
         check_file(path)
         image = is_image(path)
@@ -160,24 +183,26 @@ class Checkpoint:
             raise VideoQAError(f"{path}: an image has no time window; start and end are for videos")
         if not self.resolved:
             self.workload = {**self.workload, "medium": "image" if image else "video"}
-            if not image and frames is not None:
-                self.workload["frames"] = frames
+            if not image and (frames is not None or fps is not None):
+                self.workload["frames"] = 1 if fps is not None else frames
         if not image and (self.preset or self.resolved):  # a directory's family is known once resolved, which
-            self.check_videos(self.settings(frames=frames).frames)  # checks the workload's medium then
+            self.check_videos(self.least(self.settings(frames=frames, fps=fps)))  # checks the workload's then
         return image
 
-    def media(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> Media:
-        """A video (`frames` sampled, the preset's count by default, from its window [start, end) if given) or an
-        image, read and checked (first as `expect` checks it). What a damaged video's frames warn of goes to the
-        logger too."""
+    def media(self, path: str | Path, frames: int | None = None, *, fps: float | None = None,
+              max_frames: int | None = None, start: Time = None, end: Time = None) -> Media:
+        """A video (`frames` sampled evenly, the preset's count by default, or `fps` a second up to `max_frames`;
+        from its window [start, end) if given) or an image, read and checked (first as `expect` checks it). What a
+        damaged video's frames warn of, or a cap that cut the rate, goes to the logger too."""
         from videoqa.cache import read_video
 
-        image = self.expect(path, frames, start=start, end=end)
+        settings = self.settings(frames=frames, fps=fps, max_frames=max_frames)
+        image = self.expect(path, frames, fps=fps, start=start, end=end)
         self.resolve()
         path, began = Path(path), time.perf_counter()
         if image:
             return Media(path, image=read_image(path), seconds=time.perf_counter() - began)
-        sampled, features = read_video(path, self.settings(frames=frames).frames, self.cache, timing.window(start, end))
+        sampled, features = read_video(path, self.sampler(settings), self.cache, timing.window(start, end))
         for warning in sampled.warnings:
             log.warning(f"{output.display(path)}: {warning}")
         return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - began)
@@ -249,16 +274,21 @@ class Checkpoint:
             yield f"--quantize {quantize}", self.estimate(**self.workload, quantize=quantize).total, install
 
     def _fewer_frames(self, have: float) -> Iterator[tuple[str, float, str]]:
-        """The most frames below the run's that fit (the estimate grows with them), found by bisection."""
         if self.workload.get("medium") == "image" or not self.preset.family.video:
             return
-        low, high = 0, self.settings(frames=self.workload.get("frames")).frames  # low fits (or is 0), high does not
+        most = self.most_frames(have, self.settings(frames=self.workload.get("frames")).frames)
+        if most:
+            yield f"--frames {most}", self.estimate(**{**self.workload, "frames": most}).total, ""
+
+    def most_frames(self, have: float, high: int) -> int:
+        """The most frames below `high` whose run fits in `have` bytes (0: none), found by bisection: the estimate
+        grows with the frames."""
+        low = 0  # low fits (or is 0), high does not
         while high - low > 1:
             middle = (low + high) // 2
-            low, high = (middle, high) if self.estimate(**{**self.workload, "frames": middle}).total <= have else (
-                low, middle)
-        if low:
-            yield f"--frames {low}", self.estimate(**{**self.workload, "frames": low}).total, ""
+            fits = self.estimate(**{**self.workload, "frames": middle}).total <= have
+            low, high = (middle, high) if fits else (low, middle)
+        return low
 
     def _presets(self, have: float) -> Iterator[tuple[str, float, str]]:
         """Up to three other presets that take the medium and fit, at this run's options, the largest first."""
@@ -284,6 +314,7 @@ class Checkpoint:
         start = time.perf_counter()
         with memory.stage("loading the weights", ADVICE):
             net, tokenizer = models.load(self.path, self.family, self.config, self.device, self.dtype, self.quantize)
+        self.loaded = True
         return Model(self, net, tokenizer, compile=compile and self.device.type == "cuda",
                      seconds=time.perf_counter() - start)
 
@@ -304,8 +335,8 @@ def segments(video: str | Path, *, every: str | float | None = None, count: int 
 
 
 @contextmanager
-def _walker(video: str | Path, frames: int) -> Iterator[Callable]:
-    """How a job's frames are read for the segments of one video: `frames` sampled from its window by one decoder
+def _walker(video: str | Path, frames: Rule) -> Iterator[Callable]:
+    """How a job's frames are read for the segments of one video: chosen by `frames` from its window by one decoder
     that walks the file forward (segments in order: a single pass, seeking past what no segment needs). The video
     is closed only once no segment is being read from it on the background thread (a run stopped early leaves one
     in flight)."""
@@ -341,40 +372,41 @@ def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: s
 
 
 class Model(Engine):
-    """A loaded model: `ask`, `stream`, `chat`, `features`, `caption`. Settings (frames, max_new_tokens,
-    temperature, top_k, top_p, seed) are keywords of each."""
+    """A loaded model: `ask`, `stream`, `chat`, `features`, `caption`. Settings (frames, or fps and max_frames;
+    max_new_tokens, temperature, top_k, top_p, seed) are keywords of each."""
 
     def settings(self, **given: Any) -> Settings:
         return self.checkpoint.settings(**given)
 
-    def media(self, path: str | Path, frames: int | None = None, *, start: Time = None, end: Time = None) -> Media:
-        return self.checkpoint.media(path, frames, start=start, end=end)
+    def media(self, path: str | Path, frames: int | None = None, *, fps: float | None = None,
+              max_frames: int | None = None, start: Time = None, end: Time = None) -> Media:
+        return self.checkpoint.media(path, frames, fps=fps, max_frames=max_frames, start=start, end=end)
 
     def chat(self, media: str | Path | Media, *, start: Time = None, end: Time = None, **settings: Any) -> Chat:
         """A conversation about one video (or its window [start, end)) or image: its features are computed once,
         its KV cache kept."""
         chosen = self.settings(**settings)
         if not isinstance(media, Media):
-            media = self.media(media, chosen.frames, start=start, end=end)
+            media = self.media(media, **{name: settings.get(name) for name in FRAMING}, start=start, end=end)
         return Chat(self, media, chosen)
 
     def ask(self, media: str | Path | Media, question: str, *, start: Time = None, end: Time = None,
             **settings: Any) -> Answer:
         """One question, one answer: a one-turn chat."""
-        frames = settings.pop("frames", None)
-        return self.chat(media, frames=frames, start=start, end=end).ask(question, **settings)
+        framing = {name: settings.pop(name, None) for name in FRAMING}
+        return self.chat(media, **framing, start=start, end=end).ask(question, **settings)
 
     def stream(self, media: str | Path | Media, question: str, *, start: Time = None, end: Time = None,
                **settings: Any) -> Iterator[str]:
         """The answer's text as it is generated."""
-        frames = settings.pop("frames", None)
-        yield from self.chat(media, frames=frames, start=start, end=end).stream(question, **settings)
+        framing = {name: settings.pop(name, None) for name in FRAMING}
+        yield from self.chat(media, **framing, start=start, end=end).stream(question, **settings)
 
-    def features(self, media: str | Path | Media, frames: int | None = None, *, start: Time = None,
-                 end: Time = None):
+    def features(self, media: str | Path | Media, frames: int | None = None, *, fps: float | None = None,
+                 max_frames: int | None = None, start: Time = None, end: Time = None):
         """Projected visual features, (positions, hidden): what is spliced over the placeholder; a video embedding."""
         if not isinstance(media, Media):
-            media = self.media(media, frames, start=start, end=end)
+            media = self.media(media, frames, fps=fps, max_frames=max_frames, start=start, end=end)
         return self.encode(media)
 
     def caption(self, videos: str | Path | Iterable[str | Path], prompt: str | Sequence[str] | None = None, *,
@@ -390,7 +422,7 @@ class Model(Engine):
         from videoqa.questions import CAPTION_PROMPT, check_question
 
         chosen, window = self.settings(**settings), timing.window(start, end)
-        self.checkpoint.check_videos(chosen.frames)
+        self.checkpoint.check_videos(self.checkpoint.least(chosen))
         videos = [Path(videos)] if isinstance(videos, (str, Path)) else [Path(v) for v in videos]
         prompt = CAPTION_PROMPT if prompt is None else prompt
         prompts = [prompt] * len(videos) if isinstance(prompt, str) else list(prompt)
@@ -411,16 +443,17 @@ class Model(Engine):
         from videoqa.batch import records
 
         chosen = self.settings(**settings)
-        jobs = self._segment_jobs(video, prompt or self.preset.describe, chosen.frames, every=every, count=count,
+        jobs = self._segment_jobs(video, prompt or self.preset.describe, chosen, every=every, count=count,
                                   windows=windows, default=30)
-        with _walker(video, chosen.frames) as read:
+        with _walker(video, self.checkpoint.sampler(chosen)) as read:
             answered = records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats, read=read,
                                workers=1)
             for rec, job in zip(answered, jobs):
                 yield {**rec, "start": job.window.start, "end": job.window.end}
 
     def find(self, video: str | Path, query: str, *, every: str | float | None = None, count: int | None = None,
-             windows: Sequence[Window] | None = None, batch_size: int = 4, frames: int | None = None) -> list[dict]:
+             windows: Sequence[Window] | None = None, batch_size: int = 4, frames: int | None = None,
+             fps: float | None = None, max_frames: int | None = None) -> list[dict]:
         """How well each segment of the video (10 s long unless `every`, `count` or `windows` say otherwise) shows
         `query`, without generating text: the model is prefilled with the template and FIND's question, and the
         score is P(yes) / (P(yes) + P(no)) of its next token. One {"start", "end", "score", "frames", "warnings",
@@ -429,20 +462,20 @@ class Model(Engine):
         from videoqa.families import FIND
         from videoqa.questions import check_question
 
-        count_of = self.settings(frames=frames).frames
+        chosen = self.settings(frames=frames, fps=fps, max_frames=max_frames)
         question = FIND.format(query=check_question(query).rstrip(".?! "))
-        jobs = self._segment_jobs(video, question, count_of, every=every, count=count, windows=windows, default=10)
-        with _walker(video, count_of) as read:
+        jobs = self._segment_jobs(video, question, chosen, every=every, count=count, windows=windows, default=10)
+        with _walker(video, self.checkpoint.sampler(chosen)) as read:
             return list(scores(self, jobs, read, batch_size, workers=1))
 
-    def _segment_jobs(self, video: str | Path, question: str, frames: int, *, every: str | float | None,
+    def _segment_jobs(self, video: str | Path, question: str, settings: Settings, *, every: str | float | None,
                       count: int | None, windows: Sequence[Window] | None, default: float) -> list:
         """A job per segment of the video: the `windows` given, or those of `every` or `count` (`default` s long
         when neither is given)."""
         from videoqa.batch import Job
         from videoqa.questions import check_question
 
-        self.checkpoint.check_videos(frames)
+        self.checkpoint.check_videos(self.checkpoint.least(settings))
         if windows is None:
             windows = segments(video, every=every, count=count, default=default)
         return [Job(Path(video), check_question(question), window) for window in windows]
@@ -517,8 +550,9 @@ class Chat:
         before the first is asked for; closing the iterator early drops the turn (the cache is cut back)."""
         from videoqa.questions import check_question
 
-        if "frames" in settings:
-            raise VideoQAError("frames: a conversation's media is read already; frames apply to the next one")
+        if set(settings) & set(FRAMING):
+            raise VideoQAError("frames, fps, max_frames: a conversation's media is read already; they apply to the "
+                               "next one")
         chosen = self.settings.changed(**{k: v for k, v in settings.items() if v is not None})
         question = check_question(question)
         ids = self.next_ids(question)

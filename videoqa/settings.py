@@ -29,6 +29,7 @@ class Spec:
     low: float = 0
     high: float = math.inf
     open_low: bool = False
+    unset: bool = False  # `none` (in /set) and None (in the API) unset it
 
     def accepted(self) -> str:
         what = "an integer" if self.kind is int else "a number"
@@ -47,8 +48,8 @@ class Spec:
         return None
 
     def parse(self, text: str) -> Any:
-        """`/set` and environment text -> a checked value; `none` unsets the seed."""
-        if self.name == "seed" and text.lower() == "none":
+        """`/set` and environment text -> a checked value; `none` unsets the seed, fps and max_frames."""
+        if self.unset and text.lower() == "none":
             return None
         try:
             value = self.kind(text)
@@ -69,12 +70,17 @@ SPECS = {
     spec.name: spec
     for spec in (
         Spec("frames", int, None, "Frames sampled uniformly \\[default: the model's, 8].", ("--frames", "-f"), low=1),
+        Spec("fps", float, None, "Sample by time instead: this many frames a second (up to --max-frames, and what "
+             "the context and memory hold).", ("--fps",), open_low=True, unset=True),
+        Spec("max_frames", int, None, "The most frames --fps samples \\[default: what the context and memory "
+             "hold].", ("--max-frames",), low=1, unset=True),
         Spec("max_new_tokens", int, 256, "Answer length limit in tokens; 0: no answer (the video is encoded, no "
              "token generated) \\[default: 256].", ("--max-new-tokens", "-n")),
         Spec("temperature", float, 0.0, "0 is greedy \\[default: 0].", ("--temperature", "-t")),
         Spec("top_k", int, 0, "Sample from the k likeliest tokens (0: all).", ("--top-k",)),
         Spec("top_p", float, 1.0, "Nucleus sampling mass, in (0, 1].", ("--top-p",), high=1, open_low=True),
-        Spec("seed", int, None, "Same seed, same sampled answer (0 to 2^64-1).", ("--seed",), high=SEED_MAX),
+        Spec("seed", int, None, "Same seed, same sampled answer (0 to 2^64-1).", ("--seed",), high=SEED_MAX,
+             unset=True),
     )
 }
 
@@ -88,13 +94,17 @@ class Sampling:
 
 
 SAMPLING = {f.name for f in fields(Sampling)}
+FRAMING = ("frames", "fps", "max_frames")  # how a video's frames are chosen: read with the media, not per turn
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What a question is answered with: frames sampled, answer length, sampling."""
+    """What a question is answered with: frames sampled (`frames` uniformly, or by time when `fps` is set, at most
+    `max_frames`), answer length, sampling."""
 
     frames: int
+    fps: float | None = None
+    max_frames: int | None = None
     max_new_tokens: int = SPECS["max_new_tokens"].default
     sampling: Sampling = field(default_factory=Sampling)
 
@@ -106,9 +116,13 @@ class Settings:
         for name, value in values.items():
             if name not in SPECS:
                 raise VideoQAError(f"unknown setting {name!r}; settings: {', '.join(SPECS)}")
-            reason = None if value is None and name == "seed" else SPECS[name].problem(value)
+            reason = None if value is None and SPECS[name].unset else SPECS[name].problem(value)
             if reason:
                 raise VideoQAError(f"{name}: {reason}")
+        if values.get("frames") is not None:  # a frame count samples uniformly: not with a rate too
+            if values.get("fps") is not None:
+                raise VideoQAError("frames and fps: give one (a count spread evenly, or a rate by time)")
+            values = {**values, "fps": None}
         sampling = replace(self.sampling, **{k: v for k, v in values.items() if k in SAMPLING})
         return replace(self, sampling=sampling, **{k: v for k, v in values.items() if k not in SAMPLING})
 
