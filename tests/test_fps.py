@@ -118,3 +118,14 @@ def test_the_feature_cache_knows_the_rule(tiny_model, grey, counted):
     assert videoqa.load(tiny_model, device="cpu", dtype="float32").features(grey, fps=0.5).equal(first)
     model.features(grey, frames=5)  # five frames too, but spread by the other rule: another entry
     assert counted["towers"] == [5, 5]
+
+
+def test_a_loaded_model_still_caps_the_rate_by_the_memory(tiny_model, grey):
+    """Once loaded, the weights the estimate counts are resident: the cap is the same as before loading."""
+    from videoqa.session import Checkpoint
+
+    found = Checkpoint(tiny_model, device="cpu", dtype="float32", check_memory=False, cache=False)
+    fits, over = (found.estimate(frames=n, max_new_tokens=256, medium="video").total for n in (38, 39))
+    model = videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False, max_memory=(fits + over) / 2)
+    frames = model.media(grey, fps=10).frames
+    assert len(frames.indices) == 38 and "the memory free allows 38" in frames.warnings[0]

@@ -82,7 +82,7 @@ class Checkpoint:
         self.max_memory = memory.parse_size(max_memory) if isinstance(max_memory, str) else max_memory
         self.preset = models.presets().get(self.name)  # a directory or hub id: its family's defaults, once resolved
         self.path = self.config = None  # known once resolved (a preset's table stands in until it is downloaded)
-        self.loaded = False  # the memory free then holds the weights: --fps is no longer capped by it
+        self.loaded = False  # then the memory in use holds the weights
 
     @functools.cached_property
     def device(self):
@@ -128,19 +128,26 @@ class Checkpoint:
 
     def sampler(self, settings: Settings) -> Rule:
         """How a video's frames are chosen: `frames` spread evenly, or (`fps` set) by time, capped by `max_frames`,
-        by what the model's context holds and, before the model is loaded with the memory check on, by what the
-        memory holds (the cap that cuts the rate is named in the frames' warnings)."""
+        by what the model's context holds and, with the memory check on, by what the memory holds (the cap that
+        cuts the rate is named in the frames' warnings)."""
         if settings.fps is None:
             return settings.frames
         self.resolve()
         caps = [(settings.max_frames, "--max-frames")] if settings.max_frames is not None else []
         room = self.context - memory.TEXT  # the question's text and the template take some of the context
         caps.append((self.preset.family.video.max_frames(self.config, room), "the model's context"))
-        if self.check_memory and not self.loaded:
-            have, _ = memory.room(self.device, self.max_memory)
-            caps.append((self.most_frames(have, caps[-1][0] + 1), "the memory free"))
+        if self.check_memory:
+            caps.append((self.most_frames(self.budget(), caps[-1][0] + 1), "the memory free"))
         most, why = min(caps, key=lambda cap: cap[0])
         return ByTime(settings.fps, max(most, 1), why)
+
+    def budget(self) -> float:
+        """Bytes the whole run may take: what the device has free (plus, once loaded, the weights it holds
+        already, which the estimate counts), or --max-memory below that."""
+        have, _ = memory.free(self.device)
+        if self.loaded:
+            have += self.estimate(**self.workload).weights * memory.MARGIN
+        return have if self.max_memory is None else min(have, self.max_memory)
 
     @staticmethod
     def least(settings: Settings) -> int:
