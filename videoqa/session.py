@@ -137,11 +137,11 @@ class Checkpoint:
         room = self.context - memory.TEXT  # the question's text and the template take some of the context
         caps.append((self.preset.family.video.max_frames(self.config, room), "the model's context"))
         if self.check_memory:
-            caps.append((self.most_frames(self.budget(), caps[-1][0] + 1), "the memory free"))
+            caps.append((self.most_frames(self.memory_budget(), caps[-1][0] + 1), "the memory free"))
         most, why = min(caps, key=lambda cap: cap[0])
         return ByTime(settings.fps, max(most, 1), why)
 
-    def budget(self) -> float:
+    def memory_budget(self) -> float:
         """Bytes the whole run may take: what the device has free (plus, once loaded, the weights it holds
         already, which the estimate counts), or --max-memory below that."""
         have, _ = memory.free(self.device)
@@ -203,9 +203,9 @@ class Checkpoint:
         damaged video's frames warn of, or a cap that cut the rate, goes to the logger too."""
         from videoqa.cache import read_video
 
-        settings = self.settings(frames=frames, fps=fps, max_frames=max_frames)
-        image = self.expect(path, frames, fps=fps, start=start, end=end)
+        image = self.expect(path, frames, fps=fps, start=start, end=end)  # the file first, then the model
         self.resolve()
+        settings = self.settings(frames=frames, fps=fps, max_frames=max_frames)
         path, began = Path(path), time.perf_counter()
         if image:
             return Media(path, image=read_image(path), seconds=time.perf_counter() - began)
