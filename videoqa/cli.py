@@ -19,7 +19,7 @@ import typer
 
 from videoqa.errors import Exit, VideoQAError
 from videoqa.questions import CAPTION_PROMPT
-from videoqa.settings import DEVICES, DTYPES, QUANTIZE
+from videoqa.settings import DEVICES, DTYPES, FRAMING, QUANTIZE
 
 app = typer.Typer(
     rich_markup_mode="rich",
@@ -77,7 +77,8 @@ def _debug(value: bool) -> bool:
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", metavar="<preset|dir|hub id>", help="Preset name, local Hugging Face directory, or hub id.")
+    str, typer.Option("--model", "-m", metavar="<preset|dir|hub id>",
+                      help="Preset name, local Hugging Face directory, or hub id.")
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.")]
 DTypeOpt = Annotated[DType, typer.Option(
@@ -85,7 +86,8 @@ DTypeOpt = Annotated[DType, typer.Option(
 QuantizeOpt = Annotated[Quantize, typer.Option(
     "--quantize", help="The language model's linear layers in int8 or nf4 (bitsandbytes: pip install 'videoqa\\[quant]').")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
-    "--max-memory", metavar="<size>", help="Cap the memory the run may use below what the device has free, e.g. 6GB, 6GiB, 6000MB.",
+    "--max-memory", metavar="<size>",
+    help="Cap the memory the run may use below what the device has free, e.g. 6GB, 6GiB, 6000MB.",
     show_default=False)]
 SkipCheckOpt = Annotated[bool, typer.Option("--skip-memory-check", help="Load even if the estimate says it does not fit.")]
 class Shown(str, Enum):
@@ -105,7 +107,8 @@ NoCompileOpt = Annotated[
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the video feature cache.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr, only the answer (errors still).")]
 PromptFileOpt = Annotated[
-    Optional[Path], typer.Option("--prompt-file", metavar="<file>", help="Read the question from this file (at most 1 MB).", show_default=False)
+    Optional[Path], typer.Option("--prompt-file", metavar="<file>", show_default=False,
+                                 help="Read the question from this file (at most 1 MB).")
 ]
 
 
@@ -122,13 +125,15 @@ StartOpt = Annotated[Optional[str], typer.Option(
     "--start", callback=_time, show_default=False, metavar="<time>",
     help="Sample frames from this time on: seconds (90, 90.5) or [HH:]MM:SS[.mmm] \\[default: the start].")]
 EndOpt = Annotated[Optional[str], typer.Option(
-    "--end", callback=_time, show_default=False, metavar="<time>", help="...and before this time \\[default: the end of the video].")]
+    "--end", callback=_time, show_default=False, metavar="<time>",
+    help="...and before this time \\[default: the end of the video].")]
 SegmentsOpt = Annotated[Optional[int], typer.Option(
     "--segments", min=1, show_default=False, help="Cut the video into this many equal segments instead.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos or segments answered together.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip what --out holds already.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="<file>", help="Output file; - or none: stdout.", show_default=False)]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="<file>", help="Output file; - or none: stdout.",
+                                                show_default=False)]
 
 
 def _checker(spec):
@@ -267,7 +272,7 @@ def read_media(found, path: Path, given: dict, window):
     from videoqa.frames import seekable
     from videoqa.render import progress
 
-    framing = {"frames": given["frames"], "fps": given["fps"], "max_frames": given["max_frames"]}
+    framing = {name: given[name] for name in FRAMING}
     with seekable(path) as readable:
         found.expect(readable, given["frames"], fps=given["fps"], start=window.start, end=window.end)
         prepare(found)
@@ -299,7 +304,8 @@ def ask(
     # readable=False on file arguments: check_file says why a file cannot be read (exit 3), click would say bad usage
     video: Annotated[Path, typer.Argument(help="Video or image file.", show_default=False, readable=False)],
     question: Annotated[
-        Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False, metavar="<text>")
+        Optional[str], typer.Argument(help="What to ask about it; - reads it from stdin.", show_default=False,
+                                      metavar="<text>")
     ] = None,
     prompt_file: PromptFileOpt = None,
     window=None,
@@ -396,7 +402,8 @@ class Format(str, Enum):
 @shared_options
 def caption(
     paths: Annotated[list[Path], typer.Argument(help="Video files and folders.", show_default=False, readable=False)],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="<text>", help="The question asked of every video.")] = CAPTION_PROMPT,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="<text>",
+                                        help="The question asked of every video.")] = CAPTION_PROMPT,
     prompt_file: PromptFileOpt = None,
     out: OutOpt = None,
     fmt: Annotated[Format, typer.Option("--format", help="Record format.")] = Format.jsonl,
@@ -573,8 +580,8 @@ def find(
                        medium="video")  # no answer text
     loaded = load(found, run)
     with progress(f"Scoring {len(windows)} segments…"):
-        scored = loaded.find(video, query, windows=windows, batch_size=batch_size, frames=given["frames"],
-                             fps=given["fps"], max_frames=given["max_frames"])
+        scored = loaded.find(video, query, windows=windows, batch_size=batch_size,
+                             **{name: given[name] for name in FRAMING})
     if json_output:
         print_json({"video": display(video), "query": query, "model": loaded.name, "segments": scored})
     else:

@@ -327,18 +327,20 @@ class Video:
         if index.end <= window.start < length:  # in a truncated file, past its data but not the length it announces
             _no_frame(self.path, window, _partial(index, self.decodable(damaged=False)))
         inside = window.positions(index.times, length)
+        seconds = index.span(inside)
         try:
-            chosen = [inside[i] for i in pick(rule, len(inside), index.span(inside))]
+            chosen = [inside[i] for i in pick(rule, len(inside), seconds)]
             pixels = self.decode(chosen)
             decodable = self.decodable(damaged=False)
         except Damaged:
             decodable = self.decodable(damaged=True)
             inside = [i for i in inside if i < decodable]
-            chosen, pixels = _sample_in_order(self.path, inside, rule, index.span(inside) if inside else 0.0)
+            seconds = index.span(inside) if inside else 0.0
+            chosen, pixels = _sample_in_order(self.path, inside, rule, seconds)
             if pixels is None:
                 _no_frame(self.path, window, _partial(index, decodable))
         times = [round(index.times[i], 3) for i in chosen]
-        capped = rule.capped(len(inside), index.span(inside)) if isinstance(rule, ByTime) else []
+        capped = rule.capped(len(inside), seconds) if isinstance(rule, ByTime) else []
         return Frames(pixels=pixels, indices=chosen, times=times, warnings=[*_partial(index, decodable), *capped],
                       window=window, rule=rule)
 
