@@ -22,9 +22,9 @@ def asked(monkeypatch, tiny_model):
     monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))  # put back after the test
     calls = []
 
-    def positions(ids, padding, past):
+    def positions(ids, padding, past, visuals):
         calls.append({"length": ids.shape[1], "rows": ids.shape[0], "padded": padding is not None, "past": past})
-        return text_positions(ids, padding, past)
+        return text_positions(ids, padding, past, visuals)
 
     videoqa.register(dataclasses.replace(videoqa.family("video_llava"), positions=positions))
     return videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False), calls

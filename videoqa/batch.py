@@ -119,15 +119,17 @@ def failure(model: Engine, ready: Ready, error: str) -> dict:
                          tokens=[], frames=[], model=model.name, runtime=model.runtime, timings={}, error=error)
 
 
-def rows(model: Engine, ready: list[Ready]) -> tuple[list[list[int]], torch.Tensor]:
-    """Each job's prompt ids (its placeholder expanded to its features' rows) and all their features, in order."""
+def rows(model: Engine, ready: list[Ready]) -> tuple[list[list[int]], list]:
+    """Each job's prompt ids (its placeholder expanded by the family) and its features (a features.Visual), in
+    order."""
+    from videoqa.features import visual
     from videoqa.prompt import prompt_ids
 
-    video = model.family.video_token
-    features = [model.family.video.features(model.net, r.pixels) for r in ready]  # each video's own positions
-    ids = [prompt_ids(model.tokenizer, model.preset.template, r.job.question, video, f.shape[0])
-           for r, f in zip(ready, features)]
-    return ids, torch.cat(features)
+    family, video = model.family, model.family.video_token
+    visuals = [visual(family.video.features(model.net, r.pixels), r.frames.times) for r in ready]
+    ids = [prompt_ids(model.tokenizer, model.preset.template, r.job.question, video,
+                      family.expand(model.tokenizer, video, v)) for r, v in zip(ready, visuals)]
+    return ids, visuals
 
 
 def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict, list[str]]:
@@ -136,7 +138,7 @@ def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple
     from videoqa.decode import static_cache
 
     start = time.perf_counter()
-    ids, features = rows(model, ready)
+    ids, visuals = rows(model, ready)
     width = max(map(len, ids))
     model.check_fits(width)
     budget, cut = model.budget(settings.max_new_tokens, width)
@@ -144,7 +146,7 @@ def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple
     vision = time.perf_counter() - start
     answers: list[list[int]] = [[] for _ in ids]
     eos, prefill = model.tokenizer.eos_token_id, 0.0
-    for i, step in enumerate(model.generate(ids, features, model.family.video_token, cache, budget, settings)):
+    for i, step in enumerate(model.generate(ids, visuals, model.family.video_token, cache, budget, settings)):
         if i == 0:
             prefill = time.perf_counter() - start - vision
         for answer, token in zip(answers, step.tolist()):
@@ -207,9 +209,9 @@ def read_frames_of(job: Job, count: Rule) -> Frames:
 def score_batch(model: Engine, ready: list[Ready]) -> list[float]:
     """P(yes) / (P(yes) + P(no)) for the token after each job's prompt: one batched prefill, no decoding. Computed
     as sigmoid(logit(yes) - logit(no)), which is that ratio of the softmax without the rest of the vocabulary."""
-    ids, features = rows(model, ready)
+    ids, visuals = rows(model, ready)
     model.check_fits(max(map(len, ids)))
-    logits = model.next_logits(ids, features, model.family.video_token)  # (B, V) float32
+    logits = model.next_logits(ids, visuals, model.family.video_token)  # (B, V) float32
     yes, no = model.answer_ids
     return torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
 

@@ -82,27 +82,35 @@ class FeatureCache:
         entry = read_entry(file, key)
         if entry is None:
             return None
-        features, meta = entry
+        from videoqa.features import Visual
+
+        tensors, meta = entry
         with suppress(OSError):  # another process may remove the entry meanwhile; it has been read whole
             os.utime(file)  # recently used
-        return Frames(pixels=None, indices=json.loads(meta["indices"]), times=json.loads(meta["times"]),
+        times = json.loads(meta["times"])
+        layers = tuple(tensors[f"layer.{i}"] for i in range(sum(name.startswith("layer.") for name in tensors)))
+        features = Visual(tensors["features"], tensors.get("grid"), layers, tuple(times))
+        return Frames(pixels=None, indices=json.loads(meta["indices"]), times=times,
                       warnings=json.loads(meta["warnings"]), window=window, rule=frames), features
 
     def put(self, video: Path, frames: Frames, features) -> str | None:
-        """Store an entry; the cache is an optimisation, so a failure is returned as a reason, not raised."""
+        """Store an entry (the features' rows, grid and DeepStack layers); the cache is an optimisation, so a
+        failure is returned as a reason, not raised."""
         from safetensors.torch import save_file
 
         key = self.key(video, len(frames.indices) if frames.rule is None else frames.rule, frames.window)
-        features = features.detach().cpu().contiguous()
+        tensors = {"features": features.rows, **({} if features.grid is None else {"grid": features.grid}),
+                   **{f"layer.{i}": layer for i, layer in enumerate(features.layers)}}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         meta = {"indices": json.dumps(frames.indices), "times": json.dumps(frames.times),
                 "warnings": json.dumps(frames.warnings)}
-        meta["sha256"] = checksum(key, features, meta)
+        meta["sha256"] = checksum(key, tensors, meta)
         partial = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, partial = tempfile.mkstemp(dir=self.dir, suffix=".partial")  # one per writer
             os.close(fd)
-            save_file({"features": features}, partial, metadata=meta)
+            save_file(tensors, partial, metadata=meta)
             os.replace(partial, self.dir / f"{key}.safetensors")  # whole entries only
             evict(self.dir, self.limit)
         except OSError as e:
@@ -112,14 +120,16 @@ class FeatureCache:
         return None
 
 
-def checksum(key: str, features, meta: dict[str, str]) -> str:
+def checksum(key: str, tensors: dict, meta: dict[str, str]) -> str:
     """sha256 of everything an entry holds, and of its key: an entry is used only exactly as it was written, under
     the name it was written to. (A safetensors header checks lengths, not bytes: damaged data would read fine.)"""
     import torch
 
-    facts = [key, str(features.dtype), list(features.shape), meta]  # metadata comes back in any order: sorted
+    named = sorted(tensors.items())  # tensors and metadata come back in any order: sorted
+    facts = [key, [(name, str(t.dtype), list(t.shape)) for name, t in named], meta]
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
-    digest.update(features.contiguous().view(torch.uint8).numpy())  # the tensor's bytes, whatever its dtype
+    for _, tensor in named:
+        digest.update(tensor.contiguous().view(torch.uint8).numpy())  # the tensor's bytes, whatever its dtype
     return digest.hexdigest()
 
 
@@ -129,12 +139,12 @@ def read_entry(file: Path, key: str):
 
     try:
         with safe_open(file, framework="pt") as f:
-            features, meta = f.get_tensor("features"), dict(f.metadata() or {})
+            tensors, meta = {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
     except Exception:  # absent, or a damaged header
         return None
-    if meta.pop("sha256", None) != checksum(key, features, meta):  # damaged data or metadata, or another entry's
-        return None
-    return features, meta
+    if "features" not in tensors or meta.pop("sha256", None) != checksum(key, tensors, meta):  # damaged, or
+        return None  # another entry's
+    return tensors, meta
 
 
 def entries(directory: Path, pattern: str = "*.safetensors") -> list[Path]:

@@ -50,12 +50,14 @@ class LanguageModel(NamedTuple):
     head: torch.nn.Module
 
 
-def forward(lm: LanguageModel, embeds: torch.Tensor, cache, mask=None, positions=None) -> torch.Tensor:
+def forward(lm: LanguageModel, embeds: torch.Tensor, cache, mask=None, positions=None, extras=None) -> torch.Tensor:
     """(B, T, D) new embeddings -> (B, V) float32 logits of the last position; extends the cache.
 
-    `mask` (B, cache capacity) is 0 at left padding (None: no row is padded); `positions` are the family's.
+    `mask` (B, cache capacity) is 0 at left padding (None: no row is padded); `positions` and `extras` (more keyword
+    inputs of the body, at a prefill) are the family's.
     """
-    out = lm.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    out = lm.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                  **(extras or {}))
     return lm.head(out.last_hidden_state[:, -1]).float()
 
 
@@ -117,10 +119,12 @@ def truncate(cache, length: int) -> None:
 class Positions(NamedTuple):
     """Where tokens sit for the rotary embedding, as the family computes them (this loop computes none): `prompt`
     for the tokens prefilled, (B, T) (or (3, B, T) under M-RoPE), and `next` for the first answer token, (B, 1)
-    (or (3, B, 1)); each later answer token sits one further along every axis."""
+    (or (3, B, 1)); each later answer token sits one further along every axis. `extras`: what else the body takes
+    with the prefill (DeepStack's visual rows per layer and their mask), None for nothing."""
 
     prompt: torch.Tensor
     next: torch.Tensor
+    extras: dict | None = None
 
 
 def attention_mask(padding: torch.Tensor | None, cache) -> torch.Tensor | None:
@@ -138,7 +142,7 @@ def prefill(lm: LanguageModel, embeds: torch.Tensor, cache, positions: Positions
             padding: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) float32 logits of the token after each row: the prompt run once into the empty `cache`, left padding
     (`padding`) masked as `generate` masks it."""
-    return forward(lm, embeds, cache, attention_mask(padding, cache), positions.prompt)
+    return forward(lm, embeds, cache, attention_mask(padding, cache), positions.prompt, positions.extras)
 
 
 @torch.inference_mode()
@@ -158,7 +162,7 @@ def generate(
     generator = make_generator(sampling, embeds.device)
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
     mask = attention_mask(padding, cache)
-    logits = forward(lm, embeds, cache, mask, positions.prompt)  # prefill
+    logits = forward(lm, embeds, cache, mask, positions.prompt, positions.extras)  # prefill
     after = positions.next
     for produced in range(1, max_new_tokens + 1):
         token = next_token(logits, sampling, generator)  # (B,)

@@ -51,36 +51,39 @@ class Engine:
             hint = "; /reset to start over" if follow_up else ""
             raise VideoQAError(f"{what} needs {needed} tokens and the model's context holds {self.context}{hint}")
 
-    def generate(self, rows: list[list[int]], features, placeholder: str, cache, budget: int,
+    def generate(self, rows: list[list[int]], visuals: list, placeholder: str, cache, budget: int,
                  settings: Settings) -> Iterator:
         """The one decode path: rows of ids (left-padded into `cache` when their lengths differ, or following what
-        `cache` holds) with `features` spliced over their `placeholder` positions, prefilled, then decoded token by
-        token ((B,) ids per step)."""
+        `cache` holds) with each row's `visuals` (features.Visual) spliced over their `placeholder` positions,
+        prefilled, then decoded token by token ((B,) ids per step)."""
         from videoqa.decode import compiled_step, decode_step, generate
 
-        embeds, padding, positions = self.embedded(rows, features, placeholder, past=int(cache.get_seq_length()))
+        embeds, padding, positions = self.embedded(rows, visuals, placeholder, past=int(cache.get_seq_length()))
         step = compiled_step() if self.compiled else decode_step
         return generate(self.lm, embeds, cache, budget, self.tokenizer.eos_token_id, settings.sampling, positions,
                         padding, step)
 
-    def next_logits(self, rows: list[list[int]], features, placeholder: str):
+    def next_logits(self, rows: list[list[int]], visuals: list, placeholder: str):
         """(B, V) float32 logits of the token after each row, the rows made as for `generate`: one prefill, no
         decoding."""
         from videoqa.decode import prefill, static_cache
 
-        embeds, padding, positions = self.embedded(rows, features, placeholder, past=0)
+        embeds, padding, positions = self.embedded(rows, visuals, placeholder, past=0)
         return prefill(self.lm, embeds, static_cache(self.net.config.text_config, embeds.shape[1]), positions,
                        padding)
 
-    def embedded(self, rows: list[list[int]], features, placeholder: str, *, past: int):
-        """(B, L, D) embeddings of the rows, left-padded, with `features` over the `placeholder` positions; the
-        (B, L) mask of real tokens (None: no row is padded); and the family's positions for them after `past`
-        tokens in the cache."""
+    def embedded(self, rows: list[list[int]], visuals: list, placeholder: str, *, past: int):
+        """(B, L, D) embeddings of the rows, left-padded, with the rows of their `visuals` over the `placeholder`
+        positions (a follow-up turn has none); the (B, L) mask of real tokens (None: no row is padded); and the
+        family's positions (and extra inputs) for them after `past` tokens in the cache."""
+        import torch
+
         from videoqa.prompt import left_pad, splice
 
         ids, padding = left_pad(rows, self.pad_id, self.net.device)
-        embeds = splice(self.lm.embed, ids, features, self.tokenizer.convert_tokens_to_ids(placeholder))
-        return embeds, padding, self.family.positions(ids, padding, past)
+        placed = torch.cat([v.rows for v in visuals])
+        embeds = splice(self.lm.embed, ids, placed, self.tokenizer.convert_tokens_to_ids(placeholder))
+        return embeds, padding, self.family.positions(ids, padding, past, visuals)
 
     @functools.cached_property
     def answer_ids(self) -> tuple[int, int]:

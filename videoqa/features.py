@@ -11,11 +11,35 @@ the memory estimate.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
 
 from videoqa.pixels import anyres_pixels, best_resolution
+
+
+@dataclass(frozen=True)
+class Visual:
+    """What the vision side hands the prompt for one video or image: the rows spliced over its placeholder, and
+    what some families need beside them (the feature cache keeps all of it)."""
+
+    rows: torch.Tensor  # (N, D), one per placeholder position
+    grid: torch.Tensor | None = None  # (items, 3): the tower's (t, h, w) patches per image or video (M-RoPE)
+    layers: tuple[torch.Tensor, ...] = ()  # DeepStack: (N, D) per decoder layer it is added to
+    times: tuple[float, ...] = ()  # each frame's time (s) in the video: what time-aware prompts and positions use
+
+    def to(self, device, dtype) -> Visual:
+        return Visual(self.rows.to(device, dtype), self.grid, tuple(t.to(device, dtype) for t in self.layers),
+                      self.times)
+
+
+def visual(features: torch.Tensor | Visual, times=()) -> Visual:
+    """A family's features as a `Visual`: the LLaVA families' are its rows alone."""
+    if isinstance(features, Visual):
+        return Visual(features.rows, features.grid, features.layers, tuple(times)) if times else features
+    return Visual(features, times=tuple(times))
 
 
 def patches_per_side(config) -> int:

@@ -2,8 +2,9 @@
 
 The text is rendered from the preset's template with the placeholder counted
 once (`USER: <video>\\n{question} ASSISTANT:`), tokenised after a BOS, and the
-placeholder id is then repeated once per feature row, as transformers'
-processor does before tokenising.
+placeholder id is then replaced by the family's expansion (repeated once per
+feature row, timestamps between frames for some), as transformers' processor
+expands it before tokenising.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def prompt_ids(tokenizer, template: str, question: str, media: str, positions: int) -> list[int]:
-    """BOS + the rendered template, its single `media` token expanded to `positions` copies."""
+def prompt_ids(tokenizer, template: str, question: str, media: str, expansion: list[int]) -> list[int]:
+    """BOS (if the tokenizer has one) + the rendered template, its single `media` token replaced by `expansion`
+    (the family's: the token repeated once per feature row, with timestamps between frames for some)."""
     media_id = tokenizer.convert_tokens_to_ids(media)
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     ids = [*bos, *text_ids(tokenizer, template.format(media=media, question=question))]
     at = ids.index(media_id)
-    return ids[:at] + [media_id] * positions + ids[at + 1 :]
+    return ids[:at] + expansion + ids[at + 1 :]
 
 
 def splice(embed: torch.nn.Module, ids: torch.Tensor, features: torch.Tensor, media_id: int) -> torch.Tensor:

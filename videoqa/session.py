@@ -414,7 +414,7 @@ class Model(Engine):
         """Projected visual features, (positions, hidden): what is spliced over the placeholder; a video embedding."""
         if not isinstance(media, Media):
             media = self.media(media, frames, fps=fps, max_frames=max_frames, start=start, end=end)
-        return self.encode(media)
+        return self.encode(media).rows
 
     def caption(self, videos: str | Path | Iterable[str | Path], prompt: str | Sequence[str] | None = None, *,
                 start: Time = None, end: Time = None, batch_size: int = 4, stop: Callable[[], bool] = lambda: False,
@@ -488,15 +488,18 @@ class Model(Engine):
         return [Job(Path(video), check_question(question), window) for window in windows]
 
     def encode(self, media: Media):
-        """The media's features: from the cache, or through the vision tower (then kept in the cache)."""
-        net = self.net
+        """The media's features (a features.Visual): from the cache, or through the vision tower (then kept in the
+        cache)."""
+        from videoqa.features import visual
+
+        net, times = self.net, media.frames.times if media.frames is not None else ()
         if media.features is not None:
-            return media.features.to(net.device, net.dtype)
+            return visual(media.features, times).to(net.device, net.dtype)
         with memory.stage("the vision tower", ADVICE):
             if media.image is not None:
-                return self.family.image_features(net, media.image)
+                return visual(self.family.image_features(net, media.image))
             video = self.family.video
-            features = video.features(net, video.pixels(net.config, media.frames.pixels))
+            features = visual(video.features(net, video.pixels(net.config, media.frames.pixels)), times)
         cache = self.checkpoint.cache
         # a pipe (read through a copy) is not kept: its content, the key, cannot be read again
         problem = cache.put(media.path, media.frames, features) if cache and media.path.is_file() else None
@@ -506,13 +509,13 @@ class Model(Engine):
 
 
 class Chat:
-    """One video or image and what was said about it: its features (computed once), the ids of the whole
+    """One video or image and what was said about it: its features (`visual`, computed once), the ids of the whole
     conversation, and one static KV cache that holds them."""
 
     def __init__(self, model: Model, media: Media, settings: Settings):
         self.model, self.media, self.settings = model, media, settings
         start = time.perf_counter()
-        self.features = model.encode(media)
+        self.visual = model.encode(media)
         if model.net.device.type == "cuda":
             import torch
 
@@ -535,7 +538,8 @@ class Chat:
 
         tokenizer, preset = self.model.tokenizer, self.model.preset
         if not self.ids:
-            return prompt_ids(tokenizer, preset.template, question, self.placeholder, self.features.shape[0])
+            expansion = self.model.family.expand(tokenizer, self.placeholder, self.visual)
+            return prompt_ids(tokenizer, preset.template, question, self.placeholder, expansion)
         eos = [tokenizer.eos_token_id] if self.ids[-1] != tokenizer.eos_token_id else []
         return [*self.ids, *eos, *text_ids(tokenizer, preset.followup.format(question=question))]
 
@@ -596,7 +600,7 @@ class Chat:
         start = first = time.perf_counter()
         answer: list[int] = []
         try:
-            for tokens in self.model.generate([ids[cached:]], self.features, self.placeholder, cache, budget, settings):
+            for tokens in self.model.generate([ids[cached:]], [self.visual], self.placeholder, cache, budget, settings):
                 if not answer:
                     first = time.perf_counter()
                     timings["prefill"] = first - start

@@ -12,6 +12,7 @@ import torch
 
 from videoqa import features, pixels
 from videoqa.decode import LanguageModel, Positions
+from videoqa.features import Visual
 
 VICUNA = "USER: {media}\n{question} ASSISTANT:"  # llava_v1, as the HF ports render it; {media} is the placeholder
 VICUNA_FOLLOWUP = "USER: {question} ASSISTANT:"  # later turns: `... ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
@@ -19,14 +20,20 @@ DESCRIBE = "Describe what happens in this part of the video."  # a timeline's qu
 FIND = "Does this part of the video show: {query}? Answer yes or no."  # find's question; the answer's first token
 
 
-def text_positions(ids: torch.Tensor, padding: torch.Tensor | None, past: int) -> Positions:
+def text_positions(ids: torch.Tensor, padding: torch.Tensor | None, past: int, visuals=()) -> Positions:
     """1-D positions (the LLaVA families): (B, T) `ids` after `past` tokens in the cache count on from `past`,
-    left padding left out of the count (as `generate` counts with its attention mask)."""
+    left padding left out of the count (as `generate` counts with its attention mask); the media take one position
+    per row, so their `visuals` do not matter."""
     batch, length = ids.shape
     if padding is None:
         prompt = torch.arange(past, past + length, device=ids.device).expand(batch, -1)
         return Positions(prompt, torch.full((batch, 1), past + length, device=ids.device))
     return Positions((padding.cumsum(-1) - 1).clamp(min=0) + past, padding.sum(-1, keepdim=True) + past)
+
+
+def repeated(tokenizer, placeholder: str, visual: Visual) -> list[int]:
+    """The placeholder's id once per feature row: what the LLaVA processors expand `<video>` and `<image>` to."""
+    return [tokenizer.convert_tokens_to_ids(placeholder)] * visual.rows.shape[0]
 
 
 def clip_frames(config, frames):
@@ -69,5 +76,8 @@ class Family:
     generation: dict[str, Any] = field(default_factory=dict)  # setting defaults over the built-in ones
     language_model: Callable[[Any], LanguageModel] = field(default=lambda net: LanguageModel(
         net.get_input_embeddings(), net.model.language_model, net.lm_head))  # what decodes, in the loaded class
-    # (ids (B, T), left padding (B, T) or None, tokens already in the cache) -> where the prompt and answer sit
-    positions: Callable[[Any, Any, int], Positions] = text_positions
+    # (ids (B, T), left padding (B, T) or None, tokens already in the cache, each row's Visual) -> where the prompt
+    # and answer sit, and what else the body takes with the prefill
+    positions: Callable[[Any, Any, int, Any], Positions] = text_positions
+    # (tokenizer, placeholder, Visual) -> the ids that stand for the media in the prompt, one per row it takes
+    expand: Callable[[Any, str, Visual], list[int]] = repeated
