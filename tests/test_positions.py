@@ -18,13 +18,13 @@ VIDEOS = [asset("videos/videollava_sample_demo_1.mp4"), asset("videos/videollava
 
 @pytest.fixture
 def asked(monkeypatch, tiny_model):
-    """The tiny model under a registered copy of its family whose positions function records each call."""
+    """The tiny model under a registered copy of its family whose positions function records each call (it is handed the whole rows, and the tokens the cache holds)."""
     monkeypatch.setattr(families, "FAMILIES", dict(families.FAMILIES))  # put back after the test
     calls = []
 
-    def positions(ids, padding, past, visuals):
+    def positions(net, ids, padding, past, visuals):
         calls.append({"length": ids.shape[1], "rows": ids.shape[0], "padded": padding is not None, "past": past})
-        return text_positions(ids, padding, past, visuals)
+        return text_positions(ids[:, past:], padding, past)
 
     videoqa.register(dataclasses.replace(videoqa.family("video_llava"), positions=positions))
     return videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False), calls

@@ -6,6 +6,7 @@ becomes its record. The same batches, prefilled only, give `find`'s yes/no score
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,7 @@ import torch
 
 from videoqa import output
 from videoqa.errors import VideoQAError
-from videoqa.frames import Frames, Rule
+from videoqa.frames import Frames, Sampler
 from videoqa.engine import Engine
 from videoqa.memory import ADVICE
 from videoqa.settings import Settings
@@ -192,18 +193,18 @@ def records(model: Engine, jobs: list[Job], settings: Settings, batch_size: int,
     """One record per job, in order, a batch at a time; `stop()` is asked after each batch; out-of-memory back-offs
     are counted in `stats`. `read`: how a job's frames are read (by default each video opened on its own, one
     decoder thread each, `workers` at once)."""
-    rule = model.checkpoint.sampler(settings)
-    read = read or (lambda job: read_frames_of(job, rule))
+    read = read or (lambda job: read_frames_of(job, functools.partial(model.checkpoint.sampler, settings)))
     for ready in ready_batches(model, jobs, read, batch_size, workers):
         yield from batch_records(model, ready, settings, stats)
         if stop():
             return
 
 
-def read_frames_of(job: Job, count: Rule) -> Frames:
-    from videoqa.frames import read_frames
+def read_frames_of(job: Job, sampler: Sampler) -> Frames:
+    from videoqa.frames import open_video
 
-    return read_frames(job.video, count, threads=1, window=job.window)
+    with open_video(job.video, threads=1) as video:
+        return video.sample(sampler(video.size), job.window)
 
 
 def score_batch(model: Engine, ready: list[Ready]) -> list[float]:

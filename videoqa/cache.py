@@ -21,7 +21,7 @@ from stat import S_ISREG
 
 from videoqa.errors import VideoQAError
 from videoqa import frames as framing
-from videoqa.frames import Frames, Rule
+from videoqa.frames import Frames, Rule, Sampler
 from videoqa.windows import WHOLE, Window
 
 FRAME_RULE = "linspace(0,n-1,N)/v2"  # change when the frame sampling changes, to orphan old entries (v2: PyAV)
@@ -226,14 +226,15 @@ def open_cache(path: Path, dtype) -> FeatureCache:
     return FeatureCache(model_identity(path, dtype), limit)
 
 
-def read_video(path: Path, frames: Rule, cache: FeatureCache | None, window: Window = WHOLE):
+def read_video(path: Path, sampler: Sampler, cache: FeatureCache | None, window: Window = WHOLE):
     """(Frames, features) of a video (or a `window` of it) the cache knows (then no frame is decoded), else
-    (Frames, None).
+    (Frames, None); the frames chosen by the rule `sampler` gives for the video's frame size.
 
     The video is opened before it is hashed for the cache's key: a file that is not a video is refused at once,
     not after being read whole (a minute for 20 GB). On a miss the frames are read through that same reader.
     """
     with framing.open_video(path) as video:
+        frames = sampler(video.size)
         if cache is not None:
             hit = cache.get(path, frames, window)
             if hit is not None:

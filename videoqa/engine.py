@@ -53,9 +53,9 @@ class Engine:
 
     def generate(self, rows: list[list[int]], visuals: list, placeholder: str, cache, budget: int,
                  settings: Settings) -> Iterator:
-        """The one decode path: rows of ids (left-padded into `cache` when their lengths differ, or following what
-        `cache` holds) with each row's `visuals` (features.Visual) spliced over their `placeholder` positions,
-        prefilled, then decoded token by token ((B,) ids per step)."""
+        """The one decode path: rows of ids (left-padded into `cache` when their lengths differ; or a conversation
+        whose start `cache` holds) with each row's `visuals` (features.Visual) spliced over their `placeholder`
+        positions, what the cache lacks prefilled, then decoded token by token ((B,) ids per step)."""
         from videoqa.decode import compiled_step, decode_step, generate
 
         embeds, padding, positions = self.embedded(rows, visuals, placeholder, past=int(cache.get_seq_length()))
@@ -73,17 +73,17 @@ class Engine:
                        padding)
 
     def embedded(self, rows: list[list[int]], visuals: list, placeholder: str, *, past: int):
-        """(B, L, D) embeddings of the rows, left-padded, with the rows of their `visuals` over the `placeholder`
-        positions (a follow-up turn has none); the (B, L) mask of real tokens (None: no row is padded); and the
-        family's positions (and extra inputs) for them after `past` tokens in the cache."""
+        """(B, L - past, D) embeddings of the rows' tokens after the `past` ones the cache holds, left-padded, with
+        the rows of their `visuals` over the `placeholder` positions (a follow-up turn has none); the (B, L) mask of
+        real tokens (None: no row is padded); and the family's positions (and extra inputs) for them."""
         import torch
 
         from videoqa.prompt import left_pad, splice
 
         ids, padding = left_pad(rows, self.pad_id, self.net.device)
         placed = torch.cat([v.rows for v in visuals])
-        embeds = splice(self.lm.embed, ids, placed, self.tokenizer.convert_tokens_to_ids(placeholder))
-        return embeds, padding, self.family.positions(ids, padding, past, visuals)
+        embeds = splice(self.lm.embed, ids[:, past:], placed, self.tokenizer.convert_tokens_to_ids(placeholder))
+        return embeds, padding, self.family.positions(self.net, ids, padding, past, visuals)
 
     @functools.cached_property
     def answer_ids(self) -> tuple[int, int]:

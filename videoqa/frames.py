@@ -25,7 +25,7 @@ import stat
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +67,7 @@ class ByTime:
 
 
 Rule = int | ByTime  # how frames are chosen: a count spread uniformly (--frames), or by time (--fps)
+Sampler = Callable[[tuple[int, int]], Rule]  # a video's rule from its frames' (height, width): caps by tokens need it
 
 
 @dataclass
@@ -279,6 +280,11 @@ class Video:
     def close(self) -> None:
         """Close the file (it must not be read afterwards: PyAV does not check)."""
         self.container.close()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The frames' (height, width) as coded (a quarter turn swaps them, which changes no token count)."""
+        return self.stream.codec_context.height, self.stream.codec_context.width
 
     @property
     def index(self) -> Index:

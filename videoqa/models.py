@@ -240,12 +240,26 @@ def context(config) -> int:
 
 
 def check_feature_layers(config) -> None:
-    """The vision tower's layers the features are read from must exist (-1 is the last; 0 the embeddings)."""
+    """The vision tower's layers the features are read from must exist (-1 is the last; 0 the embeddings); the
+    families that read the tower's own output name none."""
+    if not hasattr(config, "vision_feature_layer"):
+        return
     count = config.vision_config.num_hidden_layers
     layers = config.vision_feature_layer
     for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
         if count < 1 or not -count - 1 <= layer <= count:
             raise ValueError(f"vision_feature_layer {layer} is not one of the vision tower's {count} layers")
+
+
+def preprocessing(path: Path) -> dict[str, dict]:
+    """The checkpoint's image and video preprocessor settings ({} for a file it lacks): the Qwen and SmolVLM
+    families size their frames by them. Without a video file the video settings are the image file's, as
+    transformers' video processors read them (Qwen2.5-VL's hub checkpoints have none)."""
+    found = {}
+    for kind, name in (("image", "preprocessor_config.json"), ("video", "video_preprocessor_config.json")):
+        file = path / name
+        found[kind] = json.loads(file.read_text()) if file.is_file() else None
+    return {"image": found["image"] or {}, "video": found["video"] or found["image"] or {}}
 
 
 def model_class(found: Family):
@@ -284,6 +298,7 @@ def config_of(path: Path, found: Family):
         # The class's own model_type: transformers picks the checkpoint's key renames by it, and a registered
         # family may name another (a renamed copy of Video-LLaVA's entry is still read as Video-LLaVA)
         config.model_type = type(config).model_type
+        config.preprocessing = preprocessing(path)
         if context(config) < 1:
             raise ValueError(f"max_position_embeddings is {config.text_config.max_position_embeddings}")
         check_feature_layers(config)

@@ -26,7 +26,7 @@ from videoqa.engine import Engine
 from videoqa.memory import ADVICE
 from videoqa import windows as timing
 from videoqa.errors import VideoQAError
-from videoqa.frames import ByTime, Frames, Rule, check_file, is_image, read_image
+from videoqa.frames import ByTime, Frames, Rule, Sampler, check_file, is_image, read_image
 from videoqa.settings import DEVICES, DTYPES, FRAMING, QUANTIZE, Settings, defaults
 from videoqa.windows import Window
 
@@ -126,20 +126,22 @@ class Checkpoint:
         preset = self.preset if self.preset is not None else self.resolve().preset
         return defaults(preset.frames, preset.generation).changed(**chosen)
 
-    def sampler(self, settings: Settings) -> Rule:
-        """How a video's frames are chosen: `frames` spread evenly, or (`fps` set) by time, capped by `max_frames`,
-        by what the model's context holds and, with the memory check on, by what the memory holds (the cap that
-        cuts the rate is named in the frames' warnings)."""
+    def sampler(self, settings: Settings, size: tuple[int, int] | None = None) -> Rule:
+        """How the frames of a video of frame `size` (height, width) are chosen: `frames` spread evenly, or (`fps`
+        set) by time, at least the family's fewest, capped by `max_frames`, by what the model's context holds and,
+        with the memory check on, by what the memory holds (the cap that cuts the rate is named in the frames'
+        warnings). The size matters where a frame's tokens follow it (Qwen's dynamic resolution)."""
         if settings.fps is None:
             return settings.frames
         self.resolve()
+        video = self.preset.family.video
         caps = [(settings.max_frames, "--max-frames")] if settings.max_frames is not None else []
         room = self.context - memory.TEXT  # the question's text and the template take some of the context
-        caps.append((self.preset.family.video.max_frames(self.config, room), "the model's context"))
+        caps.append((video.max_frames(self.config, room, size), "the model's context"))
         if self.check_memory:
-            caps.append((self.most_frames(self.memory_budget(), caps[-1][0] + 1), "the memory free"))
+            caps.append((self.most_frames(self.memory_budget(), caps[-1][0] + 1, size), "the memory free"))
         most, why = min(caps, key=lambda cap: cap[0])
-        return ByTime(settings.fps, max(most, 1), why)
+        return ByTime(settings.fps, max(most, 1), why, least=min(video.least, max(most, 1)))
 
     def memory_budget(self) -> float:
         """Bytes the whole run may take: what the device has free (plus, once loaded, the weights it holds
@@ -209,17 +211,19 @@ class Checkpoint:
         path, began = Path(path), time.perf_counter()
         if image:
             return Media(path, image=read_image(path), seconds=time.perf_counter() - began)
-        sampled, features = read_video(path, self.sampler(settings), self.cache, timing.window(start, end))
+        sampler = functools.partial(self.sampler, settings)
+        sampled, features = read_video(path, sampler, self.cache, timing.window(start, end))
         for warning in sampled.warnings:
             log.warning(f"{output.display(path)}: {warning}")
         return Media(path, frames=sampled, features=features, seconds=time.perf_counter() - began)
 
     def estimate(self, *, frames: int | None = None, max_new_tokens: int | None = None, batch_size: int = 1,
-                 medium: str | None = None, quantize: str | None = None,
-                 dtype_bytes: int | None = None) -> memory.Estimate:
+                 medium: str | None = None, quantize: str | None = None, dtype_bytes: int | None = None,
+                 size: tuple[int, int] | None = None) -> memory.Estimate:
         """What a question of `frames` frames (the preset's by default; `medium` "image": the family's largest
-        image instead) answered with up to `max_new_tokens` tokens, `batch_size` at a time, will need on the
-        device: known before a weight is read (for a preset not downloaded yet, from its table)."""
+        image instead) of frame `size` (the family's reference size by default) answered with up to
+        `max_new_tokens` tokens, `batch_size` at a time, will need on the device: known before a weight is read
+        (for a preset not downloaded yet, from its table)."""
         if self.config is None and not (self.preset and self.preset.memory):
             self.resolve()
         settings = self.settings(frames=frames, max_new_tokens=max_new_tokens)
@@ -230,10 +234,10 @@ class Checkpoint:
         if self.config is None:
             return memory.from_table(self.preset.memory, image=image, frames=settings.frames,
                                      new_tokens=settings.max_new_tokens, **run)
-        vision = self.config.vision_config
-        tower_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-        tiles, positions = (self.preset.family.largest_image(self.config) if image else
-                            (settings.frames, video.positions(self.config, settings.frames)))
+        family = self.preset.family
+        tiles, positions = (family.largest_image(self.config) if image else
+                            (settings.frames, video.positions(self.config, settings.frames, size)))
+        tower_tokens = family.tower_tokens(self.config, positions // max(tiles, 1))
         positions += memory.TEXT
         new_tokens = min(settings.max_new_tokens, max(models.context(self.config) - positions, 0))  # decode stops there
         return memory.estimate(self.shape, positions=positions, frames=tiles, tower_tokens=tower_tokens,
@@ -287,13 +291,13 @@ class Checkpoint:
         if most:
             yield f"--frames {most}", self.estimate(**{**self.workload, "frames": most}).total, ""
 
-    def most_frames(self, have: float, high: int) -> int:
-        """The most frames below `high` whose run fits in `have` bytes (0: none), found by bisection: the estimate
-        grows with the frames."""
+    def most_frames(self, have: float, high: int, size: tuple[int, int] | None = None) -> int:
+        """The most frames below `high` (of frame `size`) whose run fits in `have` bytes (0: none), found by
+        bisection: the estimate grows with the frames."""
         low = 0  # low fits (or is 0), high does not
         while high - low > 1:
             middle = (low + high) // 2
-            fits = self.estimate(**{**self.workload, "frames": middle}).total <= have
+            fits = self.estimate(**{**self.workload, "frames": middle, "size": size}).total <= have
             low, high = (middle, high) if fits else (low, middle)
         return low
 
@@ -342,7 +346,7 @@ def segments(video: str | Path, *, every: str | float | None = None, count: int 
 
 
 @contextmanager
-def _walker(video: str | Path, frames: Rule) -> Iterator[Callable]:
+def _walker(video: str | Path, sampler: Sampler) -> Iterator[Callable]:
     """How a job's frames are read for the segments of one video: chosen by `frames` from its window by one decoder
     that walks the file forward (segments in order: a single pass, seeking past what no segment needs). The video
     is closed only once no segment is being read from it on the background thread (a run stopped early leaves one
@@ -352,6 +356,7 @@ def _walker(video: str | Path, frames: Rule) -> Iterator[Callable]:
     from videoqa.frames import open_video
 
     opened, lock, closed = open_video(Path(video)), threading.Lock(), threading.Event()
+    frames = sampler(opened.size)  # the rule for this video
 
     def read(job):
         with lock:
@@ -452,7 +457,7 @@ class Model(Engine):
         chosen = self.settings(**settings)
         jobs = self._segment_jobs(video, prompt or self.preset.describe, chosen, every=every, count=count,
                                   windows=windows, default=30)
-        with _walker(video, self.checkpoint.sampler(chosen)) as read:
+        with _walker(video, functools.partial(self.checkpoint.sampler, chosen)) as read:
             answered = records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats, read=read,
                                workers=1)
             for rec, job in zip(answered, jobs):
@@ -472,7 +477,7 @@ class Model(Engine):
         chosen = self.settings(frames=frames, fps=fps, max_frames=max_frames)
         question = FIND.format(query=check_question(query).rstrip(".?! "))
         jobs = self._segment_jobs(video, question, chosen, every=every, count=count, windows=windows, default=10)
-        with _walker(video, self.checkpoint.sampler(chosen)) as read:
+        with _walker(video, functools.partial(self.checkpoint.sampler, chosen)) as read:
             return list(scores(self, jobs, read, batch_size, workers=1))
 
     def _segment_jobs(self, video: str | Path, question: str, settings: Settings, *, every: str | float | None,
@@ -600,7 +605,7 @@ class Chat:
         start = first = time.perf_counter()
         answer: list[int] = []
         try:
-            for tokens in self.model.generate([ids[cached:]], [self.visual], self.placeholder, cache, budget, settings):
+            for tokens in self.model.generate([ids], [self.visual], self.placeholder, cache, budget, settings):
                 if not answer:
                     first = time.perf_counter()
                     timings["prefill"] = first - start

@@ -20,10 +20,9 @@ DESCRIBE = "Describe what happens in this part of the video."  # a timeline's qu
 FIND = "Does this part of the video show: {query}? Answer yes or no."  # find's question; the answer's first token
 
 
-def text_positions(ids: torch.Tensor, padding: torch.Tensor | None, past: int, visuals=()) -> Positions:
+def text_positions(ids: torch.Tensor, padding: torch.Tensor | None, past: int) -> Positions:
     """1-D positions (the LLaVA families): (B, T) `ids` after `past` tokens in the cache count on from `past`,
-    left padding left out of the count (as `generate` counts with its attention mask); the media take one position
-    per row, so their `visuals` do not matter."""
+    left padding left out of the count (as `generate` counts with its attention mask)."""
     batch, length = ids.shape
     if padding is None:
         prompt = torch.arange(past, past + length, device=ids.device).expand(batch, -1)
@@ -48,14 +47,23 @@ def siglip_frames(config, frames):
 class Videos:
     """How a family answers about videos: frames to pixels, pixels to rows, and the rows' count in advance."""
 
-    pixels: Callable[[Any, Any], Any]  # (config, (N, H, W, 3) uint8 frames) -> (N, 3, S, S) float32
-    features: Callable[[Any, Any], Any]  # (net, pixels) -> (positions, D)
-    positions: Callable[[Any, int], int]  # (config, frames) -> positions, known before anything is decoded
+    pixels: Callable[[Any, Any], Any]  # (config, (N, H, W, 3) uint8 frames) -> what `features` takes
+    features: Callable[[Any, Any], Any]  # (net, pixels) -> (positions, D) rows, or a features.Visual
+    # (config, frames, frame (height, width) or None for the family's reference size) -> the prompt positions the
+    # video takes, known before anything is decoded (a frame's tokens follow its size under dynamic resolution)
+    positions: Callable[..., int]
+    least: int = 1  # the fewest frames --fps samples (the processor's minimum)
 
-    def max_frames(self, config, context: int) -> int:
-        """The most frames whose video alone leaves a position free in `context`."""
-        empty, one = self.positions(config, 0), self.positions(config, 1)
-        return (context - 1 - empty) // (one - empty)
+    def max_frames(self, config, context: int, size: tuple[int, int] | None = None) -> int:
+        """The most frames whose video alone leaves a position free in `context` (a bisection: positions grow with
+        the frames, not always in equal steps)."""
+        low, high = 0, 1
+        while self.positions(config, high, size) < context:
+            low, high = high, high * 2
+        while high - low > 1:  # positions(low) < context <= positions(high)
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.positions(config, middle, size) < context else (low, middle)
+        return low
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,13 @@ class Family:
     generation: dict[str, Any] = field(default_factory=dict)  # setting defaults over the built-in ones
     language_model: Callable[[Any], LanguageModel] = field(default=lambda net: LanguageModel(
         net.get_input_embeddings(), net.model.language_model, net.lm_head))  # what decodes, in the loaded class
-    # (ids (B, T), left padding (B, T) or None, tokens already in the cache, each row's Visual) -> where the prompt
-    # and answer sit, and what else the body takes with the prefill
-    positions: Callable[[Any, Any, int, Any], Positions] = text_positions
+    # (net, the whole rows' ids (B, T), left padding (B, T) or None, tokens already in the cache, each row's Visual)
+    # -> where the tokens after the cached ones and the answer sit, and what else the body takes with the prefill;
+    # 1-D by default (a media row, a position)
+    positions: Callable[[Any, Any, Any, int, Any], Positions] = (
+        lambda net, ids, padding, past, visuals: text_positions(ids[:, past:], padding, past))
+    # (config, positions a tower tile's rows take) -> the tokens the tower runs on for it (the memory estimate)
+    tower_tokens: Callable[[Any, int], int] = (
+        lambda config, per_tile: (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1)
     # (tokenizer, placeholder, Visual) -> the ids that stand for the media in the prompt, one per row it takes
     expand: Callable[[Any, str, Visual], list[int]] = repeated

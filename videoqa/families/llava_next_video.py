@@ -20,6 +20,6 @@ def video_features(net, pixels: np.ndarray) -> torch.Tensor:
 FAMILY = Family(
     "llava_next_video", "LlavaNextVideoForConditionalGeneration", anyres_image, anyres_image_bound,
     video=Videos(clip_frames, video_features,
-                 lambda config, n: n * (patches_per_side(config) // config.spatial_pool_stride) ** 2),
+                 lambda config, n, size=None: n * (patches_per_side(config) // config.spatial_pool_stride) ** 2),
     vision_modules=("model.vision_tower", "model.vision_resampler", "model.multi_modal_projector", "model.image_newline"),
 )

@@ -84,6 +84,6 @@ def largest_image(config) -> tuple[int, int]:
 FAMILY = Family(
     "llava_onevision", "LlavaOnevisionForConditionalGeneration", image_features, largest_image,
     template=TEMPLATE, followup=FOLLOWUP,
-    video=Videos(siglip_frames, video_features, lambda config, n: n * pooled_side(config) ** 2 + 1),
+    video=Videos(siglip_frames, video_features, lambda config, n, size=None: n * pooled_side(config) ** 2 + 1),
     vision_modules=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
 )

@@ -27,6 +27,6 @@ def image_features(net, image: Image.Image) -> torch.Tensor:
 
 FAMILY = Family(
     "video_llava", "VideoLlavaForConditionalGeneration", image_features,
-    video=Videos(clip_frames, video_features, lambda config, n: n * (patches_per_side(config) ** 2 + 1)),
+    video=Videos(clip_frames, video_features, lambda config, n, size=None: n * (patches_per_side(config) ** 2 + 1)),
     vision_modules=("model.video_tower", "model.image_tower", "model.multi_modal_projector"),
 )

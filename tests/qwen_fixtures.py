@@ -1,0 +1,110 @@
+"""Tiny random Qwen2.5-VL and Qwen3-VL checkpoints built offline with the real geometry, and transformers' own way
+of prompting them.
+
+The tokenizer is tests/onevision_fixtures' Qwen2-shaped BPE with the Qwen-VL special tokens in their real order
+after `<|endoftext|>` (real ids 151643...; here V...: read them from the tokenizer):
+
+    <|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> <|box_end|>
+    <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|>
+
+The geometry is the real one (14 px patches and window attention for Qwen2.5-VL, 16 px and DeepStack for Qwen3-VL;
+two frames a temporal patch, 2 x 2 merge, M-RoPE sections in the real proportion); the widths are tiny, and the
+preprocessor's pixel bounds are small so a frame takes a few tokens. The chat template is the hub's, verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import save_tiny
+
+SPECIALS = ("<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+            "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+            "<|image_pad|>", "<|video_pad|>")
+
+# chat_template.json of Qwen/Qwen2.5-VL-{3B,7B}-Instruct, verbatim
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+# Small pixel bounds, the real patch geometry: a 640 x 360 frame becomes 84 x 140 px, 3 x 5 merged tokens
+QWEN2_5_VL_PREPROCESSOR = {
+    "min_pixels": 3136, "max_pixels": 12544, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+}
+
+
+def build_qwen_tokenizer(directory: Path):
+    from onevision_fixtures import build_tokenizer_qwen2
+
+    tokenizer = build_tokenizer_qwen2(directory)
+    tokenizer.add_tokens([t for t in SPECIALS if t not in tokenizer.get_vocab()], special_tokens=True)
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
+
+
+def ids_of(tokenizer) -> dict[str, int]:
+    return {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in
+            ("vision_start", "vision_end", "image_pad", "video_pad", "im_end", "endoftext")}
+
+
+def build_qwen2_5_vl(directory: Path, seed: int = 0, *, init: float = 0.2) -> Path:
+    """A 2-layer Qwen2.5-VL: tower of 2 blocks (the second with full attention), 112 px attention windows."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen_tokenizer(directory)
+    ids = ids_of(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                         eos_token_id=ids["im_end"], pad_token_id=ids["endoftext"], initializer_range=init),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1], tokens_per_second=2, initializer_range=init),
+        image_token_id=ids["image_pad"], video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"], eos_token_id=ids["im_end"], pad_token_id=ids["endoftext"],
+        tie_word_embeddings=True, initializer_range=init,
+    )
+    save_tiny(directory, Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed)
+    (directory / "preprocessor_config.json").write_text(json.dumps(QWEN2_5_VL_PREPROCESSOR))
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}))
+    return directory
+
+
+def chat_text(directory: Path, turns: list[tuple[str, str | None]], medium: str = "video") -> str:
+    """The checkpoint's chat template rendered as transformers renders it, for `turns` of (question, answer or None
+    for the one to come); the media goes with the first question."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    template = json.loads((directory / "chat_template.json").read_text())["chat_template"]
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        content = ([{"type": medium}] if i == 0 else []) + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def expanded_ids(directory: Path, text: str, grid, medium: str = "video") -> list[int]:
+    """The processor's way (`Qwen2_5_VLProcessor.replace_*_token`): the pad repeated t*h*w / merge^2 times in the
+    text, then the whole text tokenised."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    pad = f"<|{medium}_pad|>"
+    text = text.replace(pad, pad * (int(grid.prod()) // 4), 1)
+    return tokenizer(text, add_special_tokens=False).input_ids
