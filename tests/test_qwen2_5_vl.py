@@ -1,0 +1,174 @@
+"""Qwen2.5-VL on a tiny random checkpoint with the real geometry (tests/qwen_fixtures.py): greedy answers equal
+transformers' `generate` on the same weights, pixels and prompt ids (built the processor's way: the chat template
+rendered, the pad repeated once per merged token), for a video sampled by time and by count, a time window, an
+image, a two-turn chat and a left-padded caption batch; the features equal `get_video_features`; the hub's file
+layout (flat config.json with `rope_scaling`, legacy weight names, sharded safetensors) loads through `-m DIR`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import videoqa
+from conftest import asset, needs_assets
+from qwen_fixtures import build_qwen2_5_vl, chat_text, expanded_ids
+from videoqa.families.qwen2_5_vl import video_bounds
+from videoqa.pixels import qwen_video_pixels
+
+pytestmark = needs_assets
+VIDEOS = [asset("videos/videollava_sample_demo_1.mp4"), asset("videos/videollava_sample_demo_3.mp4")]
+IMAGE = asset("images/videollava_waterview.jpg")
+QUESTION = "Why is this video funny?"
+
+
+@pytest.fixture(scope="session")
+def qwen25(tmp_path_factory):
+    return build_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
+
+
+@pytest.fixture(scope="session")
+def loaded(qwen25):
+    return videoqa.load(qwen25, device="cpu", dtype="float32", cache=False)
+
+
+@pytest.fixture(scope="session")
+def reference(qwen25):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(qwen25).eval()
+
+
+def video_inputs(model, media) -> dict:
+    """The video's pixels, grid and seconds per temporal patch as `generate` takes them: the pixels are ours
+    (tests/test_qwen_pixels.py checks them against the processor); the seconds from the frames' times."""
+    pixels, grid = qwen_video_pixels(media.frames.pixels, **video_bounds(model.net.config))
+    times = media.frames.times
+    seconds = 2 * (times[-1] - times[0]) / (len(times) - 1)
+    return {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid]),
+            "second_per_grid_ts": torch.tensor([seconds])}
+
+
+def generated(net, rows: list[list[int]], max_new_tokens: int, **inputs) -> list[list[int]]:
+    """transformers' greedy answers for left-padded rows, each cut at its EOS."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[net.config.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    types = (ids == net.config.image_token_id).int() + 2 * (ids == net.config.video_token_id).int()
+    out = net.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, max_new_tokens=max_new_tokens,
+                       do_sample=False, **inputs)[:, width:].tolist()
+    eos = net.config.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+
+
+@pytest.mark.parametrize("framing", [{"fps": 0.5}, {"frames": 5}, {"frames": 4, "start": 2.5, "end": 6}])
+def test_ask_a_video_equals_generate(qwen25, loaded, reference, framing):
+    window = {k: framing.pop(k) for k in ("start", "end") if k in framing}
+    media = loaded.media(VIDEOS[0], **framing, **window)
+    answer = loaded.ask(media, QUESTION, max_new_tokens=10)
+    inputs = video_inputs(loaded, media)
+    ids = expanded_ids(qwen25, chat_text(qwen25, [(QUESTION, None)]), inputs["video_grid_thw"][0])
+    assert answer.tokens == generated(reference, [ids], 10, **inputs)[0]
+    assert len({*answer.tokens}) > 1  # not one token repeated: the comparison has teeth
+
+
+def test_fps_samples_by_time_and_the_answer_follows_the_frames(loaded):
+    by_time = loaded.media(VIDEOS[0], fps=0.5)
+    assert len(by_time.frames.indices) == 4  # int(9.72 s x 0.5) frames, the default minimum of 4 too
+    other = loaded.ask(VIDEOS[1], QUESTION, fps=0.5, max_new_tokens=10).tokens
+    assert loaded.ask(by_time, QUESTION, max_new_tokens=10).tokens != other
+
+
+def test_an_image_equals_generate(qwen25, loaded, reference):
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil(**json.loads((qwen25 / "preprocessor_config.json").read_text()))
+    pixels = processor(Image.open(IMAGE).convert("RGB"), return_tensors="pt")
+    answer = loaded.ask(IMAGE, "What is shown in this image?", max_new_tokens=10)
+    ids = expanded_ids(qwen25, chat_text(qwen25, [("What is shown in this image?", None)], "image"),
+                       pixels.image_grid_thw[0], "image")
+    assert answer.tokens == generated(reference, [ids], 10, pixel_values=pixels.pixel_values,
+                                      image_grid_thw=pixels.image_grid_thw)[0]
+
+
+def test_a_two_turn_chat_equals_generate_on_the_whole_conversation(qwen25, loaded, reference):
+    media = loaded.media(VIDEOS[0], frames=4)
+    chat = loaded.chat(media)
+    first = chat.ask(QUESTION, max_new_tokens=6)
+    second = chat.ask("What happens next?", max_new_tokens=6)
+    inputs = video_inputs(loaded, media)
+    ids = expanded_ids(qwen25, chat_text(qwen25, [(QUESTION, None)]), inputs["video_grid_thw"][0])
+    assert first.tokens == generated(reference, [ids], 6, **inputs)[0]
+    # turn 2: turn 1's ids, its answer, then what the template writes after an answer and the next question
+    both = chat_text(qwen25, [(QUESTION, "ANSWER"), ("What happens next?", None)])
+    after = both[both.index("ANSWER") + len("ANSWER"):].removeprefix("<|im_end|>")
+    tokenizer = loaded.tokenizer
+    eos = [] if first.tokens[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+    rows = ids + first.tokens + eos + tokenizer(after, add_special_tokens=False).input_ids
+    assert second.tokens == generated(reference, [rows], 6, **inputs)[0]
+
+
+def test_a_caption_batch_of_prompts_of_different_lengths_equals_generate(qwen25, loaded, reference):
+    questions = [QUESTION, "What is happening in the video, and why is it funny?"]
+    records = list(loaded.caption(VIDEOS, questions, frames=4, max_new_tokens=8, batch_size=2))
+    medias = [loaded.media(video, frames=4) for video in VIDEOS]
+    inputs = [video_inputs(loaded, media) for media in medias]
+    rows = [expanded_ids(qwen25, chat_text(qwen25, [(q, None)]), i["video_grid_thw"][0])
+            for q, i in zip(questions, inputs)]
+    batched = {key: torch.cat([i[key] for i in inputs]) for key in inputs[0]}
+    assert [r["tokens"] for r in records] == generated(reference, rows, 8, **batched)
+
+
+def test_features_equal_get_video_features(loaded, reference):
+    media = loaded.media(VIDEOS[1], frames=4)
+    inputs = video_inputs(loaded, media)
+    with torch.inference_mode():
+        theirs = reference.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    assert torch.allclose(loaded.features(media), theirs.pooler_output[0], atol=1e-5)
+
+
+def test_positions_for_the_context_check_count_the_frames_tokens(loaded):
+    """--frames beyond what the context holds is refused before reading, with the most that fit; a 640 x 360
+    frame pair takes 3 x 5 merged tokens at the fixture's pixel bounds."""
+    config = loaded.net.config
+    assert loaded.family.video.positions(config, 4, (360, 640)) == 2 * 15
+    assert loaded.family.video.positions(config, 5, (360, 640)) == 3 * 15  # an odd count: the last frame repeated
+
+
+def hub_layout(saved, directory):
+    """The checkpoint as the hub publishes Qwen2.5-VL: config.json flat (the text model's fields at the top, M-RoPE
+    in `rope_scaling`), the weights under their pre-5 names (`model.layers.*`, `visual.*`) in two shards."""
+    from safetensors.torch import load_file, save_file
+
+    directory.mkdir()
+    config = json.loads((saved / "config.json").read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    flat = {**config, **{k: v for k, v in text.items() if k not in ("model_type", "architectures")},
+            "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}, "rope_theta": rope["rope_theta"],
+            "torch_dtype": "float32"}
+    (directory / "config.json").write_text(json.dumps(flat))
+    weights = load_file(saved / "model.safetensors")
+    renamed = {name.replace("model.language_model.", "model.").replace("model.visual.", "visual."): tensor
+               for name, tensor in weights.items()}
+    names, index = sorted(renamed), {}
+    for part, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+        file = f"model-0000{part}-of-00002.safetensors"
+        save_file({name: renamed[name].contiguous() for name in chunk}, directory / file, metadata={"format": "pt"})
+        index.update({name: file for name in chunk})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    for file in saved.iterdir():
+        if file.name not in ("config.json", "model.safetensors"):
+            (directory / file.name).write_bytes(file.read_bytes())
+    return directory
+
+
+def test_the_hub_layout_loads_through_m_dir(qwen25, loaded, tmp_path, cli):
+    hub = hub_layout(qwen25, tmp_path / "hub")
+    expected = loaded.ask(VIDEOS[0], QUESTION, frames=4, max_new_tokens=8)
+    result = cli("ask", str(VIDEOS[0]), QUESTION, "-m", str(hub), "--frames", "4", "-n", "8", "--json",
+                 "--device", "cpu", "--dtype", "float32")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["tokens"] == expected.tokens
