@@ -138,7 +138,8 @@ def header(file: Path) -> dict[str, list[int]]:
 def counts(path: Path, vision_modules: tuple[str, ...]) -> tuple[int, int, int, int]:
     """(vision, linear, other, rows) parameter counts of a checkpoint, from its safetensors headers. A tensor is
     vision if its name is under one of the family's vision modules (hub files may lack the `model.` prefix), and
-    linear if it is a 2-D weight of a language-model layer."""
+    linear if it is another 2-D weight of a layer (the language model's, whatever the file calls it:
+    `model.language_model.layers.*`, `language_model.model.layers.*`, Qwen2.5-VL's `model.layers.*`)."""
     vision_names = tuple(m.removeprefix("model.") for m in vision_modules)
     totals = [0, 0, 0, 0]
     for file in sorted(path.glob("*.safetensors")):
@@ -147,7 +148,7 @@ def counts(path: Path, vision_modules: tuple[str, ...]) -> tuple[int, int, int, 
             bare = name.removeprefix("model.")
             if bare.startswith(vision_names):
                 totals[0] += size
-            elif len(shape) == 2 and ".layers." in name and "language_model" in name:
+            elif len(shape) == 2 and ".layers." in name:
                 totals[1] += size
                 totals[3] += shape[0]
             else:
