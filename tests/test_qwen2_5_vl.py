@@ -172,3 +172,72 @@ def test_the_hub_layout_loads_through_m_dir(qwen25, loaded, tmp_path, cli):
                  "--device", "cpu", "--dtype", "float32")
     assert result.code == 0, result.err
     assert json.loads(result.out)["tokens"] == expected.tokens
+
+
+def test_the_feature_cache_gives_back_the_grid_and_the_same_answer(qwen25):
+    cached = videoqa.load(qwen25, device="cpu", dtype="float32")  # the cache dir is the test's own (conftest)
+    first = cached.ask(VIDEOS[1], QUESTION, frames=4, max_new_tokens=8)
+    again = cached.media(VIDEOS[1], frames=4)
+    assert again.features is not None and again.frames.pixels is None  # read from the cache, nothing decoded
+    assert cached.ask(again, QUESTION, max_new_tokens=8).tokens == first.tokens
+
+
+def test_nf4_keeps_the_tower_and_equals_generate_under_the_same_config(qwen25, loaded):
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    quantized = videoqa.load(qwen25, device="cpu", dtype="float32", quantize="nf4", cache=False)
+    media = quantized.media(VIDEOS[0], frames=4)
+    assert torch.equal(quantized.features(media), loaded.features(media))  # model.visual is not quantized
+    bits = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                              llm_int8_skip_modules=["model.visual", "lm_head"])
+    net = AutoModelForImageTextToText.from_pretrained(qwen25, quantization_config=bits, device_map="cpu",
+                                                      dtype=torch.float32).eval()
+    inputs = video_inputs(loaded, media)
+    ids = expanded_ids(qwen25, chat_text(qwen25, [(QUESTION, None)]), inputs["video_grid_thw"][0])
+    assert quantized.ask(media, QUESTION, max_new_tokens=8).tokens == generated(net, [ids], 8, **inputs)[0]
+
+
+def test_find_scores_the_yes_and_no_tokens_after_the_chatml_newline(qwen25, loaded, reference):
+    """ChatML's assistant turn ends in a newline, so the answer's first token is "Yes" (no leading space)."""
+    from videoqa.families import FIND
+
+    (found,) = loaded.find(VIDEOS[1], "a baby", count=1, frames=4)
+    media = loaded.media(VIDEOS[1], frames=4)
+    inputs = video_inputs(loaded, media)
+    question = FIND.format(query="a baby")
+    ids = torch.tensor([expanded_ids(qwen25, chat_text(qwen25, [(question, None)]), inputs["video_grid_thw"][0])])
+    types = 2 * (ids == reference.config.video_token_id).int()
+    with torch.inference_mode():
+        logits = reference(input_ids=ids, mm_token_type_ids=types, **inputs).logits[0, -1]
+    yes, no = (loaded.tokenizer(word, add_special_tokens=False).input_ids[0] for word in ("Yes", "No"))
+    assert found["score"] == pytest.approx(torch.sigmoid(logits[yes] - logits[no]).item(), abs=1e-5)
+
+
+def test_a_timeline_answers_each_segment_as_ask_answers_its_window(loaded):
+    records = list(loaded.timeline(VIDEOS[1], count=2, frames=2, max_new_tokens=6, batch_size=2))
+    assert len(records) == 2
+    for record in records:
+        alone = loaded.ask(VIDEOS[1], loaded.preset.describe, start=record["start"], end=record["end"], frames=2,
+                           max_new_tokens=6)
+        assert record["tokens"] == alone.tokens
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """The tiny Qwen2.5-VL with a 160-position context: a 640 x 360 frame pair takes 15 of them."""
+    directory = build_qwen2_5_vl(tmp_path_factory.mktemp("qwen_short"))
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 160
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_the_default_rate_is_capped_by_the_context_for_the_videos_frame_size(short_context, cli):
+    """At --fps 2, 9.7 s would take 19 frames (10 temporal patches, 150 positions); the context leaves 160 - 64 for
+    the video: 12 frames (6 patches, 90 positions) is the most, said in a note, and the answer comes."""
+    result = cli("ask", str(VIDEOS[0]), QUESTION, "-m", str(short_context), "-n", "2", "--json", "--device", "cpu",
+                 "--dtype", "float32", "--skip-memory-check")
+    assert result.code == 0, result.err
+    record = json.loads(result.out)
+    assert len(record["frames"]) == 12
+    assert "the model's context allows 12" in result.err and record["warnings"]
