@@ -135,7 +135,10 @@ class Checkpoint:
             return settings.frames
         self.resolve()
         video = self.preset.family.video
-        caps = [(settings.max_frames, "--max-frames")] if settings.max_frames is not None else []
+        caps = []
+        if settings.max_frames is not None:  # given, or the model's own default (Qwen's 768)
+            own = settings.max_frames == self.preset.generation.get("max_frames")
+            caps.append((settings.max_frames, "the model's max_frames" if own else "--max-frames"))
         room = self.context - memory.TEXT  # the question's text and the template take some of the context
         caps.append((video.max_frames(self.config, room, size), "the model's context"))
         if self.check_memory:
