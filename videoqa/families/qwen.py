@@ -13,6 +13,10 @@ import torch
 from videoqa.decode import Positions
 from videoqa.features import Visual
 
+# ChatML as the Qwen-VL checkpoints' chat templates render a user turn that opens with the media (Qwen2.5-VL's puts
+# its default system turn before it); a later turn follows the answer's `<|im_end|>`
+TURN = "<|im_start|>user\n<|vision_start|>{media}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+FOLLOWUP = "\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN / _STD: the processors' defaults
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 REFERENCE = (720, 1280)  # the frame size estimates assume before a video is opened (a 720p video)
@@ -40,6 +44,22 @@ def tower(net, pixels: torch.Tensor, grid: tuple[int, int, int], *, video: bool)
     found = (model.get_video_features if video else model.get_image_features)(pixels.to(net.device), grid_thw)
     layers = getattr(found, "deepstack_features", None) or ()
     return Visual(found.pooler_output[0], grid_thw.cpu(), tuple(layer[0] for layer in layers))
+
+
+def video_features(net, pixels: tuple[torch.Tensor, tuple[int, int, int]]) -> Visual:
+    return tower(net, *pixels, video=True)
+
+
+def image_features(net, image, bounds_of) -> Visual:
+    """A still image at the checkpoint's image bounds (`bounds_of(config)`) through the tower."""
+    from videoqa.pixels import qwen_image_pixels
+
+    return tower(net, *qwen_image_pixels(image, **bounds_of(net.config)), video=False)
+
+
+def tower_tokens(config, per_tile: int) -> int:
+    """The tower's patches for `per_tile` merged tokens: merge x merge each."""
+    return per_tile * config.vision_config.spatial_merge_size ** 2
 
 
 def token_types(config, ids: torch.Tensor) -> torch.Tensor:

@@ -9,17 +9,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from PIL import Image
-
 from videoqa.families import qwen
 from videoqa.families.base import Family, Videos
-from videoqa.features import Visual
-from videoqa.pixels import qwen_image_pixels, qwen_video_pixels
+from videoqa.pixels import qwen_video_pixels
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # the template's, when none is given
-TEMPLATE = SYSTEM + ("<|im_start|>user\n<|vision_start|>{media}<|vision_end|>{question}<|im_end|>\n"
-                     "<|im_start|>assistant\n")
-FOLLOWUP = "\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"  # after `{a1}<|im_end|>`
 # Qwen2VLImageProcessor's and Qwen2VLVideoProcessor's defaults, under what preprocessor_config.json gives (the hub
 # checkpoints have no video_preprocessor_config.json: their videos take the image file's bounds)
 IMAGE = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56,
@@ -36,14 +30,6 @@ def video_pixels(config, frames: np.ndarray):
     return qwen_video_pixels(frames, **video_bounds(config))
 
 
-def video_features(net, pixels) -> Visual:
-    return qwen.tower(net, *pixels, video=True)
-
-
-def image_features(net, image: Image.Image) -> Visual:
-    return qwen.tower(net, *qwen_image_pixels(image, **image_bounds(net.config)), video=False)
-
-
 def video_positions(config, frames: int, size: tuple[int, int] | None = None) -> int:
     patches, tokens = qwen.video_tokens(config, video_bounds, frames, size, clip_budget=False)
     return patches * tokens
@@ -55,11 +41,11 @@ def positions(net, ids, padding, past, visuals):
 
 
 FAMILY = Family(
-    "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", image_features,
+    "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+    functools.partial(qwen.image_features, bounds_of=image_bounds),
     lambda config: qwen.largest_image(config, image_bounds),
-    template=TEMPLATE, followup=FOLLOWUP,
-    video=Videos(video_pixels, video_features, video_positions, least=MIN_FRAMES),
+    template=SYSTEM + qwen.TURN, followup=qwen.FOLLOWUP,
+    video=Videos(video_pixels, qwen.video_features, video_positions, least=MIN_FRAMES),
     video_token="<|video_pad|>", image_token="<|image_pad|>", vision_modules=("model.visual",),
-    generation={"fps": FPS, "max_frames": MAX_FRAMES}, positions=positions,
-    tower_tokens=lambda config, per_tile: per_tile * config.vision_config.spatial_merge_size ** 2,
+    generation={"fps": FPS, "max_frames": MAX_FRAMES}, positions=positions, tower_tokens=qwen.tower_tokens,
 )
