@@ -16,13 +16,18 @@ def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def prompt_ids(tokenizer, template: str, question: str, media: str, expansion: list[int]) -> list[int]:
-    """BOS (if the tokenizer has one) + the rendered template, its single `media` token replaced by `expansion`
-    (the family's: the token repeated once per feature row, with timestamps between frames for some)."""
-    media_id = tokenizer.convert_tokens_to_ids(media)
+def prompt_ids(tokenizer, template: str, question: str, media: str, expansion: int | list[int] | str) -> list[int]:
+    """BOS (if the tokenizer has one) + the rendered template, its single `media` token replaced by `expansion`:
+    that many copies of it, or the family's ids for the media (with timestamps between frames for some); or
+    `expansion` text written in the template in its place and tokenised with the rest, as the processor does
+    where text ends the media and the question's first characters could merge with it (SmolVLM's)."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    if isinstance(expansion, str):
+        return [*bos, *text_ids(tokenizer, template.format(media=expansion, question=question))]
+    media_id = tokenizer.convert_tokens_to_ids(media)
     ids = [*bos, *text_ids(tokenizer, template.format(media=media, question=question))]
     at = ids.index(media_id)
+    expansion = [media_id] * expansion if isinstance(expansion, int) else expansion
     return ids[:at] + expansion + ids[at + 1 :]
 
 

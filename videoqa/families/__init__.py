@@ -1,5 +1,5 @@
 """Model families: everything that differs between Video-LLaVA, LLaVA-NeXT-Video, LLaVA-NeXT, LLaVA-OneVision,
-LLaVA-1.5 and Qwen2.5-VL, one module each, registered here by config.json's `model_type`.
+LLaVA-1.5, Qwen2.5-VL, Qwen3-VL and SmolVLM2, one module each, registered here by config.json's `model_type`.
 
 A family says which transformers class loads it, how frames and images become pixels and pixels become the
 rows spliced over its placeholder, how many positions a video takes (known from the config before anything is
@@ -13,7 +13,8 @@ family is one module with its `FAMILY` and one line below, or `register(Family(.
 from __future__ import annotations
 
 from videoqa.errors import Exit, VideoQAError
-from videoqa.families import llava, llava_next, llava_next_video, llava_onevision, qwen2_5_vl, video_llava
+from videoqa.families import (llava, llava_next, llava_next_video, llava_onevision, qwen2_5_vl, qwen3_vl,
+                              smolvlm, video_llava)
 from videoqa.families.base import DESCRIBE, FIND, Family, Videos, text_positions
 
 __all__ = ["DESCRIBE", "FIND", "FAMILIES", "Family", "Videos", "family", "register", "text_positions"]
@@ -35,5 +36,7 @@ def family(model_type: str, where: str = "") -> Family:
     return FAMILIES[model_type]
 
 
-for module in (video_llava, llava_next_video, llava_next, llava_onevision, llava, qwen2_5_vl):  # the order `supported:` lists
+# the order `supported:` lists
+for module in (video_llava, llava_next_video, llava_next, llava_onevision, llava, qwen2_5_vl, qwen3_vl,
+               smolvlm):
     register(module.FAMILY)

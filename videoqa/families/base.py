@@ -92,5 +92,6 @@ class Family:
     # (config, positions a tower tile's rows take) -> the tokens the tower runs on for it (the memory estimate)
     tower_tokens: Callable[[Any, int], int] = (
         lambda config, per_tile: (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1)
-    # (tokenizer, placeholder, Visual) -> the ids that stand for the media in the prompt, one per row it takes
-    expand: Callable[[Any, str, Visual], list[int]] = repeated
+    # (tokenizer, placeholder, Visual) -> the ids that stand for the media in the prompt, one per row it takes, or
+    # the media's text (tokenised with the template around it)
+    expand: Callable[[Any, str, Visual], list[int] | str] = repeated

@@ -1,0 +1,187 @@
+"""SmolVLM2 through videoqa's Python API against transformers on a tiny random checkpoint of the real geometry
+(tests/smolvlm_fixtures.py): greedy tokens of `ask` (by fps, by a frame count, in a time window, on pictures), a
+two-turn `chat` and a `caption` batch of prompts of two lengths equal `generate` on the same weights, with the
+pixels and prompt ids of transformers' own SmolVLMProcessor given the frames videoqa sampled (their indices and the
+video's frame rate: the metadata a decoder gives it, less the duration, which videoqa's features do not carry);
+`model.features` equals `get_image_features`."""
+
+import av
+import pytest
+import torch
+from PIL import Image
+
+import videoqa
+from conftest import asset, needs_assets, reference_continue, reference_net
+from smolvlm_fixtures import build_smolvlm, smolvlm_processor
+from videoqa.families import smolvlm
+from videoqa.features import Visual
+
+pytestmark = needs_assets
+VIDEOS = [asset("videos/videollava_sample_demo_1.mp4"), asset("videos/videollava_sample_demo_3.mp4")]
+QUESTION = "Why is this video funny?"
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    return build_smolvlm(tmp_path_factory.mktemp("smolvlm"))
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return videoqa.load(checkpoint, device="cpu", dtype="float32", cache=False)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """transformers' own SmolVLMForConditionalGeneration (by AutoModelForImageTextToText) and tokenizer."""
+    return reference_net(checkpoint)
+
+
+def user_turn(medium: str, question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": medium}, {"type": "text", "text": question}]}]
+
+
+def processed_video(checkpoint, path, frames, question: str):
+    """SmolVLMProcessor's input_ids and pixel_values for `frames` (videoqa's Frames) of the video at `path`: the
+    chat template it swaps in for videos, its expansion from the frames' indices and the video's frame rate."""
+    from transformers.video_utils import VideoMetadata
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        metadata = VideoMetadata(total_num_frames=stream.frames, fps=float(stream.average_rate),
+                                 frames_indices=frames.indices)
+    with smolvlm_processor(checkpoint) as processor:
+        text = processor.apply_chat_template(user_turn("video", question), add_generation_prompt=True)
+        return processor(text=text, videos=[frames.pixels], video_metadata=[metadata], return_tensors="pt",
+                         add_special_tokens=False)  # as apply_chat_template tokenises a text that starts with BOS
+
+
+def video_answer(checkpoint, reference, model, path, question: str, max_new_tokens: int = 8, **framing):
+    """(prompt ids, transformers' greedy answer) for the frames videoqa samples from `path` with `framing`."""
+    inputs = processed_video(checkpoint, path, model.media(path, **framing).frames, question)
+    ids = inputs.input_ids[0].tolist()
+    return ids, reference_continue(reference[0], ids, max_new_tokens, pixel_values=inputs.pixel_values)
+
+
+def test_frame_counts_in_words_are_num2words():
+    from num2words import num2words
+
+    for number in [*range(2100), 9999, 10_001, 12_345, 100_000, 123_456, 999_999]:
+        assert smolvlm.words(number) == num2words(number), number
+
+
+@pytest.mark.parametrize("framing, count", [({"fps": 1}, 9), ({"frames": 4}, 4), ({"start": 2.5, "end": 7}, 4)],
+                         ids=["fps 1", "4 frames", "window 2.5-7 s"])
+def test_video_answers_equal_generate(checkpoint, reference, model, framing, count):
+    answer = model.ask(VIDEOS[0], QUESTION, max_new_tokens=8, **framing)
+    ids, expected = video_answer(checkpoint, reference, model, VIDEOS[0], QUESTION, **framing)
+    assert answer.tokens == expected
+    assert answer.timings["prefill_tokens"] == len(ids)
+    assert answer.prompt == f"User:<image>{QUESTION}<end_of_utterance>\nAssistant:"
+    assert len(answer.frames) == count  # fps 1 by default, as the checkpoint's video_sampling
+    assert ids.count(reference[0].config.image_token_id) == count * 4
+    text = reference[1](f"<|im_start|>User:{QUESTION}<end_of_utterance>\nAssistant:", add_special_tokens=False)
+    media = len(ids) - len(text.input_ids)  # what the video's expansion takes
+    assert model.family.video.positions(model.net.config, count) >= media  # known before, from the config
+
+
+def test_a_question_that_starts_with_a_digit_is_tokenised_with_the_videos_text(checkpoint, reference, model):
+    """The video's text ends in a blank line, which merges with what follows it: the prompt is tokenised whole."""
+    question = "3 things happen here: which?"
+    answer = model.ask(VIDEOS[1], question, max_new_tokens=8, frames=4)
+    ids, expected = video_answer(checkpoint, reference, model, VIDEOS[1], question, frames=4)
+    assert answer.timings["prefill_tokens"] == len(ids) and answer.tokens == expected
+
+
+def test_the_video_text_is_the_processors(checkpoint, reference, model):
+    """Times in the window are the video's own; the duration is the last frame's second."""
+    frames = model.media(VIDEOS[0], start=2.5, end=7).frames
+    text = reference[1].decode(processed_video(checkpoint, VIDEOS[0], frames, QUESTION).input_ids[0])
+    assert text.startswith("<|im_start|>User: You are provided the following series of four frames from a 0:00:06 "
+                           "[H:MM:SS] video.\n\nFrame from 00:02:<fake_token_around_image><global-img><image>")
+    assert "<fake_token_around_image>\nFrame from 00:04:" in text and text.count("\nFrame from ") == 4
+    assert text.endswith(f"<image><fake_token_around_image>\n\n{QUESTION}<end_of_utterance>\nAssistant:")
+
+
+def test_image_answers_equal_generate(checkpoint, reference, model):
+    net, tokenizer = reference
+    question = "What is shown in this image?"
+    answers = []
+    for name, split in (("videollava_waterview.jpg", (3, 4)), ("videollava_sample_img_22.png", (4, 4))):
+        path = asset(f"images/{name}")
+        answer = model.ask(path, question, max_new_tokens=8)
+        with smolvlm_processor(checkpoint) as processor:
+            text = processor.apply_chat_template(user_turn("image", question), add_generation_prompt=True)
+            inputs = processor(text=text, images=[Image.open(path)], return_tensors="pt", add_special_tokens=False)
+        ids = inputs.input_ids[0].tolist()
+        assert text == f"<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:"  # the hub's template
+        assert answer.tokens == reference_continue(net, ids, 8, pixel_values=inputs.pixel_values), name
+        assert answer.timings["prefill_tokens"] == len(ids) and answer.frames == []
+        rows, cols = split
+        tiles = [t for t in tokenizer.convert_ids_to_tokens(ids) if t.startswith("<row_")]
+        assert inputs.pixel_values.shape[1] == rows * cols + 1 and len(tiles) == rows * cols
+        assert tiles[-1] == f"<row_{rows}_col_{cols}>"
+        answers.append(tuple(answer.tokens))
+    assert answers[0] != answers[1]  # the answers depend on the picture
+    # the square picture is split the most: the largest image's tiles, and a bound on its positions
+    tiles, positions = model.family.largest_image(model.net.config)
+    assert tiles == 17 and positions >= ids.count(net.config.image_token_id) + 2 * 16 + 3
+
+
+def test_an_unsplit_image_is_the_global_image_alone(reference):
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    tokenizer = reference[1]
+    text = get_image_prompt_string(0, 0, 4, "<fake_token_around_image>", "<image>", "<global-img>")
+    visual = Visual(torch.zeros(4, 8), grid=torch.tensor([[1, 0, 0]]))
+    assert smolvlm.expand(tokenizer, "<image>", visual) == text  # written in the prompt as the processor writes it
+
+
+def test_two_turn_chat_equals_generate(checkpoint, reference, model):
+    net, tokenizer = reference
+    chat = model.chat(VIDEOS[1], frames=4)
+    first = chat.ask(QUESTION, max_new_tokens=8)
+    second = chat.ask("What happens next?", max_new_tokens=8)
+    ids, expected = video_answer(checkpoint, reference, model, VIDEOS[1], QUESTION, frames=4)
+    assert first.tokens == expected
+    # The later turn as the chat template writes it after the answer and its <end_of_utterance>
+    followup = "\nUser: What happens next?<end_of_utterance>\nAssistant:"
+    eos = [] if expected[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+    conversation = ids + expected + eos + tokenizer(followup, add_special_tokens=False).input_ids
+    pixels = processed_video(checkpoint, VIDEOS[1], model.media(VIDEOS[1], frames=4).frames, QUESTION).pixel_values
+    assert second.tokens == reference_continue(net, conversation, 8, pixel_values=pixels)
+    assert second.prompt == followup
+    with smolvlm_processor(checkpoint) as processor:
+        turns = [*user_turn("video", "Q1"), {"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
+                 {"role": "user", "content": [{"type": "text", "text": "Q2"}]}]
+        rendered = processor.apply_chat_template(turns, add_generation_prompt=True)
+    assert rendered == "<|im_start|>User: <video>Q1<end_of_utterance>\nAssistant: A1<end_of_utterance>" + \
+        followup.replace("What happens next?", "Q2")
+
+
+def test_caption_batch_of_two_prompt_lengths_equals_generate(checkpoint, reference, model):
+    prompts = ["Why?", "What is the person in this video doing, and where?"]
+    batched = [r["tokens"] for r in model.caption(VIDEOS, prompts, batch_size=2, max_new_tokens=8)]
+    expected = [video_answer(checkpoint, reference, model, v, p)[1] for v, p in zip(VIDEOS, prompts)]
+    assert batched == expected
+    assert expected[0] != expected[1]  # the answers depend on the video
+
+
+def test_features_equal_get_image_features(checkpoint, reference, model):
+    net, _ = reference
+    frames = model.media(VIDEOS[0], frames=4).frames
+    pixels = processed_video(checkpoint, VIDEOS[0], frames, QUESTION).pixel_values
+    with torch.inference_mode():
+        expected = net.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    features = model.features(VIDEOS[0], frames=4)
+    assert expected.shape == (4 * 4, 96) and torch.equal(features, expected)
+    path = asset("images/videollava_desert.jpg")
+    with smolvlm_processor(checkpoint) as processor:
+        pixels = processor.image_processor([Image.open(path)], return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        expected = net.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    assert torch.equal(model.features(path), expected)
+    for name in model.family.vision_modules:  # the vision side by its real module paths
+        assert isinstance(model.net.get_submodule(name), torch.nn.Module), name
+    assert model.family.tower_tokens(net.config, 4) == 64  # SigLIP's 8 x 8 patches a tile, no CLS
+
