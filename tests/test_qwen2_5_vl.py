@@ -241,3 +241,21 @@ def test_the_default_rate_is_capped_by_the_context_for_the_videos_frame_size(sho
     record = json.loads(result.out)
     assert len(record["frames"]) == 12
     assert "the model's context allows 12" in result.err and record["warnings"]
+
+
+def test_frames_past_the_context_are_refused_for_the_videos_own_frame_size(short_context, cli, tmp_path):
+    """A 32 x 24 video's frames are scaled up to the 3,136-pixel minimum, 56 x 84 px: 2 x 3 merged tokens a
+    temporal patch. 30 frames (90 positions, and the question's 41) fit the 160-position context; 60 (180) do not,
+    and at most 52 do (26 patches, 156 positions); counted at the 1280 x 720 reference size, 20 would be the most."""
+    from test_windows import write_grey_video
+
+    video = tmp_path / "grey.mkv"
+    write_grey_video(video)
+    run = ("-m", str(short_context), "-n", "1", "--json", "--device", "cpu", "--dtype", "float32",
+           "--skip-memory-check")
+    fits = cli("ask", str(video), QUESTION, "--frames", "30", *run)
+    assert fits.code == 0, fits.err
+    assert len(json.loads(fits.out)["frames"]) == 30
+    refused = cli("ask", str(video), QUESTION, "--frames", "60", *run)
+    assert refused.code == 2 and refused.out == ""
+    assert "the video alone needs 180 positions" in refused.err and "use at most 52 frames" in refused.err

@@ -9,7 +9,7 @@ import functools
 import logging
 from collections.abc import Iterator
 
-from videoqa.errors import VideoQAError
+from videoqa.errors import Exit, VideoQAError
 from videoqa.settings import Settings
 
 log = logging.getLogger("videoqa")
@@ -99,7 +99,12 @@ class Engine:
             ids = text_ids(self.tokenizer, prompt + space + word)
             return ids[next((i for i, (a, b) in enumerate(zip(ids, base)) if a != b), len(base))]
 
-        return first("Yes"), first("No")
+        yes, no = first("Yes"), first("No")
+        if yes == no:  # both would score 0.5, whatever the video shows
+            raise VideoQAError(f'find: the tokenizer begins both "Yes" and "No" with '
+                               f'{self.tokenizer.convert_ids_to_tokens(yes)!r} after the prompt, so their scores '
+                               "cannot be told apart", Exit.MODEL)
+        return yes, no
 
     @property
     def pad_id(self) -> int:

@@ -419,6 +419,14 @@ def open_video(path: Path, threads: int = 0) -> Video:
     return Video(path, threads)
 
 
+def frame_size(path: Path) -> tuple[int, int] | None:
+    """A video file's frame (height, width), from its header; None for a pipe (read once, when its frames are)."""
+    if _is_pipe(path):
+        return None
+    with open_video(path) as video:
+        return video.size
+
+
 def read_frames(path: Path, count: Rule, reader: Video | None = None, *, threads: int = 0,
                 window: Window = WHOLE) -> Frames:
     """Sample frames of the video (of its `window`) by `count` (a number, or a ByTime rule); damaged videos are

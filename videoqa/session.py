@@ -26,7 +26,7 @@ from videoqa.engine import Engine
 from videoqa.memory import ADVICE
 from videoqa import windows as timing
 from videoqa.errors import VideoQAError
-from videoqa.frames import ByTime, Frames, Rule, Sampler, check_file, is_image, read_image
+from videoqa.frames import ByTime, Frames, Rule, Sampler, check_file, frame_size, is_image, read_image
 from videoqa.settings import DEVICES, DTYPES, FRAMING, QUANTIZE, Settings, defaults
 from videoqa.windows import Window
 
@@ -177,8 +177,9 @@ class Checkpoint:
             table = self.preset.memory
             context, needed, most = table["context"], *memory.table_frames(table, frames)
         else:
-            context = models.context(self.config if self.config is not None else self.resolve().config)
-            needed, most = family.video.positions(self.config, frames), family.video.max_frames(self.config, context)
+            context, size = models.context(self.config), self.workload.get("size")
+            needed = family.video.positions(self.config, frames, size)
+            most = family.video.max_frames(self.config, context, size)
         if needed >= context:
             raise VideoQAError(f"--frames {frames}: the video alone needs {needed} positions and the model's context "
                                f"holds {context}; use at most {most} frames")
@@ -197,6 +198,8 @@ class Checkpoint:
             self.workload = {**self.workload, "medium": "image" if image else "video"}
             if not image and (frames is not None or fps is not None):
                 self.workload["frames"] = 1 if fps is not None else frames
+        if not image:  # where a frame's tokens follow its size, the checks count this video's
+            self.workload = {**self.workload, "size": frame_size(path)}
         if not image and (self.preset or self.resolved):  # a directory's family is known once resolved, which
             self.check_videos(self.least(self.settings(frames=frames, fps=fps)))  # checks the workload's then
         return image
@@ -297,10 +300,10 @@ class Checkpoint:
     def most_frames(self, have: float, high: int, size: tuple[int, int] | None = None) -> int:
         """The most frames below `high` (of frame `size`) whose run fits in `have` bytes (0: none), found by
         bisection: the estimate grows with the frames."""
-        low = 0  # low fits (or is 0), high does not
+        run, low = {**self.workload, "size": size or self.workload.get("size")}, 0  # low fits (or is 0), high not
         while high - low > 1:
             middle = (low + high) // 2
-            fits = self.estimate(**{**self.workload, "frames": middle, "size": size}).total <= have
+            fits = self.estimate(**{**run, "frames": middle}).total <= have
             low, high = (middle, high) if fits else (low, middle)
         return low
 
