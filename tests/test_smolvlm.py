@@ -185,3 +185,12 @@ def test_features_equal_get_image_features(checkpoint, reference, model):
         assert isinstance(model.net.get_submodule(name), torch.nn.Module), name
     assert model.family.tower_tokens(net.config, 4) == 64  # SigLIP's 8 x 8 patches a tile, no CLS
 
+
+
+def test_find_refuses_a_tokenizer_that_starts_yes_and_no_alike(checkpoint, cli):
+    """The fixture's small BPE splits " Yes" and " No" after "Assistant:" into "Ġ" + the word: their first tokens
+    are the same, so no next-token score could tell them apart; one line and exit code 4 instead of 0.5 each."""
+    result = cli("find", str(VIDEOS[0]), "a baby", "-m", str(checkpoint), "--segments", "1", "--frames", "2",
+                 "--device", "cpu", "--dtype", "float32")
+    assert result.code == 4 and result.out == ""
+    assert result.err.count("\n") == 1 and 'begins both "Yes" and "No"' in result.err

@@ -481,6 +481,7 @@ class Model(Engine):
         from videoqa.questions import check_question
 
         chosen = self.settings(frames=frames, fps=fps, max_frames=max_frames)
+        self.answer_ids  # noqa: B018 (a tokenizer that cannot tell the answers apart is refused before any frame)
         question = FIND.format(query=check_question(query).rstrip(".?! "))
         jobs = self._segment_jobs(video, question, chosen, every=every, count=count, windows=windows, default=10)
         with _walker(video, functools.partial(self.checkpoint.sampler, chosen)) as read:
