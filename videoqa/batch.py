@@ -123,11 +123,10 @@ def failure(model: Engine, ready: Ready, error: str) -> dict:
 def rows(model: Engine, ready: list[Ready]) -> tuple[list[list[int]], list]:
     """Each job's prompt ids (its placeholder expanded by the family) and its features (a features.Visual), in
     order."""
-    from videoqa.features import visual
     from videoqa.prompt import prompt_ids
 
     family, video = model.family, model.family.video_token
-    visuals = [visual(family.video.features(model.net, r.pixels), r.frames.times) for r in ready]
+    visuals = [model.video_features(r.pixels, r.frames.times) for r in ready]
     ids = [prompt_ids(model.tokenizer, model.preset.template, r.job.question, video,
                       family.expand(model.tokenizer, video, v)) for r, v in zip(ready, visuals)]
     return ids, visuals

@@ -85,6 +85,13 @@ class Engine:
         embeds = splice(self.lm.embed, ids[:, past:], placed, self.tokenizer.convert_tokens_to_ids(placeholder))
         return embeds, padding, self.family.positions(self.net, ids, padding, past, visuals)
 
+    def video_features(self, pixels, times):
+        """A video's features (a features.Visual) from its preprocessed frames: the one path from pixels to
+        features, for a question (session.py, with the feature cache) and for a batch's rows (batch.py)."""
+        from videoqa.features import visual
+
+        return visual(self.family.video.features(self.net, pixels), times)
+
     @functools.cached_property
     def answer_ids(self) -> tuple[int, int]:
         """The ids of "Yes" and "No" as the first token of an answer after the template: " Yes" after a template

@@ -42,7 +42,7 @@ class Media:
     path: Path
     frames: Frames | None = None
     image: Any = None  # a PIL image
-    features: Any = None  # (positions, D) from the feature cache
+    features: Any = None  # a features.Visual from the feature cache
     seconds: float = 0.0  # reading it (or finding it in the cache)
 
 
@@ -505,13 +505,12 @@ class Model(Engine):
         from videoqa.features import visual
 
         net, times = self.net, media.frames.times if media.frames is not None else ()
-        if media.features is not None:
-            return visual(media.features, times).to(net.device, net.dtype)
+        if media.features is not None:  # a Visual from the cache, the frames' times with it
+            return media.features.to(net.device, net.dtype)
         with memory.stage("the vision tower", ADVICE):
             if media.image is not None:
                 return visual(self.family.image_features(net, media.image))
-            video = self.family.video
-            features = visual(video.features(net, video.pixels(net.config, media.frames.pixels)), times)
+            features = self.video_features(self.family.video.pixels(net.config, media.frames.pixels), times)
         cache = self.checkpoint.cache
         # a pipe (read through a copy) is not kept: its content, the key, cannot be read again
         problem = cache.put(media.path, media.frames, features) if cache and media.path.is_file() else None
