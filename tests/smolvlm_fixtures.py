@@ -55,7 +55,9 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(directory: Path):
+def build_tokenizer(corpus: list[str] = CORPUS):
+    """A byte-level BPE shaped like SmolLM2's (digits one by one), learned from `corpus`, with the real special
+    tokens in their real order."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,7 +67,7 @@ def build_tokenizer(directory: Path):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(CORPUS * 20, trainer)
+    bpe.train_from_iterator(corpus * 20, trainer)
     bpe.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
@@ -79,7 +81,7 @@ def build_smolvlm(directory: Path, seed: int = 0, *, init: float = 0.3) -> Path:
     """A 2-layer SmolVLM2 (Llama text model, untied head, 8192 positions) with a 2-layer SigLIP tower."""
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
-    tokenizer = build_tokenizer(directory)
+    tokenizer = build_tokenizer()
     ids = dict(zip(("bos", "eos", "pad", "image"), tokenizer.convert_tokens_to_ids(
         ["<|im_start|>", "<end_of_utterance>", "<|im_end|>", "<image>"])))
     config = SmolVLMConfig(

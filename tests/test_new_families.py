@@ -23,7 +23,7 @@ import torch
 import videoqa
 from conftest import asset, needs_assets, reference_continue, save_tiny
 from qwen_fixtures import build_qwen3_vl, chat_text
-from smolvlm_fixtures import CORPUS, SPECIALS, build_smolvlm
+from smolvlm_fixtures import CORPUS, SPECIALS, build_smolvlm, build_tokenizer
 from test_qwen2_5_vl import generated
 from test_qwen3_vl import reference_rows
 from test_smolvlm import processed_video
@@ -315,25 +315,10 @@ def test_qwen3_vl_find_scores_yes_and_no_after_the_chatml_newline(qwen3_vl_dir, 
 def answering_tokenizer():
     """smolvlm_fixtures' tokenizer (the same pre-tokeniser, special tokens, size and ids) trained on a corpus with
     answers in it too, so that " Yes" and " No" are one token each, as in SmolLM2's vocabulary ("ĠYes", "ĠNo"). The
-    fixture's own BPE spells them "Ġ" "Y" "es" and "Ġ" "N" "o": both answers begin with "Ġ", and find's score would
-    be 0.5 whatever the model (see the report: videoqa does not refuse that)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    fixture's own BPE spells them "Ġ" "Y" "es" and "Ġ" "N" "o": both answers begin with "Ġ", which find refuses
+    (tests/test_smolvlm.py)."""
     answers = ["Assistant: Yes", "Assistant: No", "Yes or no? Yes. No."]
-    bpe.train_from_iterator(CORPUS * 20 + answers * 40, trainer)
-    bpe.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIALS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|im_end|>",
-        unk_token="<|endoftext|>", extra_special_tokens={
-            "fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
-            "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>"})
+    return build_tokenizer(CORPUS + answers * 2)
 
 
 @pytest.fixture(scope="module")
