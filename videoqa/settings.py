@@ -69,11 +69,12 @@ QUANTIZE = ("none", "int8", "nf4")
 SPECS = {
     spec.name: spec
     for spec in (
-        Spec("frames", int, None, "Frames sampled uniformly \\[default: the model's, 8].", ("--frames", "-f"), low=1),
+        Spec("frames", int, None, "Frames sampled uniformly \\[default: the model's: 8 for the LLaVA ones; Qwen and "
+             "SmolVLM2 sample by time].", ("--frames", "-f"), low=1),
         Spec("fps", float, None, "Sample by time instead: this many frames a second (up to --max-frames, and what "
-             "the context and memory hold).", ("--fps",), open_low=True, unset=True),
-        Spec("max_frames", int, None, "The most frames --fps samples \\[default: what the context and memory "
-             "hold].", ("--max-frames",), low=1, unset=True),
+             "the context and memory hold) \\[default: Qwen 2, SmolVLM2 1].", ("--fps",), open_low=True, unset=True),
+        Spec("max_frames", int, None, "The most frames --fps samples \\[default: the model's (Qwen 768, SmolVLM2 "
+             "64), and what the context and memory hold].", ("--max-frames",), low=1, unset=True),
         Spec("max_new_tokens", int, 256, "Answer length limit in tokens; 0: no answer (the video is encoded, no "
              "token generated) \\[default: 256].", ("--max-new-tokens", "-n")),
         Spec("temperature", float, 0.0, "0 is greedy \\[default: 0].", ("--temperature", "-t")),
