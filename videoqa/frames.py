@@ -420,11 +420,15 @@ def open_video(path: Path, threads: int = 0) -> Video:
 
 
 def frame_size(path: Path) -> tuple[int, int] | None:
-    """A video file's frame (height, width), from its header; None for a pipe (read once, when its frames are)."""
+    """A video file's frame (height, width), from its header; None for a pipe (read once, when its frames are) or
+    a file that does not open as a video (refused when its frames are read, after the checks that need no frame)."""
     if _is_pipe(path):
         return None
-    with open_video(path) as video:
-        return video.size
+    try:
+        with open_video(path) as video:
+            return video.size
+    except VideoQAError:
+        return None
 
 
 def read_frames(path: Path, count: Rule, reader: Video | None = None, *, threads: int = 0,
