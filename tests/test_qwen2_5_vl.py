@@ -259,3 +259,18 @@ def test_frames_past_the_context_are_refused_for_the_videos_own_frame_size(short
     refused = cli("ask", str(video), QUESTION, "--frames", "60", *run)
     assert refused.code == 2 and refused.out == ""
     assert "the video alone needs 180 positions" in refused.err and "use at most 52 frames" in refused.err
+
+
+def test_pixel_bounds_given_as_size_are_read_as_min_and_max_pixels(qwen25, loaded, tmp_path):
+    """transformers 5 saves the bounds as `size` (shortest_edge, longest_edge); a file with only that gives the
+    same frames as the hub's min_pixels/max_pixels (the class defaults, 128 x 28 x 28 and more, would not)."""
+    import shutil
+
+    copy = tmp_path / "sized"
+    shutil.copytree(qwen25, copy)
+    settings = json.loads((copy / "preprocessor_config.json").read_text())
+    settings["size"] = {"shortest_edge": settings.pop("min_pixels"), "longest_edge": settings.pop("max_pixels")}
+    (copy / "preprocessor_config.json").write_text(json.dumps(settings))
+    sized = videoqa.load(copy, device="cpu", dtype="float32", cache=False)
+    media = loaded.media(VIDEOS[0], frames=2)
+    assert torch.equal(sized.features(media), loaded.features(media))

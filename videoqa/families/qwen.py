@@ -19,19 +19,23 @@ TURN = "<|im_start|>user\n<|vision_start|>{media}<|vision_end|>{question}<|im_en
 FOLLOWUP = "\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN / _STD: the processors' defaults
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Qwen2VLImageProcessor's defaults, which both families' images take where preprocessor_config.json says nothing
+IMAGE = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
+         "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}
 REFERENCE = (720, 1280)  # the frame size estimates assume before a video is opened (a 720p video)
 
 
 def bounds(config, kind: str, defaults: dict) -> dict:
     """The keyword arguments of pixels.qwen_*_pixels from the checkpoint's `kind` ("image" or "video")
     preprocessor settings over the processor class's `defaults`: `min_pixels`/`max_pixels` where the file names
-    them, else its `size` (shortest_edge, longest_edge), as transformers' processors read them."""
-    found = {**defaults, **config.preprocessing[kind]}
-    size = found.get("size") or {}
+    them, else the file's `size` (shortest_edge, longest_edge), else the defaults' `size`, as transformers'
+    processors read them."""
+    given = config.preprocessing[kind]
+    found, size = {**defaults, **given}, given.get("size") or defaults["size"]
     return dict(patch_size=found["patch_size"], merge_size=found["merge_size"],
                 temporal_patch_size=found["temporal_patch_size"],
-                min_pixels=found.get("min_pixels") or size["shortest_edge"],
-                max_pixels=found.get("max_pixels") or size["longest_edge"],
+                min_pixels=given.get("min_pixels") or size["shortest_edge"],
+                max_pixels=given.get("max_pixels") or size["longest_edge"],
                 image_mean=found.get("image_mean", CLIP_MEAN), image_std=found.get("image_std", CLIP_STD),
                 resample=found.get("resample", 3))
 

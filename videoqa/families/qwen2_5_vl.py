@@ -14,15 +14,13 @@ from videoqa.families.base import Family, Videos
 from videoqa.pixels import qwen_video_pixels
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # the template's, when none is given
-# Qwen2VLImageProcessor's and Qwen2VLVideoProcessor's defaults, under what preprocessor_config.json gives (the hub
-# checkpoints have no video_preprocessor_config.json: their videos take the image file's bounds)
-IMAGE = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56,
-         "max_pixels": 28 * 28 * 1280}
-VIDEO = {**IMAGE, "min_pixels": 128 * 28 * 28, "max_pixels": 768 * 28 * 28}
+# Qwen2VLVideoProcessor's defaults, under what the video settings give (the hub checkpoints have no
+# video_preprocessor_config.json: their videos take preprocessor_config.json's bounds); images take qwen.IMAGE
+VIDEO = {**qwen.IMAGE, "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28}}
 FPS = 2.0  # the processor's sampling rate, and what a one-frame video's temporal patch is timed at
 MIN_FRAMES, MAX_FRAMES = 4, 768  # Qwen2VLVideoProcessor's min_frames, max_frames
 
-image_bounds = functools.partial(qwen.bounds, kind="image", defaults=IMAGE)
+image_bounds = functools.partial(qwen.bounds, kind="image", defaults=qwen.IMAGE)
 video_bounds = functools.partial(qwen.bounds, kind="video", defaults=VIDEO)
 
 

@@ -25,10 +25,8 @@ from videoqa.features import Visual
 from videoqa.pixels import qwen_video_pixels
 from videoqa.prompt import text_ids
 
-# Qwen2VLImageProcessor's and Qwen3VLVideoProcessor's defaults, under what the checkpoint's preprocessor_config.json
-# and video_preprocessor_config.json give (in `size` form: a file's `size` replaces it whole, as transformers reads it)
-IMAGE = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
-         "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}}
+# Qwen3VLVideoProcessor's defaults, under what the checkpoint's video_preprocessor_config.json gives (in `size`
+# form: a file's `size` replaces it whole, as transformers reads it); images take Qwen2VLImageProcessor's (qwen.IMAGE)
 VIDEO = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2,
          "size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768},
          "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)}
@@ -38,7 +36,7 @@ MIN_FRAMES, MAX_FRAMES = 4, 768  # its min_frames, max_frames
 # digits (under 10,000 s), ".", one digit, " seconds", ">": an upper bound, the time being unknown in advance
 TIMESTAMP_TOKENS = 9
 
-image_bounds = functools.partial(qwen.bounds, kind="image", defaults=IMAGE)
+image_bounds = functools.partial(qwen.bounds, kind="image", defaults=qwen.IMAGE)
 video_bounds = functools.partial(qwen.bounds, kind="video", defaults=VIDEO)
 
 
