@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from videoqa.families import qwen
+
+import videoqa.families.qwen as qwen
 from videoqa.families.base import Family, Videos
 from videoqa.pixels import qwen_video_pixels
 

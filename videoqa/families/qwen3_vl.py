@@ -19,7 +19,8 @@ import math
 
 import numpy as np
 import torch
-from videoqa.families import qwen
+
+import videoqa.families.qwen as qwen
 from videoqa.families.base import Family, Videos, repeated
 from videoqa.features import Visual
 from videoqa.pixels import qwen_video_pixels
