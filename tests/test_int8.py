@@ -1,56 +1,144 @@
-"""--quantize int8 answers token for token as transformers' `generate` with the same BitsAndBytesConfig.
+"""--quantize int8 and int4 on the CPU answer token for token as transformers' `generate` with the model loaded through
+the same torchao config (transformers' TorchAoConfig: Int8WeightOnlyConfig per row, PrototypeInt4WeightOnlyConfig
+in groups), the vision side unquantized; a tied LM head is quantized as an untied copy with the same config, which
+the reference gets through torchao's own `quantize_`.
 
-LLM.int8 quantizes each activation row to int8 (and sends the columns past its outlier threshold through float16),
-so a last-bit difference in what enters a layer becomes another rounding and, some tokens later, another answer:
-identity needs the same bits in, which the pixels now are (transformers' order and precisions). Each width has an
-init under which its answers vary (a random model can repeat one token whatever it is given); a second question on
-the same loaded model checks that no state kept between calls changes an answer.
+Each width has an init under which its answers vary (a random model can repeat one token whatever it is given); a
+second question on the same loaded model checks that no state kept between calls changes an answer.
 """
+
+import json
 
 import pytest
 import torch
 
 import videoqa
 from conftest import asset, build_video_llava, needs_assets, reference_net, reference_pixels, reference_prompt
+from onevision_fixtures import build_llava_onevision, onevision_video_tokens, reference_onevision_prompt
+from onevision_fixtures import siglip_reference_pixels
 from videoqa.frames import read_frames
 
 pytestmark = needs_assets
 VIDEO = asset("videos/videollava_sample_demo_1.mp4")
-SKIP = ["model.video_tower", "model.image_tower", "model.multi_modal_projector", "lm_head"]
 SHAPES = {"prefill-heavy": (8, 6), "decode-heavy": (1, 40)}  # (frames, new tokens)
 WIDTHS = {64: 0.1, 256: 0.02, 512: 0.05}  # hidden size: initializer range
+QUESTIONS = ("Why is this video funny?", "What happens next, and who is there?")
+
+
+def torchao_config(quantize: str, group: int):
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig() if quantize == "int8" else PrototypeInt4WeightOnlyConfig(group_size=group)
+
+
+def reference_model(path, quantize: str, skip: list[str], group: int):
+    """transformers' own class loaded through TorchAoConfig in bfloat16; a head tied to the embeddings quantized as
+    a copy of its own with the same config."""
+    from torchao.quantization import quantize_
+    from transformers import AutoModelForImageTextToText, TorchAoConfig
+
+    config = torchao_config(quantize, group)
+    net = AutoModelForImageTextToText.from_pretrained(
+        path, quantization_config=TorchAoConfig(config, modules_to_not_convert=skip), device_map="cpu",
+        dtype=torch.bfloat16).eval()
+    if net.lm_head.weight is net.get_input_embeddings().weight:
+        head = torch.nn.Linear(net.lm_head.in_features, net.lm_head.out_features, bias=False, dtype=torch.bfloat16)
+        head.weight = torch.nn.Parameter(net.lm_head.weight.detach().clone(), requires_grad=False)
+        quantize_(head, config)
+        net.lm_head = head
+    return net
 
 
 @pytest.fixture(scope="module", params=WIDTHS, ids=lambda hidden: f"hidden{hidden}")
-def pair(request, tmp_path_factory):
-    """(videoqa's int8 model, transformers' int8 model, tokenizer) on one random checkpoint of that width."""
-    from transformers import BitsAndBytesConfig, VideoLlavaForConditionalGeneration
-
+def video_llava(request, tmp_path_factory):
     hidden = request.param
-    path = build_video_llava(tmp_path_factory.mktemp(f"int8_{hidden}"), initializer_range=WIDTHS[hidden],
+    return build_video_llava(tmp_path_factory.mktemp(f"quantized_{hidden}"), initializer_range=WIDTHS[hidden],
                              text=dict(hidden_size=hidden, intermediate_size=2 * hidden))
-    bits = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP)
-    reference = VideoLlavaForConditionalGeneration.from_pretrained(
-        path, quantization_config=bits, device_map="cpu", dtype=torch.float32).eval()
-    ours = videoqa.load(path, device="cpu", dtype="float32", quantize="int8", cache=False)
-    return ours, reference, reference_net(path)[1]
 
 
-def reference_answer(net, tokenizer, frames, question: str, new_tokens: int) -> list[int]:
-    ids = torch.tensor([reference_prompt(net, tokenizer, frames, question)])
+def generate(net, ids: list[int], new_tokens: int, **pixels) -> list[int]:
+    """transformers' greedy `generate` over a static cache of videoqa's capacity (the prompt and answer rounded up
+    to 256): in bfloat16, attention's sums round differently over another number of cached positions, so a
+    dynamic cache can part from any static one some tokens in."""
+    from transformers import StaticCache
+
+    ids = torch.tensor([ids])
+    cache = StaticCache(config=net.config.text_config, max_cache_len=-(-(ids.shape[1] + new_tokens) // 256) * 256)
     out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                       pixel_values_videos=reference_pixels(net, list(frames.pixels))[None])
+                       cache=cache, **{k: v.to(torch.bfloat16) for k, v in pixels.items()})
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int8_answers_equal_transformers(pair, shape):
-    ours, reference, tokenizer = pair
+def test_quantized_answers_equal_transformers(video_llava, quantize, shape):
+    group = 128 if text_config(video_llava)["hidden_size"] % 128 == 0 else 64  # the largest that divides the widths
+    ours = videoqa.load(video_llava, device="cpu", quantize=quantize, cache=False)
+    assert ours.net.dtype == torch.bfloat16  # --dtype auto with int8/int4 on a CPU
+    skip = ["model.video_tower", "model.image_tower", "model.multi_modal_projector"]
+    reference, tokenizer = reference_model(video_llava, quantize, skip, group), reference_net(video_llava)[1]
     frames, new_tokens = SHAPES[shape]
     sampled = read_frames(VIDEO, frames)
-    for question in ("Why is this video funny?", "What happens next, and who is there?"):  # one model, two calls
+    for question in QUESTIONS:  # one model, two calls
         answer = ours.ask(VIDEO, question, frames=frames, max_new_tokens=new_tokens)
-        assert answer.runtime["quantize"] == "int8"
-        expected = reference_answer(reference, tokenizer, sampled, question, new_tokens)
+        assert answer.runtime == {"device": "cpu", "dtype": "bfloat16", "quantize": quantize}
+        ids = reference_prompt(reference, tokenizer, sampled, question)
+        expected = generate(reference, ids, new_tokens,
+                            pixel_values_videos=reference_pixels(reference, list(sampled.pixels))[None])
         assert answer.tokens == expected
         assert len(set(expected)) > 1  # an answer that varies: the comparison has teeth
+
+
+def text_config(path) -> dict:
+    return json.loads((path / "config.json").read_text())["text_config"]
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory):
+    return build_llava_onevision(tmp_path_factory.mktemp("onevision_quantized"))
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_a_tied_head_is_quantized_as_transformers_would_quantize_it(onevision, quantize):
+    """LLaVA-OneVision's Qwen2 ties its LM head to the embeddings: the head is quantized as a copy, the embeddings
+    stay in bfloat16 (the embedding lookup of a prompt's text is unchanged)."""
+    ours = videoqa.load(onevision, device="cpu", quantize=quantize, cache=False)
+    assert ours.net.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert ours.net.lm_head.weight is not ours.net.get_input_embeddings().weight if quantize == "int4" else True
+    reference = reference_model(onevision, quantize, ["model.vision_tower", "model.multi_modal_projector"], 64)
+    tokenizer = reference_net(onevision)[1]
+    frames = read_frames(VIDEO, 2)
+    ids = reference_onevision_prompt(tokenizer, QUESTIONS[0], "<video>", onevision_video_tokens(reference, 2))
+    expected = generate(reference, ids, 30, pixel_values_videos=siglip_reference_pixels(reference, list(frames.pixels))[None])
+    assert ours.ask(VIDEO, QUESTIONS[0], frames=2, max_new_tokens=30).tokens == expected
+    assert len(set(expected)) > 1
+
+
+def held_bytes(module) -> int:
+    """Bytes of a module's tensors, a torchao tensor's by its parts (its int8 or packed int4 data, scales, zeros)."""
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        parts = [getattr(tensor, name) for name in getattr(tensor, "tensor_data_names", [])] or [tensor]
+        total += sum(part.numel() * part.element_size() for part in parts)
+    return total
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_the_estimate_counts_the_quantized_weights(onevision, quantize):
+    """The memory check's weights against the bytes the loaded model holds (a tied head's quantized copy too)."""
+    from videoqa.session import Checkpoint
+
+    found = Checkpoint(onevision, device="cpu", dtype="bfloat16", quantize=quantize, cache=False, check_memory=False)
+    estimate = found.estimate(frames=2)
+    held = held_bytes(found.load().net)
+    assert abs(estimate.weights - held) <= 0.15 * held, (estimate.weights, held)
+
+
+@pytest.mark.parametrize("quantize, share", [("int8", 0.6), ("int4", 0.4)])
+def test_quantized_layers_weigh_less_than_bfloat16(video_llava, quantize, share):
+    def layers(quantize):
+        net = videoqa.load(video_llava, device="cpu", dtype="bfloat16", quantize=quantize, cache=False).net
+        return held_bytes(net.model.language_model.layers) + held_bytes(net.lm_head)
+
+    assert layers(quantize) < share * layers("none")

@@ -9,11 +9,22 @@ from videoqa import memory, models
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def precisions(auto: str) -> dict[str, tuple[str, int]]:
-    """Each precision as (quantize, compute dtype bytes): the compute dtypes, then int8 and nf4, whose other
-    weights and activations stay in auto's dtype (as `--quantize` alone gives them)."""
-    return {**{name: ("none", size) for name, size in DTYPE_BYTES.items()},
-            "int8": ("int8", DTYPE_BYTES[auto]), "nf4": ("nf4", DTYPE_BYTES[auto])}
+def precisions(auto: str, device_type: str) -> dict[str, tuple[str, int]]:
+    """Each precision as (quantize, compute dtype bytes): the compute dtypes, then the quantizations that run on the
+    device, whose other weights and activations are in the dtype `--quantize` alone gives them (on a CPU bfloat16
+    for int8 and int4, auto's for nf4)."""
+    from videoqa.quantization import library
+    from videoqa.errors import VideoQAError
+
+    found = {name: ("none", size) for name, size in DTYPE_BYTES.items()}
+    for quantize in ("int8", "int4", "nf4"):
+        try:
+            library(quantize, device_type)
+        except VideoQAError:
+            continue
+        dtype = "bfloat16" if device_type == "cpu" and quantize != "nf4" else auto
+        found[quantize] = (quantize, DTYPE_BYTES[dtype])
+    return found
 
 
 def disk_size(path) -> int:
@@ -27,7 +38,7 @@ def estimates(preset, path, device, auto: str) -> dict[str, memory.Estimate]:
     found = Checkpoint(str(path) if path else preset.name, device=device.type, check_memory=False, cache=False)
     if path is not None:
         found.resolve()
-    return {name: found.estimate(quantize=q, dtype_bytes=b) for name, (q, b) in precisions(auto).items()}
+    return {name: found.estimate(quantize=q, dtype_bytes=b) for name, (q, b) in precisions(auto, device.type).items()}
 
 
 def rows(device_name: str = "auto", max_memory: str | None = None) -> tuple[list[dict], str]:

@@ -82,9 +82,11 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.")]
 DTypeOpt = Annotated[DType, typer.Option(
-    "--dtype", help="auto: float16 on cuda/mps; on cpu bfloat16 where the CPU computes it natively, else float32.")]
+    "--dtype", help="auto: float16 on cuda/mps; on cpu bfloat16 where the CPU computes it natively (and with "
+    "--quantize int8/int4), else float32.")]
 QuantizeOpt = Annotated[Quantize, typer.Option(
-    "--quantize", help="The language model's linear layers in int8 or nf4 (bitsandbytes: pip install 'videoqa\\[quant]').")]
+    "--quantize", help="The language model's linear layers and LM head in fewer bytes: int8, int4 (CPU) or nf4; "
+    "torchao on the CPU, bitsandbytes on CUDA and for nf4 (pip install 'videoqa\\[quant]').")]
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", metavar="<size>",
     help="Cap the memory the run may use below what the device has free, e.g. 6GB, 6GiB, 6000MB.",
@@ -603,7 +605,8 @@ def models_command(
 ) -> None:
     """The presets: where they come from, whether they are downloaded, and the memory each needs here.
 
-    For a default question (the preset's frames, 256 new tokens) at float32, float16, bfloat16, int8 and nf4; a ✓
+    For a default question (the preset's frames, 256 new tokens) at float32, float16, bfloat16, int8, int4 (CPU) and
+    nf4; a ✓
     where that fits the device's free memory now (or --max-memory). (auto) marks the precision `--dtype auto`
     picks here: the one `videoqa ask` uses, and the memory check it passes or fails ("ask").
 
@@ -634,8 +637,9 @@ def table(found: list[dict], against: str) -> str:
     from videoqa.memory import size
 
     auto = found[0]["auto"] if found else ""
+    quantized = "bfloat16" if "int4" in (found[0]["memory_bytes"] if found else {}) else auto  # int4: a CPU
     grid = Table(title=f"memory for a default question; ✓ where it fits ({against}); (auto): what `videoqa ask` "
-                 f"uses here, int8 and nf4 over {auto}", title_justify="left")
+                 f"uses here; nf4 over {auto}, int8 and int4 over {quantized}", title_justify="left")
     precisions = list(found[0]["memory_bytes"]) if found else []
     for column in ("preset", "architecture", "hub id", "downloaded",
                    *(f"{p} (auto)" if p == auto else p for p in precisions), "ask"):

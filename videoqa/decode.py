@@ -8,6 +8,7 @@ logits warpers.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -64,6 +65,24 @@ def forward(lm: LanguageModel, embeds: torch.Tensor, cache, mask=None, positions
 def decode_step(lm: LanguageModel, token: torch.Tensor, cache, mask=None, positions=None) -> torch.Tensor:
     """(B, 1) last tokens -> (B, V) logits: the unit that is compiled (every shape in it is fixed)."""
     return forward(lm, lm.embed(token), cache, mask, positions)
+
+
+@contextlib.contextmanager
+def step_kernels(token: torch.Tensor, dtype: torch.dtype) -> Iterator[None]:
+    """Around one decode step: torch's own matrix-vector kernel, not oneDNN's, for one bfloat16 row on a CPU.
+    Measured here (benchmarks/README.md, "CPU speed"): oneDNN's reads about 20 GB/s of weights for one row where
+    torch's own reads 33 (Qwen2-0.5B's 4864 x 896 layers and its 151,936-row head alike); at two rows and more (a
+    prefill, a batch) oneDNN is the faster (56 against 37 GFLOP/s at two rows, 571 against 34 at 411), and float32
+    is the same either way."""
+    if token.device.type != "cpu" or dtype != torch.bfloat16 or token.shape[0] != 1:
+        yield
+        return
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 @functools.cache
@@ -170,5 +189,6 @@ def generate(
         done |= token == eos_id
         if produced == max_new_tokens or bool(done.all()):
             return
-        logits = step(lm, token[:, None], cache, mask, after)  # one decode step
+        with step_kernels(token, embeds.dtype):
+            logits = step(lm, token[:, None], cache, mask, after)  # one decode step
         after = after + 1

@@ -2,8 +2,10 @@
 single weight is read; and out-of-memory failures as one error with the stage and a way out.
 
 Weights are counted from the safetensors headers (or, for a preset not downloaded yet, its `[memory]` table) at the
-compute dtype, or at bitsandbytes' size for the language model's linear layers when they are quantized: nf4 keeps
-4 bits a weight and a float32 absmax per block of 64, int8 a byte a weight and a float32 scale per output row.
+compute dtype, or at the quantized size for the language model's linear layers when they are quantized: on the CPU
+(torchao) int8 is a byte a weight and two bfloat16 numbers per output row, int4 half a byte and a bfloat16 scale and
+zero per group, and the LM head is quantized too; on CUDA (bitsandbytes) int8 is a byte a weight and a float32 scale
+per row; nf4 4 bits a weight and a float32 absmax per block of 64.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from videoqa.errors import Exit, VideoQAError
 
 GB = 1e9
 MARGIN = 1.10  # allocator slack and the runtime's own buffers: stated, and checked by benchmarks/memory.py
-QUANTIZED_BYTES = {"none": None, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # per linear weight, scales included
-# On a CPU, bitsandbytes keeps more (measured by benchmarks/memory.py at two shapes): int8 a dequantized copy of each
-# weight in the compute dtype beside the int8 one, nf4 its weights repacked for the CPU kernel; and each a
-# runtime of its own.
-CPU_EXTRA_BYTES = {"int8": None, "nf4": 0.6}  # per linear weight; None: the compute dtype's size
-CPU_QUANT_RUNTIME = {"int8": 150e6, "nf4": 50e6}
+NF4_BYTES = 0.5 + 4 / 64  # per weight, its block's absmax included
+# On a CPU, bitsandbytes' nf4 keeps its weights repacked for the CPU kernel beside them (measured by
+# benchmarks/memory.py at two shapes), and each library a runtime of its own.
+CPU_NF4_EXTRA = 0.6  # per linear weight
+CPU_QUANT_RUNTIME = {"int8": 150e6, "int4": 150e6, "nf4": 50e6}
 TEXT = 64  # positions a question's own text and the template take, beside the placeholder's
 # The runtime's own working memory beside the tensors counted here (allocator arenas, oneDNN workspaces): measured
 # by benchmarks/memory.py on CPU; CUDA's figure is what torch allocates, so its context is not counted.
@@ -79,18 +80,35 @@ def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, n
     runtime's own."""
     from videoqa.decode import BUCKET
 
-    per_weight = QUANTIZED_BYTES[quantize]
-    if per_weight is not None and device_type == "cpu":
-        per_weight += CPU_EXTRA_BYTES[quantize] or dtype_bytes
-    linear = shape.linear * dtype_bytes if per_weight is None else shape.linear * per_weight
-    scales = shape.rows * 4 if quantize == "int8" else 0
-    weights = (shape.vision + shape.other) * dtype_bytes + linear + scales
+    linear = quantized(shape, quantize, device_type, dtype_bytes)
+    weights = shape.vision * dtype_bytes + shape.other * dtype_bytes + linear
     length = -(-(positions + new_tokens) // BUCKET) * BUCKET  # the static cache's bucket
     kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * dtype_bytes * length * batch
     prefill = batch * positions * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes + batch * shape.vocab * 4
     vision = frames * batch * tower_tokens * shape.vision_hidden * (shape.vision_layers + 1) * dtype_bytes
     runtime = RUNTIME.get(device_type, 0.0) + (CPU_QUANT_RUNTIME.get(quantize, 0.0) if device_type == "cpu" else 0.0)
     return Estimate(weights, kv, max(prefill, vision) + runtime)
+
+
+def quantized(shape: Shape, quantize: str, device_type: str, dtype_bytes: int) -> float:
+    """Bytes of the language model's linear layers under `quantize`, and, where torchao quantizes the LM head, the
+    head's quantized copy less the float head it replaces (a tied head's float matrix stays: the embeddings)."""
+    from videoqa.quantization import group_for
+
+    if quantize == "none":
+        return shape.linear * dtype_bytes
+    if quantize == "nf4":
+        return shape.linear * (NF4_BYTES + (CPU_NF4_EXTRA if device_type == "cpu" else 0.0))
+    if device_type != "cpu":  # bitsandbytes' int8: a float32 scale per row
+        return shape.linear + shape.rows * 4
+    head = shape.vocab * shape.hidden
+    tied = shape.other < 2 * head  # the embeddings' matrix is the head's
+    if quantize == "int8":
+        per_weight, per_row = 1.0, 4  # the int8 weight; a bfloat16 scale and a unit per row
+    else:
+        per_weight, per_row = 0.5 + 4 / group_for(shape.hidden, shape.intermediate), 0
+    return ((shape.linear + head) * per_weight + (shape.rows + shape.vocab) * per_row
+            - (0 if tied else head * dtype_bytes))
 
 
 def from_table(table: dict[str, int], *, image: bool, frames: int, new_tokens: int, **run) -> Estimate:

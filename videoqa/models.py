@@ -181,16 +181,17 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def pick_dtype(name: str, device):
+def pick_dtype(name: str, device, quantize: str = "none"):
     """`auto`: float16 on CUDA and MPS; on a CPU, bfloat16 where it computes it natively (faster than float32 and
-    half the memory), float32 elsewhere."""
+    half the memory), float32 elsewhere, and bfloat16 with --quantize int8 or int4 (torch's kernels for them are
+    fast with bfloat16 activations only: benchmarks/README.md)."""
     import torch
 
     if name != "auto":
         return getattr(torch, name)
     if device.type != "cpu":
         return torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() or quantize in ("int8", "int4") else torch.float32
 
 
 def cpu_has_bf16() -> bool:
@@ -207,28 +208,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def quantization(found: Family, quantize: str, device, dtype):
-    """transformers' BitsAndBytesConfig for `quantize`: the language model's linear layers in int8 or nf4; the
-    vision side and the LM head (full module paths) in the compute dtype, so visual features do not change."""
-    if quantize == "none":
-        return None
-    if device.type == "mps":
-        raise VideoQAError("--quantize: bitsandbytes has no MPS backend; use --device cpu, or no --quantize",
-                           Exit.DEVICE)
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise VideoQAError(f"--quantize {quantize} needs bitsandbytes: pip install 'videoqa[quant]'",
-                           Exit.MODEL) from None
-    from transformers import BitsAndBytesConfig
-
-    skip = [*found.vision_modules, "lm_head"]
-    if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                              llm_int8_skip_modules=skip)
 
 
 def context(config) -> int:
@@ -277,6 +256,57 @@ def config_class(found: Family):
     return getattr(transformers, name, None) or model_class(found).config_class
 
 
+def physical_cores(cpuinfo: str, allowed: set[int]) -> int:
+    """Physical cores among the `allowed` logical CPUs, from /proc/cpuinfo's text: SMT siblings share a (physical
+    id, core id); 0 when the text names no cores (some ARM kernels)."""
+    cores, processor, package = set(), None, "0"
+    for line in cpuinfo.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            processor = int(value)
+        elif key == "physical id":
+            package = value
+        elif key == "core id" and processor in allowed:
+            cores.add((package, value))
+    return len(cores)
+
+
+def quota_cpus(cpu_max: str) -> int | None:
+    """The CPUs a cgroup v2 quota (`cpu.max`: "QUOTA PERIOD", or "max PERIOD") allows, rounded up; None: no quota."""
+    quota, _, period = cpu_max.strip().partition(" ")
+    if quota == "max" or not period:
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+def cpu_threads() -> int:
+    """Threads for torch on this machine: one per physical core this process may run on, within its cgroup's quota.
+    torch's own default counts every physical core of the machine (cpuinfo's count), whatever the process's
+    affinity mask or a container's quota allow: oversubscribed threads wait on each other at every operation."""
+    import os
+
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    found = [len(allowed)]
+    for file, parse in (("/proc/cpuinfo", lambda text: physical_cores(text, allowed) or None),
+                        ("/sys/fs/cgroup/cpu.max", quota_cpus)):
+        try:
+            with open(file) as f:
+                found.append(parse(f.read()))
+        except (OSError, ValueError):
+            pass
+    return max(1, min(n for n in found if n))
+
+
+def use_cpu_threads() -> None:
+    """Set torch's threads to `cpu_threads()`, unless OMP_NUM_THREADS or MKL_NUM_THREADS says otherwise."""
+    import os
+
+    import torch
+
+    if not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS")):
+        torch.set_num_threads(cpu_threads())
+
+
 def quiet_transformers() -> None:
     """transformers' load reports, warnings and bars are noise for a CLI user; its errors still become ours.
     (bitsandbytes, on a CPU without its optional `kernels` package, warns once that it uses its own.)"""
@@ -315,8 +345,12 @@ def load(path: Path, found: Family, config, device, dtype, quantize: str = "none
     would fill it with random numbers."""
     import transformers
 
+    from videoqa import quantization
+
     quiet_transformers()
-    bits = quantization(found, quantize, device, dtype)
+    if device.type == "cpu":
+        use_cpu_threads()
+    bits = quantization.config(found, quantize, device, dtype, config.text_config)
     try:
         net, info = model_class(found).from_pretrained(  # device_map streams each tensor from the file to the device
             path, config=config, dtype=dtype, device_map=str(device), use_safetensors=True, trust_remote_code=False,
@@ -331,4 +365,6 @@ def load(path: Path, found: Family, config, device, dtype, quantize: str = "none
     if missing:
         raise VideoQAError(f"{path}: the checkpoint lacks {len(missing)} weights of {found.model_class} "
                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", Exit.MODEL)
+    if quantization.library(quantize, device.type) == "torchao":
+        quantization.finish(net, quantize, config.text_config)
     return net.eval(), tokenizer

@@ -90,7 +90,7 @@ class Checkpoint:
 
     @functools.cached_property
     def dtype(self):
-        return models.pick_dtype(self.options[1], self.device)
+        return models.pick_dtype(self.options[1], self.device, self.quantize)
 
     def resolve(self) -> Checkpoint:
         """Pick the device and dtype, check the run described by `workload` (frames, max_new_tokens, batch_size,
@@ -235,8 +235,9 @@ class Checkpoint:
         settings = self.settings(frames=frames, max_new_tokens=max_new_tokens)
         video = self.preset.family.video
         image = medium == "image" or not video
-        run = dict(dtype_bytes=dtype_bytes or self.dtype.itemsize, quantize=quantize or self.quantize,
-                   batch=batch_size, device_type=self.device.type)
+        quantize = quantize or self.quantize  # which may change what --dtype auto picks
+        dtype_bytes = dtype_bytes or models.pick_dtype(self.options[1], self.device, quantize).itemsize
+        run = dict(dtype_bytes=dtype_bytes, quantize=quantize, batch=batch_size, device_type=self.device.type)
         if self.config is None:
             return memory.from_table(self.preset.memory, image=image, frames=settings.frames,
                                      new_tokens=settings.max_new_tokens, **run)
@@ -282,12 +283,15 @@ class Checkpoint:
                slow if cpu and not models.cpu_has_bf16() else "")
 
     def _quantizations(self) -> Iterator[tuple[str, float, str]]:
-        import importlib.util
+        """The quantizations after this run's that run on its device (none on MPS; int4 on the CPU only)."""
+        from videoqa import quantization
 
-        if self.device.type == "mps":  # bitsandbytes has no MPS backend
-            return
-        install = "" if importlib.util.find_spec("bitsandbytes") else "; pip install 'videoqa[quant]' first"
         for quantize in QUANTIZE[QUANTIZE.index(self.quantize) + 1:]:
+            try:
+                name = quantization.library(quantize, self.device.type)
+            except VideoQAError:
+                continue
+            install = "" if quantization.available(name) else "; pip install 'videoqa[quant]' first"
             yield f"--quantize {quantize}", self.estimate(**self.workload, quantize=quantize).total, install
 
     def _fewer_frames(self, have: float) -> Iterator[tuple[str, float, str]]:

@@ -64,7 +64,7 @@ class Spec:
 # How a model is loaded (the CLI's choices and the API's `load` keywords): a device, a compute dtype, quantization
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-QUANTIZE = ("none", "int8", "nf4")
+QUANTIZE = ("none", "int8", "int4", "nf4")
 
 SPECS = {
     spec.name: spec
