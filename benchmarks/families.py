@@ -160,8 +160,9 @@ def qwen_config(family: str, text: dict, tokenizer, extra: dict):
     return Qwen3VLConfig(text_config={**text, "tie_word_embeddings": tied}, vision_config=vision, **special)
 
 
-def build(name: str, folder: Path, dtype: torch.dtype, layers: int | None) -> dict:
-    """Save the random checkpoint of preset `name` in `folder`; its language model's dimensions."""
+def build(name: str, folder: Path, dtype: torch.dtype, layers: int | None, vision: dict | None = None) -> dict:
+    """Save the random checkpoint of preset `name` in `folder`; its language model's dimensions. `vision`: the
+    tower's dimensions over the small default (OneVision's SigLIP and SmolVLM2's only: benchmarks/cpu.py)."""
     family, text, extra = PRESETS[name]
     text = json.loads(json.dumps(text))
     checked(name, text)
@@ -195,8 +196,8 @@ def build(name: str, folder: Path, dtype: torch.dtype, layers: int | None) -> di
         config = SmolVLMConfig(
             text_config=dict(model_type="llama", **text, rms_norm_eps=1e-5, tie_word_embeddings=tied,
                              pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"]),
-            vision_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                               patch_size=extra["patch"], image_size=extra["image"]),
+            vision_config={**dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                                  patch_size=extra["patch"], image_size=extra["image"]), **(vision or {})},
             scale_factor=extra["scale"], image_token_id=ids["image"], tie_word_embeddings=tied,
             pad_token_id=ids["pad"],
         )
@@ -209,12 +210,13 @@ def build(name: str, folder: Path, dtype: torch.dtype, layers: int | None) -> di
     elif family == "llava_onevision":
         from onevision_fixtures import QWEN2_SPECIALS, build_tokenizer_qwen2, tiny_siglip
         from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+        from transformers import SiglipVisionConfig
 
         tokenizer = build_tokenizer_qwen2(folder)
         specials = tokenizer.convert_tokens_to_ids(list(QWEN2_SPECIALS))
         text.pop("head_dim")
         config = LlavaOnevisionConfig(
-            vision_config=tiny_siglip(), text_config=Qwen2Config(**text, bos_token_id=specials[0],
+            vision_config=SiglipVisionConfig(**vision) if vision else tiny_siglip(), text_config=Qwen2Config(**text, bos_token_id=specials[0],
                                                                  eos_token_id=specials[2], rms_norm_eps=1e-6),
             image_token_index=specials[3], video_token_index=specials[4], vision_feature_layer=-1,
             vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",

@@ -1,7 +1,7 @@
 """Memory and speed at each precision: videoqa's estimate before loading against the measured peak, with load
 time, prefill time and decode speed, for one 8-frame question.
 
-    python benchmarks/memory.py --shape small                       # CPU: float32, bfloat16, int8, nf4
+    python benchmarks/memory.py --shape small                       # CPU: float32, bfloat16, int8, int4, nf4
     python benchmarks/memory.py --shape 7b --device cuda            # CUDA: float16, bfloat16, int8, nf4
 
 Each precision runs in a fresh process. The measured peak is, on CPU, the peak resident memory (VmHWM) of the answer
@@ -55,8 +55,9 @@ def main() -> None:
     cli.add_argument("--max-new-tokens", type=int, default=32)
     args = cli.parse_args()
     first = "float32" if args.device == "cpu" else "float16"
-    runs = [(first, "none"), ("bfloat16", "none"), ("bfloat16" if args.device == "cpu" else "float16", "int8"),
-            ("bfloat16" if args.device == "cpu" else "float16", "nf4")]
+    quantized = "bfloat16" if args.device == "cpu" else "float16"
+    runs = [(first, "none"), ("bfloat16", "none"), (quantized, "int8"), *([(quantized, "int4")] if args.device == "cpu"
+                                                                          else []), (quantized, "nf4")]
     with tempfile.TemporaryDirectory() as tmp:
         save(args.shape, Path(tmp), torch.float16 if args.shape == "7b" else torch.float32)
         for dtype, quantize in runs:

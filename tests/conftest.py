@@ -221,6 +221,29 @@ def reference_generate(model_dir: Path, frames, question: str, max_new_tokens: i
     return reference_continue(net, ids, max_new_tokens, pixel_values_videos=reference_pixels(net, list(frames.pixels))[None])
 
 
+def reference_torchao(path: Path, quantize: str, skip: list[str], group: int, dtype=None):
+    """transformers' own class loaded through TorchAoConfig (int8: Int8WeightOnlyConfig; int4:
+    PrototypeInt4WeightOnlyConfig in groups of `group`), the modules in `skip` unquantized, in `dtype` (bfloat16 by
+    default); an LM head tied to the embeddings is quantized as a copy of its own with the same config, by torchao's
+    own `quantize_` (the load leaves a tied head as it is)."""
+    import torch
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import AutoModelForImageTextToText, TorchAoConfig
+
+    dtype = dtype or torch.bfloat16
+    config = Int8WeightOnlyConfig() if quantize == "int8" else PrototypeInt4WeightOnlyConfig(group_size=group)
+    net = AutoModelForImageTextToText.from_pretrained(
+        path, quantization_config=TorchAoConfig(config, modules_to_not_convert=skip), device_map="cpu",
+        dtype=dtype).eval()
+    if net.lm_head.weight is net.get_input_embeddings().weight:
+        head = torch.nn.Linear(net.lm_head.in_features, net.lm_head.out_features, bias=False, dtype=dtype)
+        head.weight = torch.nn.Parameter(net.lm_head.weight.detach().clone(), requires_grad=False)
+        quantize_(head, config)
+        net.lm_head = head
+    return net
+
+
 def run_videoqa(*args, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     """`python -m videoqa ARGS` as a real process: streams, signals and locales as a shell gives them."""
     command = [sys.executable, "-m", "videoqa", *map(str, args)]

@@ -59,15 +59,16 @@ def ids_of(tokenizer) -> dict[str, int]:
             ("vision_start", "vision_end", "image_pad", "video_pad", "im_end", "endoftext")}
 
 
-def build_qwen2_5_vl(directory: Path, seed: int = 0, *, init: float = 0.2) -> Path:
+def build_qwen2_5_vl(directory: Path, seed: int = 0, *, init: float = 0.2, vocab_multiple: int = 1) -> Path:
     """A 2-layer Qwen2.5-VL: tower of 2 blocks (the second with full attention), 112 px attention windows."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = build_qwen_tokenizer(directory)
     ids = ids_of(tokenizer)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        text_config=dict(vocab_size=-(-len(tokenizer) // vocab_multiple) * vocab_multiple, hidden_size=64,
+                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
                          eos_token_id=ids["im_end"], pad_token_id=ids["endoftext"], initializer_range=init),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,

@@ -77,7 +77,7 @@ def build_tokenizer(corpus: list[str] = CORPUS):
     return tokenizer
 
 
-def build_smolvlm(directory: Path, seed: int = 0, *, init: float = 0.3) -> Path:
+def build_smolvlm(directory: Path, seed: int = 0, *, init: float = 0.3, vocab_multiple: int = 1) -> Path:
     """A 2-layer SmolVLM2 (Llama text model, untied head, 8192 positions) with a 2-layer SigLIP tower."""
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
@@ -85,7 +85,8 @@ def build_smolvlm(directory: Path, seed: int = 0, *, init: float = 0.3) -> Path:
     ids = dict(zip(("bos", "eos", "pad", "image"), tokenizer.convert_tokens_to_ids(
         ["<|im_start|>", "<end_of_utterance>", "<|im_end|>", "<image>"])))
     config = SmolVLMConfig(
-        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=96, intermediate_size=192,
+        text_config=dict(model_type="llama", vocab_size=-(-len(tokenizer) // vocab_multiple) * vocab_multiple,
+                         hidden_size=96, intermediate_size=192,
                          num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
                          max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 1e5},
                          rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=ids["pad"],

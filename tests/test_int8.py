@@ -14,6 +14,7 @@ import torch
 
 import videoqa
 from conftest import asset, build_video_llava, needs_assets, reference_net, reference_pixels, reference_prompt
+from conftest import reference_continue, reference_torchao
 from onevision_fixtures import build_llava_onevision, onevision_video_tokens, reference_onevision_prompt
 from onevision_fixtures import siglip_reference_pixels
 from videoqa.frames import read_frames
@@ -23,31 +24,6 @@ VIDEO = asset("videos/videollava_sample_demo_1.mp4")
 SHAPES = {"prefill-heavy": (8, 6), "decode-heavy": (1, 40)}  # (frames, new tokens)
 WIDTHS = {64: 0.1, 256: 0.02, 512: 0.05}  # hidden size: initializer range
 QUESTIONS = ("Why is this video funny?", "What happens next, and who is there?")
-
-
-def torchao_config(quantize: str, group: int):
-    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
-    from torchao.quantization import Int8WeightOnlyConfig
-
-    return Int8WeightOnlyConfig() if quantize == "int8" else PrototypeInt4WeightOnlyConfig(group_size=group)
-
-
-def reference_model(path, quantize: str, skip: list[str], group: int):
-    """transformers' own class loaded through TorchAoConfig in bfloat16; a head tied to the embeddings quantized as
-    a copy of its own with the same config."""
-    from torchao.quantization import quantize_
-    from transformers import AutoModelForImageTextToText, TorchAoConfig
-
-    config = torchao_config(quantize, group)
-    net = AutoModelForImageTextToText.from_pretrained(
-        path, quantization_config=TorchAoConfig(config, modules_to_not_convert=skip), device_map="cpu",
-        dtype=torch.bfloat16).eval()
-    if net.lm_head.weight is net.get_input_embeddings().weight:
-        head = torch.nn.Linear(net.lm_head.in_features, net.lm_head.out_features, bias=False, dtype=torch.bfloat16)
-        head.weight = torch.nn.Parameter(net.lm_head.weight.detach().clone(), requires_grad=False)
-        quantize_(head, config)
-        net.lm_head = head
-    return net
 
 
 @pytest.fixture(scope="module", params=WIDTHS, ids=lambda hidden: f"hidden{hidden}")
@@ -77,7 +53,7 @@ def test_quantized_answers_equal_transformers(video_llava, quantize, shape):
     ours = videoqa.load(video_llava, device="cpu", quantize=quantize, cache=False)
     assert ours.net.dtype == torch.bfloat16  # --dtype auto with int8/int4 on a CPU
     skip = ["model.video_tower", "model.image_tower", "model.multi_modal_projector"]
-    reference, tokenizer = reference_model(video_llava, quantize, skip, group), reference_net(video_llava)[1]
+    reference, tokenizer = reference_torchao(video_llava, quantize, skip, group), reference_net(video_llava)[1]
     frames, new_tokens = SHAPES[shape]
     sampled = read_frames(VIDEO, frames)
     for question in QUESTIONS:  # one model, two calls
@@ -88,6 +64,22 @@ def test_quantized_answers_equal_transformers(video_llava, quantize, shape):
                             pixel_values_videos=reference_pixels(reference, list(sampled.pixels))[None])
         assert answer.tokens == expected
         assert len(set(expected)) > 1  # an answer that varies: the comparison has teeth
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_in_float32_answers_equal_transformers_own_generate(video_llava, quantize):
+    """In float32 the quantized layers are torchao's own tensors: the answer is transformers' `generate` with the
+    same TorchAoConfig and its default (dynamic) cache."""
+    group = 128 if text_config(video_llava)["hidden_size"] % 128 == 0 else 64
+    ours = videoqa.load(video_llava, device="cpu", dtype="float32", quantize=quantize, cache=False)
+    skip = ["model.video_tower", "model.image_tower", "model.multi_modal_projector"]
+    reference = reference_torchao(video_llava, quantize, skip, group, torch.float32)
+    sampled = read_frames(VIDEO, 1)
+    ids = reference_prompt(reference, reference_net(video_llava)[1], sampled, QUESTIONS[0])
+    expected = reference_continue(reference, ids, 30,
+                                  pixel_values_videos=reference_pixels(reference, list(sampled.pixels))[None])
+    assert ours.ask(VIDEO, QUESTIONS[0], frames=1, max_new_tokens=30).tokens == expected
+    assert len(set(expected)) > 1
 
 
 def text_config(path) -> dict:
@@ -105,8 +97,9 @@ def test_a_tied_head_is_quantized_as_transformers_would_quantize_it(onevision, q
     stay in bfloat16 (the embedding lookup of a prompt's text is unchanged)."""
     ours = videoqa.load(onevision, device="cpu", quantize=quantize, cache=False)
     assert ours.net.get_input_embeddings().weight.dtype == torch.bfloat16
-    assert ours.net.lm_head.weight is not ours.net.get_input_embeddings().weight if quantize == "int4" else True
-    reference = reference_model(onevision, quantize, ["model.vision_tower", "model.multi_modal_projector"], 64)
+    embeddings = ours.net.get_input_embeddings().weight
+    assert held_bytes(ours.net.lm_head) < 0.6 * embeddings.numel() * 2  # a quantized copy, not the bfloat16 matrix
+    reference = reference_torchao(onevision, quantize, ["model.vision_tower", "model.multi_modal_projector"], 64)
     tokenizer = reference_net(onevision)[1]
     frames = read_frames(VIDEO, 2)
     ids = reference_onevision_prompt(tokenizer, QUESTIONS[0], "<video>", onevision_video_tokens(reference, 2))

@@ -201,3 +201,51 @@ def test_models_lists_presets_with_estimates(cli, monkeypatch, tmp_path):
     assert rows["llava-onevision-0.5b"]["memory_bytes"]["float16"] < 4e9
     table = cli("models")
     assert table.code == 0 and "video-llava-7b" in table.out and "nf4" in table.out
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_without_torchao_cpu_quantization_names_the_extra(cli, tiny_model, monkeypatch, quantize):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed
+    result = cli("ask", VIDEO, QUESTION, "-m", tiny_model, "--quantize", quantize)
+    assert_clean_failure(result, Exit.MODEL, "torchao", "pip install 'videoqa[quant]'")
+
+
+def test_models_lists_int4_on_a_cpu_over_bfloat16(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    result = cli("models", "--json", "--device", "cpu")
+    row = {r["name"]: r for r in map(json.loads, result.out.splitlines())}["video-llava-7b"]["memory_bytes"]
+    # 6.7B linear weights at half a byte beside 0.6B others in bfloat16: well under int8's, which is under bfloat16's
+    assert row["int4"] < row["int8"] < row["bfloat16"] and row["int4"] < 0.5 * row["bfloat16"]
+
+
+CPUINFO = "".join(f"processor\t: {cpu}\nphysical id\t: {package}\ncore id\t\t: {core}\n\n"
+                  for cpu, package, core in [(0, 0, 0), (1, 0, 1), (2, 0, 0), (3, 0, 1), (4, 1, 0), (5, 1, 0)])
+
+
+@pytest.mark.parametrize("allowed, cores", [({0, 1, 2, 3, 4, 5}, 3), ({0, 2}, 1), ({0, 1}, 2), ({4, 5}, 1)])
+def test_physical_cores_count_smt_siblings_once(allowed, cores):
+    from videoqa.models import physical_cores
+
+    assert physical_cores(CPUINFO, allowed) == cores  # CPUs 0 and 2 are one core's two threads, as are 4 and 5
+
+
+def test_a_cgroup_quota_caps_the_threads():
+    from videoqa.models import quota_cpus
+
+    assert quota_cpus("max 100000") is None
+    assert quota_cpus("150000 100000\n") == 2 and quota_cpus("50000 100000") == 1 and quota_cpus("400000 100000") == 4
+
+
+def test_the_load_sets_one_thread_per_core_the_process_may_use(tiny_model):
+    """torch's default counts the machine's cores; a process pinned to one CPU gets one thread."""
+    import os
+    import subprocess
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to pin to one")
+    code = ("import os, torch, videoqa; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            f"before = torch.get_num_threads(); videoqa.load({str(tiny_model)!r}, device='cpu', cache=False); "
+            "print(before, torch.get_num_threads())")
+    before, after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   check=True).stdout.split()
+    assert int(before) >= 2 and int(after) == 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import videoqa
-from conftest import asset, needs_assets
+from conftest import asset, needs_assets, reference_torchao
 from qwen_fixtures import build_qwen2_5_vl, chat_text, expanded_ids
 from videoqa.families.qwen2_5_vl import video_bounds
 from videoqa.pixels import qwen_video_pixels
@@ -195,6 +195,25 @@ def test_nf4_keeps_the_tower_and_equals_generate_under_the_same_config(qwen25, l
     inputs = video_inputs(loaded, media)
     ids = expanded_ids(qwen25, chat_text(qwen25, [(QUESTION, None)]), inputs["video_grid_thw"][0])
     assert quantized.ask(media, QUESTION, max_new_tokens=8).tokens == generated(net, [ids], 8, **inputs)[0]
+
+
+@pytest.fixture(scope="module")
+def qwen25_padded(tmp_path_factory):
+    """The vocabulary padded to a multiple of 16, as int4's packing needs (the real one's 151,936 is)."""
+    return build_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl_padded"), vocab_multiple=16)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_torchao_quantization_keeps_the_tower_and_equals_generate_under_the_same_config(qwen25_padded, quantize):
+    plain = videoqa.load(qwen25_padded, device="cpu", dtype="float32", cache=False)
+    quantized = videoqa.load(qwen25_padded, device="cpu", dtype="float32", quantize=quantize, cache=False)
+    media = quantized.media(VIDEOS[0], frames=4)
+    assert torch.equal(quantized.features(media), plain.features(media))  # model.visual is not quantized
+    net = reference_torchao(qwen25_padded, quantize, ["model.visual"], 64, torch.float32)
+    inputs = video_inputs(plain, media)
+    ids = expanded_ids(qwen25_padded, chat_text(qwen25_padded, [(QUESTION, None)]), inputs["video_grid_thw"][0])
+    expected = generated(net, [ids], 16, **inputs)[0]
+    assert quantized.ask(media, QUESTION, max_new_tokens=16).tokens == expected and len(set(expected)) > 1
 
 
 def test_find_scores_the_yes_and_no_tokens_after_the_chatml_newline(qwen25, loaded, reference):

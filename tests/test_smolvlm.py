@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 import videoqa
-from conftest import asset, needs_assets, reference_continue, reference_net
+from conftest import asset, assert_clean_failure, needs_assets, reference_continue, reference_net, reference_torchao
 from smolvlm_fixtures import build_smolvlm, smolvlm_processor
+from videoqa.errors import Exit
 from videoqa.families import smolvlm
 from videoqa.features import Visual
 
@@ -61,6 +62,28 @@ def video_answer(checkpoint, reference, model, path, question: str, max_new_toke
     inputs = processed_video(checkpoint, path, model.media(path, **framing).frames, question)
     ids = inputs.input_ids[0].tolist()
     return ids, reference_continue(reference[0], ids, max_new_tokens, pixel_values=inputs.pixel_values)
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    """The vocabulary padded to a multiple of 16, as int4's packing needs (the real one's 49,280 is)."""
+    return build_smolvlm(tmp_path_factory.mktemp("smolvlm_padded"), vocab_multiple=16)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_torchao_quantization_equals_generate_under_the_same_config(padded, quantize):
+    """SmolVLM2's 96-wide test model: int4 in groups of 32 (the largest that divides its widths)."""
+    quantized = videoqa.load(padded, device="cpu", dtype="float32", quantize=quantize, cache=False)
+    net = reference_torchao(padded, quantize, ["model.vision_model", "model.connector"], 32, torch.float32)
+    ids, _ = video_answer(padded, reference_net(padded), quantized, VIDEOS[0], QUESTION, 1, frames=3)
+    inputs = processed_video(padded, VIDEOS[0], quantized.media(VIDEOS[0], frames=3).frames, QUESTION)
+    expected = reference_continue(net, ids, 16, pixel_values=inputs.pixel_values)
+    assert quantized.ask(VIDEOS[0], QUESTION, frames=3, max_new_tokens=16).tokens == expected and len(set(expected)) > 1
+
+
+def test_int4_refuses_a_vocabulary_its_packing_cannot_take(checkpoint, cli):
+    result = cli("ask", VIDEOS[0], QUESTION, "-m", checkpoint, "--quantize", "int4")
+    assert_clean_failure(result, Exit.MODEL, "--quantize int4", "multiples of 16", "--quantize int8")
 
 
 def test_frame_counts_in_words_are_num2words():

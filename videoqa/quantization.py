@@ -44,16 +44,13 @@ def library(quantize: str, device_type: str) -> str | None:
 
 
 def available(name: str) -> bool:
-    """Whether the library imports (a broken install is as good as none)."""
-    import importlib
+    """Whether the library is installed, without importing it (both print notes on import)."""
+    import importlib.util
+    import sys
 
-    if name == "torchao":
-        quiet_torchao()
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
+    if name in sys.modules:
+        return sys.modules[name] is not None  # None: an import that failed, or was blocked
+    return importlib.util.find_spec(name) is not None
 
 
 def group_for(*widths: int) -> int:
@@ -67,8 +64,16 @@ def group_for(*widths: int) -> int:
 
 
 def group_size(text_config) -> int:
+    """int4's group for this language model; its layers' output widths must be multiples of 16 (torch's int4
+    packing for the CPU), as every real checkpoint's are."""
     heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    outputs = (text_config.hidden_size, text_config.intermediate_size, heads * head_dim, kv_heads * head_dim,
+               text_config.vocab_size)
+    if any(width % 16 for width in outputs):
+        raise VideoQAError(f"--quantize int4: the language model's output widths {outputs} are not all multiples "
+                           "of 16; use --quantize int8", Exit.MODEL)
     return group_for(text_config.hidden_size, text_config.intermediate_size, heads * head_dim)
 
 
@@ -117,17 +122,19 @@ def quiet_torchao() -> None:
 
 
 def finish(net, quantize: str, text_config) -> None:
-    """After a torchao load: the LM head quantized like the layers if the load left it tied to the embeddings, and
-    each int8 layer given its decode kernel (bfloat16 activations; float32 keeps torchao's own linear)."""
+    """After a torchao load: the LM head quantized like the layers if the load left it tied to the embeddings, and,
+    in bfloat16, each layer a plain module that calls its kernel (float32 keeps torchao's own tensors: their
+    results are transformers' with the same config)."""
     quantize_head(net, torchao_config(quantize, text_config))
-    if quantize != "int8" or net.dtype != torch.bfloat16:
+    if net.dtype != torch.bfloat16:
         return
+    from torchao.prototype.quantization.int4 import Int4OpaqueTensor
     from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
 
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear) and isinstance(child.weight, Int8Tensor):
-                setattr(parent, name, Int8Linear(child))
+            if isinstance(child, torch.nn.Linear) and isinstance(child.weight, (Int8Tensor, Int4OpaqueTensor)):
+                setattr(parent, name, (Int8Linear if isinstance(child.weight, Int8Tensor) else Int4Linear)(child))
 
 
 def quantize_head(net, torchao: Any) -> None:
@@ -166,4 +173,25 @@ class Int8Linear(torch.nn.Module):
         else:  # a prefill's GEMM: faster from the weight cast to bfloat16 than through the GEMV kernel (measured)
             dot = torch.mm(flat, self.qdata.t().to(x.dtype))
         y = (dot * self.scale).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(torch.nn.Module):
+    """A torchao int4 linear's packed weight, scales and zeros, given to `_weight_int4pack_mm_for_cpu` as torchao's
+    Int4OpaqueTensor gives them, without its tensor subclass's Python dispatch on every call (a third of a 0.5B
+    model's decode step here: benchmarks/README.md)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight
+        self.out_features, self.in_features = weight.shape
+        self.group = weight.block_size[1]
+        self.register_buffer("qdata", weight.qdata)
+        self.register_buffer("scale_and_zero", weight.scale_and_zero)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qdata, self.group, self.scale_and_zero)
+        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
