@@ -105,6 +105,43 @@ def gemv_kernels(weights: list[torch.Tensor]) -> dict:
     return out
 
 
+@torch.inference_mode()
+def candidates(layers: int = 16) -> dict:
+    """GB/s of weight bytes each candidate int8 path reads for a one-row product, over `layers` layers of
+    4864 x 896 (out of cache), bfloat16 activations unless named: what the choice of kernels rests on."""
+    import bitsandbytes as bnb
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    n, k = 4864, 896
+    weights = [torch.randn(n, k) * 0.02 for _ in range(layers)]
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    torchao = []
+    for w in weights:
+        linear = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        linear.weight.data.copy_(w)
+        quantize_(linear, Int8WeightOnlyConfig())
+        torchao.append(linear)
+    compiled = torch.compile(lambda x, w: F.linear(x, w.qdata.to(x.dtype)) * w.scale.flatten().to(x.dtype))
+    bits = []
+    for w in weights:
+        linear = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False)
+        linear.weight = bnb.nn.Int8Params(w.to(torch.bfloat16), requires_grad=False, has_fp16_weights=False)
+        bits.append(linear.to("cpu"))
+    scales = [w.abs().amax(1) / 127 for w in weights]
+    int8 = [(torch.round(w / s[:, None]).to(torch.int8), s) for w, s in zip(weights, scales)]
+    x32 = x.float()
+    runs = {
+        "torchao Int8Tensor linear (eager)": lambda: [m(x) for m in torchao],
+        "torchao Int8Tensor, dequantize+linear compiled by inductor": lambda: [compiled(x, m.weight) for m in torchao],
+        "bitsandbytes Linear8bitLt": lambda: [m(x) for m in bits],
+        "_weight_int8pack_mm, float32 activations": lambda: [torch.ops.aten._weight_int8pack_mm(x32, q, s)
+                                                             for q, s in int8],
+        "_weight_int8pack_mm, bfloat16 activations": lambda: [torch.ops.aten._weight_int8pack_mm(x, q, s.to(x.dtype))
+                                                              for q, s in int8],
+    }
+    return {name: layers * n * k / best(run, 3) / 1e9 for name, run in runs.items()}
+
+
 CHILD = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[1])
@@ -191,12 +228,16 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--llamacpp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--candidates", action="store_true", help="only the int8 kernels' one-row rates")
     parser.add_argument("--checkpoint", type=Path, help="build the checkpoint here and keep it (reused if present)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from videoqa.models import cpu_has_bf16, cpu_threads
 
     torch.set_num_threads(cpu_threads())
+    if args.candidates:
+        print(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": cpu_flags(), "gb_s": candidates()}, indent=2))
+        return
     folder = args.checkpoint or Path(tempfile.mkdtemp(prefix="cpu-bench-", dir="/tmp"))
     try:
         if not (folder / "config.json").is_file():

@@ -98,6 +98,20 @@ def test_auto_dtype_on_cpu_follows_the_bf16_probe(cli, tiny_model, monkeypatch, 
     assert forced["runtime"]["dtype"] == "float32"
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_auto_dtype_with_cpu_quantization_is_bfloat16_either_way(cli, wide_model, monkeypatch, native, quantize):
+    """torch's int8 and int4 kernels for the CPU are fast with bfloat16 activations only, native or not."""
+    from videoqa import models
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: native)
+    record = json.loads(cli("ask", VIDEO, QUESTION, "-m", wide_model, "-n", 2, "--json", "--quantize", quantize).out)
+    assert record["runtime"] == {"device": "cpu", "dtype": "bfloat16", "quantize": quantize}
+    forced = cli("ask", VIDEO, QUESTION, "-m", wide_model, "-n", 2, "--json", "--quantize", quantize, "--dtype",
+                 "float32")
+    assert json.loads(forced.out)["runtime"]["dtype"] == "float32"
+
+
 def test_the_bf16_probe_reads_the_cpu_flags(monkeypatch):
     from pathlib import Path
 

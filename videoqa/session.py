@@ -385,8 +385,9 @@ def _walker(video: str | Path, sampler: Sampler) -> Iterator[Callable]:
 def load(model: str | Path = "video-llava-7b", *, device: str = "auto", dtype: str = "auto", cache: bool = True,
          compile: bool = True, quantize: str = "none", max_memory: str | float | None = None,
          check_memory: bool = True) -> Model:
-    """A model ready to answer: a preset name, a local Hugging Face directory or a hub id. `quantize`: none, int8
-    or nf4 (the language model's linear layers; bitsandbytes); `max_memory`: a cap below what the device has
+    """A model ready to answer: a preset name, a local Hugging Face directory or a hub id. `quantize`: none, int8,
+    int4 (CPU) or nf4 (the language model's linear layers, and on a CPU its head: torchao on a CPU, bitsandbytes on
+    CUDA and for nf4); `max_memory`: a cap below what the device has
     free (e.g. "6GB"); the memory check refuses a model that would not fit a default question."""
     found = Checkpoint(model, device=device, dtype=dtype, cache=cache, quantize=quantize, max_memory=max_memory,
                        check_memory=check_memory)
