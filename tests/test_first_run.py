@@ -124,7 +124,7 @@ def test_models_agrees_with_ask(tmp_path):
     assert {row["auto"] for row in rows} <= {"bfloat16", "float32"} and len({row["auto"] for row in rows}) == 1
     assert {False, True} == {row["default_fits"] for row in rows}  # the budget splits the presets
     for row in rows:
-        assert list(row["memory_bytes"]) == ["float32", "float16", "bfloat16", "int8", "nf4"]
+        assert list(row["memory_bytes"]) == ["float32", "float16", "bfloat16", "int8", "int4", "nf4"]  # int4: a CPU
         assert row["default_fits"] == row["fits"][row["auto"]]
         medium = VIDEO if row["name"] not in ("llava-1.5-7b", "llava-v1.6-vicuna-7b") else IMAGE
         asked = run_videoqa("ask", medium, QUESTION, "-m", row["name"], "--max-memory", "6GB", env=env)
@@ -132,7 +132,7 @@ def test_models_agrees_with_ask(tmp_path):
     table = run_videoqa("models", "--max-memory", "6GB", env=env).stdout.decode()
     header = next(line for line in table.splitlines() if "preset" in line)
     assert header.count("(auto)") == 1 and f"{rows[0]['auto']} (auto)" in header
-    for name in ("float32", "float16", "bfloat16", "int8", "nf4", "ask"):
+    for name in ("float32", "float16", "bfloat16", "int8", "int4", "nf4", "ask"):
         assert name in header
 
 

@@ -27,9 +27,10 @@ NF4_BYTES = 0.5 + 4 / 64  # per weight, its block's absmax included
 # On a CPU, bitsandbytes' nf4 keeps its weights repacked for the CPU kernel beside them (measured by
 # benchmarks/memory.py at two shapes), and each library a runtime of its own.
 CPU_NF4_EXTRA = 0.6  # per linear weight
-# torchao's int4 on a CPU: its process holds about this much more per linear weight than the packed weights once
-# loaded (measured by benchmarks/memory.py at the same two shapes: 0.79 of the peak without it at the larger)
-CPU_INT4_EXTRA = 0.5
+# torch's int4 kernel for the CPU at a prefill: working buffers of about this many bytes per prompt position and
+# unit of intermediate width (fitted to benchmarks/memory.py at two shapes: the peak was 0.79 of the estimate without
+# them at the larger; once loaded, the process holds no more than the packed weights)
+CPU_INT4_PREFILL = 16
 CPU_QUANT_RUNTIME = {"int8": 30e6, "int4": 30e6, "nf4": 50e6}  # torchao: its modules and kernels once imported
 TEXT = 64  # positions a question's own text and the template take, beside the placeholder's
 # The runtime's own working memory beside the tensors counted here (allocator arenas, oneDNN workspaces): measured
@@ -90,10 +91,11 @@ def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, n
     prefill = batch * positions * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes + batch * shape.vocab * 4
     if quantize == "int8" and device_type == "cpu":  # a prefill multiplies by one layer's weight cast to bfloat16
         prefill += shape.intermediate * shape.hidden * 2
+    if quantize == "int4" and device_type == "cpu":
+        prefill += batch * positions * shape.intermediate * CPU_INT4_PREFILL
     vision = frames * batch * tower_tokens * shape.vision_hidden * (shape.vision_layers + 1) * dtype_bytes
     runtime = RUNTIME.get(device_type, 0.0) + (CPU_QUANT_RUNTIME.get(quantize, 0.0) if device_type == "cpu" else 0.0)
-    if quantize == "int4" and device_type == "cpu":
-        runtime += shape.linear * CPU_INT4_EXTRA
+
     return Estimate(weights, kv, max(prefill, vision) + runtime)
 
 

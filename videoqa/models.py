@@ -309,14 +309,20 @@ def use_cpu_threads() -> None:
 
 def quiet_transformers() -> None:
     """transformers' load reports, warnings and bars are noise for a CLI user; its errors still become ours.
-    (bitsandbytes, on a CPU without its optional `kernels` package, warns once that it uses its own.)"""
+    (bitsandbytes, on a CPU without its optional `kernels` package, warns once that it uses its own; torchao,
+    which transformers imports whenever it is installed, reports each optional kernel library it cannot load, CUDA
+    ones on a CPU machine, and torch warns about two of its enums.)"""
     import logging as python_logging
+    import warnings
 
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    python_logging.getLogger("bitsandbytes").setLevel(python_logging.ERROR)
+    for name, level in (("bitsandbytes", python_logging.ERROR), ("torchao", python_logging.ERROR),
+                        ("torch.utils._pytree", python_logging.ERROR)):
+        python_logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
 
 
 def config_of(path: Path, found: Family):

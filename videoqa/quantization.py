@@ -17,7 +17,6 @@ torchao, the embeddings staying as they are: it is a quarter of a 0.5B model's b
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -79,7 +78,9 @@ def group_size(text_config) -> int:
 
 def torchao_config(quantize: str, text_config) -> Any:
     """torchao's config for `quantize` (int8 or int4), as transformers' TorchAoConfig takes it."""
-    quiet_torchao()
+    from videoqa.models import quiet_transformers
+
+    quiet_transformers()
     if quantize == "int8":
         from torchao.quantization import Int8WeightOnlyConfig
 
@@ -109,16 +110,6 @@ def config(found: Family, quantize: str, device, dtype, text_config) -> Any:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                               llm_int8_skip_modules=skip)
-
-
-def quiet_torchao() -> None:
-    """torchao's import reports each optional kernel library it cannot load (CUDA ones, on a CPU machine) and torch
-    warns about one of its enums: noise for a CLI user."""
-    import warnings
-
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is an Enum subclass.*")
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def finish(net, quantize: str, text_config) -> None:
