@@ -247,7 +247,9 @@ def main() -> None:
                 if p != "bfloat16" or cpu_has_bf16()}
         prompt = next(r["prompt_tokens"] for r in runs.values() if "prompt_tokens" in r)
         machine = limits(prompt)
-        flops = next(r for r in runs.values() if "tower_flops" in r)
+        flops = next((r for r in runs.values() if "tower_flops" in r), None)
+        if flops is None:
+            raise SystemExit("the shares need an unquantized precision's FLOP counts: add float32 or bfloat16")
         for run in runs.values():
             if "error" not in run:
                 run.update(shares(run, flops, machine))

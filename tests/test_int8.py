@@ -135,3 +135,23 @@ def test_quantized_layers_weigh_less_than_bfloat16(video_llava, quantize, share)
         return held_bytes(net.model.language_model.layers) + held_bytes(net.lm_head)
 
     assert layers(quantize) < share * layers("none")
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_plain_modules_compute_what_torchaos_tensors_compute(quantize):
+    """Int8Linear and Int4Linear against torchao's own linear on the same quantized weight, with a bias: bit for bit
+    at one row (a decode step) and past 16 rows (a prefill), for 2-D and 3-D inputs."""
+    from torchao.quantization import quantize_
+
+    from videoqa.quantization import Int4Linear, Int8Linear, torchao_config
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=True, dtype=torch.bfloat16)
+    text = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, vocab_size=96)
+    quantize_(linear, torchao_config(quantize, text))
+    plain = (Int8Linear if quantize == "int8" else Int4Linear)(linear)
+    with torch.inference_mode():
+        for shape in [(1, 256), (1, 1, 256), (40, 256), (2, 17, 256)]:
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            assert torch.equal(plain(x), linear(x)), shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -67,6 +68,11 @@ def decode_step(lm: LanguageModel, token: torch.Tensor, cache, mask=None, positi
     return forward(lm, lm.embed(token), cache, mask, positions)
 
 
+_ONEDNN_LOCK = threading.Lock()
+_STEPS_OFF_ONEDNN = 0  # one-row bfloat16 steps running now, in any thread
+_ONEDNN_BEFORE = True
+
+
 @contextlib.contextmanager
 def step_kernels(token: torch.Tensor, dtype: torch.dtype) -> Iterator[None]:
     """Around one decode step: torch's own matrix-vector kernel, not oneDNN's, for one bfloat16 row on a CPU.
@@ -77,12 +83,19 @@ def step_kernels(token: torch.Tensor, dtype: torch.dtype) -> Iterator[None]:
     if token.device.type != "cpu" or dtype != torch.bfloat16 or token.shape[0] != 1:
         yield
         return
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    global _STEPS_OFF_ONEDNN, _ONEDNN_BEFORE
+    with _ONEDNN_LOCK:  # the flag is the process's: the last step of those running at once puts it back
+        if _STEPS_OFF_ONEDNN == 0:
+            _ONEDNN_BEFORE = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _STEPS_OFF_ONEDNN += 1
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = before
+        with _ONEDNN_LOCK:
+            _STEPS_OFF_ONEDNN -= 1
+            if _STEPS_OFF_ONEDNN == 0:
+                torch.backends.mkldnn.enabled = _ONEDNN_BEFORE
 
 
 @functools.cache

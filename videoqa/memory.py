@@ -89,8 +89,10 @@ def estimate(shape: Shape, *, dtype_bytes: int, quantize: str, positions: int, n
     length = -(-(positions + new_tokens) // BUCKET) * BUCKET  # the static cache's bucket
     kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * dtype_bytes * length * batch
     prefill = batch * positions * (3 * shape.intermediate + 4 * shape.hidden) * dtype_bytes + batch * shape.vocab * 4
-    if quantize == "int8" and device_type == "cpu":  # a prefill multiplies by one layer's weight cast to bfloat16
-        prefill += shape.intermediate * shape.hidden * 2
+    if quantize == "int8" and device_type == "cpu":  # one weight at a time cast to the compute dtype: a bfloat16
+        # prefill's layers; in float32 torchao's own linear casts every weight, the LM head's too, on every call
+        prefill += (shape.intermediate if dtype_bytes == 2 else max(shape.intermediate, shape.vocab)) * shape.hidden \
+            * dtype_bytes
     if quantize == "int4" and device_type == "cpu":
         prefill += batch * positions * shape.intermediate * CPU_INT4_PREFILL
     vision = frames * batch * tower_tokens * shape.vision_hidden * (shape.vision_layers + 1) * dtype_bytes
@@ -115,7 +117,8 @@ def quantized(shape: Shape, quantize: str, device_type: str, dtype_bytes: int) -
     if quantize == "int8":
         per_weight, per_row = 1.0, 4  # the int8 weight; a bfloat16 scale and a unit per row
     else:
-        per_weight, per_row = 0.5 + 4 / group_for(shape.hidden, shape.intermediate), 0
+        # a scale and a zero per group, in the compute dtype
+        per_weight, per_row = 0.5 + 2 * dtype_bytes / group_for(shape.hidden, shape.intermediate), 0
     return ((shape.linear + head) * per_weight + (shape.rows + shape.vocab) * per_row
             - (0 if tied else head * dtype_bytes))
 

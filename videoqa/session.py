@@ -287,12 +287,15 @@ class Checkpoint:
         from videoqa import quantization
 
         for quantize in QUANTIZE[QUANTIZE.index(self.quantize) + 1:]:
-            try:
+            try:  # refused on this device, or for this checkpoint's widths (int4)
                 name = quantization.library(quantize, self.device.type)
+                total = self.estimate(**self.workload, quantize=quantize).total
+                if quantize == "int4" and self.config is not None:
+                    quantization.group_size(self.config.text_config)
             except VideoQAError:
                 continue
             install = "" if quantization.available(name) else "; pip install 'videoqa[quant]' first"
-            yield f"--quantize {quantize}", self.estimate(**self.workload, quantize=quantize).total, install
+            yield f"--quantize {quantize}", total, install
 
     def _fewer_frames(self, have: float) -> Iterator[tuple[str, float, str]]:
         if self.workload.get("medium") == "image" or not self.preset.family.video:
