@@ -77,10 +77,8 @@ def group_size(text_config) -> int:
 
 
 def torchao_config(quantize: str, text_config) -> Any:
-    """torchao's config for `quantize` (int8 or int4), as transformers' TorchAoConfig takes it."""
-    from videoqa.models import quiet_transformers
-
-    quiet_transformers()
+    """torchao's config for `quantize` (int8 or int4), as transformers' TorchAoConfig takes it (the load has
+    silenced torchao's import notes: models.quiet_transformers)."""
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
         from torchao.quantization import Int8WeightOnlyConfig
