@@ -221,6 +221,17 @@ def reference_generate(model_dir: Path, frames, question: str, max_new_tokens: i
     return reference_continue(net, ids, max_new_tokens, pixel_values_videos=reference_pixels(net, list(frames.pixels))[None])
 
 
+def reference_logprob(net, ids: list[int], option: list[int], **inputs) -> float:
+    """transformers' model forward on prompt + option: the summed log-probability of the option's tokens, float32."""
+    import torch
+
+    row = torch.tensor([ids + option])
+    with torch.no_grad():
+        logits = net(input_ids=row, attention_mask=torch.ones_like(row), **inputs).logits[0].float()
+    scores = logits.log_softmax(-1)
+    return sum(float(scores[len(ids) - 1 + i, token]) for i, token in enumerate(option))
+
+
 def reference_torchao(path: Path, quantize: str, skip: list[str], group: int, dtype=None):
     """transformers' own class loaded through TorchAoConfig (int8: Int8WeightOnlyConfig; int4:
     PrototypeInt4WeightOnlyConfig in groups of `group`), the modules in `skip` unquantized, in `dtype` (bfloat16 by

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import videoqa
-from conftest import asset, needs_assets, reference_torchao
+from conftest import asset, needs_assets, reference_logprob, reference_torchao
 from qwen_fixtures import build_qwen2_5_vl, chat_text, expanded_ids
 from videoqa.families.qwen2_5_vl import video_bounds
 from videoqa.pixels import qwen_video_pixels
@@ -214,6 +214,22 @@ def test_torchao_quantization_keeps_the_tower_and_equals_generate_under_the_same
     ids = expanded_ids(qwen25_padded, chat_text(qwen25_padded, [(QUESTION, None)]), inputs["video_grid_thw"][0])
     expected = generated(net, [ids], 16, **inputs)[0]
     assert quantized.ask(media, QUESTION, max_new_tokens=16).tokens == expected and len(set(expected)) > 1
+
+
+def test_multiple_choice_scores_equal_the_model_forward(qwen25, loaded, reference):
+    """M-RoPE: each option's tokens sit after the prompt's largest position, as in the model forward."""
+    options = ["tennis", "golf", "a soccer ball game on grass"]
+    media = loaded.media(VIDEOS[0], frames=4)
+    answer = loaded.ask(media, QUESTION, choices=options)
+    inputs = video_inputs(loaded, media)
+    ids = expanded_ids(qwen25, chat_text(qwen25, [(QUESTION, None)]), inputs["video_grid_thw"][0])
+    video = reference.config.video_token_id
+    for scored in answer.choices:
+        types = torch.tensor([[2 if t == video else 0 for t in ids] + [0] * len(scored["tokens"])])
+        expected = reference_logprob(reference, ids, scored["tokens"], mm_token_type_ids=types, **inputs)
+        assert abs(scored["logprob"] - expected) < 1e-4, (scored, expected)
+    assert len({len(c["tokens"]) for c in answer.choices}) > 1
+    assert answer.text == max(answer.choices, key=lambda c: c["logprob"])["text"]
 
 
 def test_find_scores_the_yes_and_no_tokens_after_the_chatml_newline(qwen25, loaded, reference):

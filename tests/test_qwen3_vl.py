@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import videoqa
-from conftest import asset, needs_assets
+from conftest import asset, needs_assets, reference_logprob
 from qwen_fixtures import build_qwen3_vl, chat_text, expanded_ids
 from test_qwen2_5_vl import generated
 from videoqa.families import qwen3_vl
@@ -96,6 +96,20 @@ def test_ask_a_video_equals_generate(qwen3, loaded, reference, framing):
     assert answer.tokens == generated(reference, rows, 10, **inputs)[0]
     assert answer.timings["prefill_tokens"] == len(rows[0])
     assert len({*answer.tokens}) > 1  # not one token repeated: the comparison has teeth
+
+
+def test_multiple_choice_scores_equal_the_model_forward(qwen3, loaded, reference):
+    """DeepStack's visual rows go with the prompt's prefill; the options' tokens come after, as in the forward."""
+    options = ["tennis", "golf", "a soccer ball game on grass"]
+    media = loaded.media(VIDEOS[0], frames=4)
+    answer = loaded.ask(media, QUESTION, choices=options)
+    rows, inputs = reference_rows(qwen3, loaded, [media], [QUESTION])
+    video = reference.config.video_token_id
+    for scored in answer.choices:
+        types = torch.tensor([[2 if t == video else 0 for t in rows[0]] + [0] * len(scored["tokens"])])
+        expected = reference_logprob(reference, rows[0], scored["tokens"], mm_token_type_ids=types, **inputs)
+        assert abs(scored["logprob"] - expected) < 1e-4, (scored, expected)
+    assert len({len(c["tokens"]) for c in answer.choices}) > 1
 
 
 def test_an_image_equals_generate(qwen3, loaded, reference):

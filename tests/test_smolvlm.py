@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import videoqa
-from conftest import asset, assert_clean_failure, needs_assets, reference_continue, reference_net, reference_torchao
+from conftest import asset, assert_clean_failure, needs_assets, reference_continue, reference_logprob, reference_net
+from conftest import reference_torchao
 from smolvlm_fixtures import build_smolvlm, smolvlm_processor
 from videoqa.errors import Exit
 from videoqa.families import smolvlm
@@ -79,6 +80,17 @@ def test_torchao_quantization_equals_generate_under_the_same_config(padded, quan
     inputs = processed_video(padded, VIDEOS[0], quantized.media(VIDEOS[0], frames=3).frames, QUESTION)
     expected = reference_continue(net, ids, 16, pixel_values=inputs.pixel_values)
     assert quantized.ask(VIDEOS[0], QUESTION, frames=3, max_new_tokens=16).tokens == expected and len(set(expected)) > 1
+
+
+def test_multiple_choice_scores_equal_the_model_forward(checkpoint, reference, model):
+    options = ["tennis", "golf", "a soccer ball game on grass"]
+    answer = model.ask(VIDEOS[0], QUESTION, choices=options, frames=3)
+    inputs = processed_video(checkpoint, VIDEOS[0], model.media(VIDEOS[0], frames=3).frames, QUESTION)
+    ids = inputs.input_ids[0].tolist()
+    for scored in answer.choices:
+        expected = reference_logprob(reference[0], ids, scored["tokens"], pixel_values=inputs.pixel_values)
+        assert abs(scored["logprob"] - expected) < 1e-4, (scored, expected)
+    assert len({len(c["tokens"]) for c in answer.choices}) > 1
 
 
 def test_int4_refuses_a_vocabulary_its_packing_cannot_take(checkpoint, cli):

@@ -310,6 +310,10 @@ def ask(
                                       metavar="<text>")
     ] = None,
     prompt_file: PromptFileOpt = None,
+    choices: Annotated[Optional[str], typer.Option(
+        "--choices", metavar="<a|b|...>", show_default=False,
+        help="Options separated by |: the answer is the one the model finds likeliest (each scored by the summed "
+             "log-probability of its tokens; --json lists every option's).")] = None,
     window=None,
     given: dict = None,
     run: Run = None,
@@ -329,9 +333,11 @@ def ask(
 
       videoqa ask lecture.mp4 "What is on the board?" --start 1:30 --end 2:00
 
+      videoqa ask clip.mp4 "Which sport is this?" --choices "tennis|golf|soccer" --json | jq .choices
+
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
-    from videoqa.output import check_stdout, print_json, stream
+    from videoqa.output import check_stdout, print_json, stream, write
     from videoqa.questions import read_question
     from videoqa.render import progress
 
@@ -339,12 +345,19 @@ def ask(
     if is_stdin(video) and (question == "-" or is_stdin(prompt_file)):
         raise VideoQAError(f"{video} and the question both read stdin: give the question as an argument or a file")
     question = read_question(question, prompt_file)
+    options = None if choices is None else choices.split("|")
+    if options is not None and (len(options) < 2 or not all(o.strip() for o in options)):
+        raise VideoQAError(f"--choices {choices!r}: give two or more options separated by |, e.g. \"tennis|golf\"")
     found = checkpoint(run, given, cache=reply.cache)
     media = read_media(found, video, given, window)
     loaded = load(found, run)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
-    if reply.json:
+    if options is not None:
+        with progress("Scoring the options…"):
+            chosen = conversation.choose(question, options)
+        print_json(chosen.record()) if reply.json else write(chosen.text + "\n")
+    elif reply.json:
         with progress("Answering…"):
             print_json(conversation.ask(question).record())
     else:

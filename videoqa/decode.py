@@ -63,6 +63,15 @@ def forward(lm: LanguageModel, embeds: torch.Tensor, cache, mask=None, positions
     return lm.head(out.last_hidden_state[:, -1]).float()
 
 
+@torch.inference_mode()
+def logprobs(lm: LanguageModel, embeds: torch.Tensor, cache, positions: Positions) -> torch.Tensor:
+    """(B, T, V) float32 log-probabilities after each of `embeds`' T positions, run into `cache` after what it holds
+    (teacher forcing: a multiple-choice option's tokens after its prompt)."""
+    out = lm.body(inputs_embeds=embeds, position_ids=positions.prompt, cache=cache, use_cache=True,
+                  **(positions.extras or {}))
+    return lm.head(out.last_hidden_state).float().log_softmax(-1)
+
+
 def decode_step(lm: LanguageModel, token: torch.Tensor, cache, mask=None, positions=None) -> torch.Tensor:
     """(B, 1) last tokens -> (B, V) logits: the unit that is compiled (every shape in it is fixed)."""
     return forward(lm, lm.embed(token), cache, mask, positions)

@@ -92,6 +92,40 @@ class Engine:
 
         return visual(self.family.video.features(self.net, pixels), times)
 
+    def option_ids(self, prompt: str, option: str) -> list[int]:
+        """The tokens `option` is as an answer after the rendered `prompt`: the ids of prompt + option past the
+        prompt's own (with a space between after a prompt that ends in a word, none after white space)."""
+        from videoqa.prompt import text_ids
+
+        base = text_ids(self.tokenizer, prompt)
+        ids = text_ids(self.tokenizer, prompt + ("" if prompt[-1].isspace() else " ") + option)
+        same = next((i for i, (a, b) in enumerate(zip(ids, base)) if a != b), len(base))
+        if same >= len(ids):
+            raise VideoQAError(f"--choices {option!r}: an option that adds no token to the prompt")
+        return ids[same:]
+
+    def score(self, ids: list[int], visual, placeholder: str, cache, options: list[list[int]]) -> list[float]:
+        """Each option's summed log-probability after the prompt `ids` (the cache holds a prefix of them): the
+        prompt prefilled once, each option's tokens then run after it and cut back off the cache."""
+        import torch
+
+        from videoqa.decode import logprobs, prefill, truncate
+
+        past = int(cache.get_seq_length())
+        embeds, _, positions = self.embedded([ids], [visual], placeholder, past=past)
+        first = prefill(self.lm, embeds, cache, positions).log_softmax(-1)[0]  # (V,) after the prompt
+        sums = []
+        for option in options:
+            total = float(first[option[0]])
+            if len(option) > 1:
+                rows = [ids + option[:-1]]
+                after, _, at = self.embedded(rows, [visual], placeholder, past=len(ids))
+                chunk = logprobs(self.lm, after, cache, at)[0]  # (len(option) - 1, V)
+                total += float(chunk.gather(-1, torch.tensor(option[1:], device=chunk.device)[:, None]).sum())
+                truncate(cache, len(ids))
+            sums.append(total)
+        return sums
+
     @functools.cached_property
     def answer_ids(self) -> tuple[int, int]:
         """The ids of "Yes" and "No" as the first token of an answer after the template: " Yes" after a template

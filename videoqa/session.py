@@ -58,12 +58,14 @@ class Answer:
     runtime: dict[str, str]  # device, dtype and quantization it was computed with
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. that only part of the video decodes
+    choices: list[dict] | None = None  # a multiple-choice question's options, scored: {text, logprob, ...}
 
     def record(self) -> dict:
         """The `--json` schema (README: Scripting)."""
-        return output.record(video=self.video, question=self.question, prompt=self.prompt, answer=self.text,
-                             tokens=self.tokens, frames=self.frames, model=self.model, runtime=self.runtime,
-                             timings=self.timings, warnings=self.warnings)
+        found = output.record(video=self.video, question=self.question, prompt=self.prompt, answer=self.text,
+                              tokens=self.tokens, frames=self.frames, model=self.model, runtime=self.runtime,
+                              timings=self.timings, warnings=self.warnings)
+        return found if self.choices is None else {**found, "choices": self.choices}
 
 
 class Checkpoint:
@@ -417,10 +419,10 @@ class Model(Engine):
         return Chat(self, media, chosen)
 
     def ask(self, media: str | Path | Media, question: str, *, start: Time = None, end: Time = None,
-            **settings: Any) -> Answer:
-        """One question, one answer: a one-turn chat."""
+            choices: Sequence[str] | None = None, **settings: Any) -> Answer:
+        """One question, one answer: a one-turn chat; with `choices`, the likeliest option (`Chat.choose`)."""
         framing = {name: settings.pop(name, None) for name in FRAMING}
-        return self.chat(media, **framing, start=start, end=end).ask(question, **settings)
+        return self.chat(media, **framing, start=start, end=end).ask(question, choices=choices, **settings)
 
     def stream(self, media: str | Path | Media, question: str, *, start: Time = None, end: Time = None,
                **settings: Any) -> Iterator[str]:
@@ -562,10 +564,46 @@ class Chat:
         eos = [tokenizer.eos_token_id] if self.ids[-1] != tokenizer.eos_token_id else []
         return [*self.ids, *eos, *text_ids(tokenizer, preset.followup.format(question=question))]
 
-    def ask(self, question: str, **settings: Any) -> Answer:
+    def ask(self, question: str, *, choices: Sequence[str] | None = None, **settings: Any) -> Answer:
+        """The answer to `question`; with `choices`, the option the model finds likeliest (see `choose`)."""
+        if choices is not None:
+            return self.choose(question, choices)
         for _ in self.tokens(question, **settings):
             pass
         return self.answers[-1]
+
+    def choose(self, question: str, choices: Sequence[str]) -> Answer:
+        """Each option scored by the summed log-probability of its tokens as the answer (and the mean per token),
+        the prompt (video included) prefilled once; the answer is the best option. The conversation does not go
+        on from it (the options are cut back off the cache)."""
+        from videoqa.questions import check_question
+
+        options = [str(option).strip() for option in choices]
+        if len(options) < 2 or not all(options) or len(set(options)) < len(options):
+            raise VideoQAError("--choices: give two or more different, non-empty options, e.g. \"tennis|golf\"")
+        question = check_question(question)
+        ids = self.next_ids(question)
+        prompt = self.model.preset.followup.format(question=question) if self.ids else \
+            self.model.preset.template.format(media=self.placeholder, question=question)
+        tokens = [self.model.option_ids(prompt, option) for option in options]
+        self.model.check_fits(len(ids) + max(map(len, tokens)), follow_up=bool(self.ids))
+        cache = self._cache_for(len(ids) + max(map(len, tokens)))
+        cached, start = int(cache.get_seq_length()), time.perf_counter()
+        try:
+            sums = self.model.score(ids, self.visual, self.placeholder, cache, tokens)
+        finally:
+            from videoqa.decode import truncate
+
+            truncate(cache, cached)
+        scored = [{"text": o, "logprob": s, "mean_logprob": s / len(t), "tokens": t}
+                  for o, s, t in zip(options, sums, tokens)]
+        best = max(range(len(options)), key=lambda i: sums[i])
+        frames = self.media.frames
+        return Answer(video=self.media.path, question=question, prompt=prompt, text=options[best],
+                      tokens=tokens[best], frames=frames.listed() if frames else [], model=self.model.name,
+                      runtime=self.model.runtime, warnings=list(frames.warnings if frames else []),
+                      timings={**self.pending, "prefill": time.perf_counter() - start,
+                               "prefill_tokens": len(ids) - cached}, choices=scored)
 
     def stream(self, question: str, **settings: Any) -> Iterator[str]:
         """The answer's text as it is generated; stopping early drops the turn."""
