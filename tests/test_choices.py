@@ -28,10 +28,12 @@ def check(answer, expected: dict[str, float]) -> None:
     assert answer.text == max(expected, key=expected.get) and answer.tokens == scored[answer.text]["tokens"]
 
 
-def test_video_llava_options_equal_the_model_forward(tiny_model):
-    model = videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False)
+@pytest.mark.parametrize("checkpoint", ["tiny_model", "tiny_next_video"])  # Video-LLaVA, LLaVA-NeXT-Video
+def test_llava_video_options_equal_the_model_forward(request, checkpoint):
+    path = request.getfixturevalue(checkpoint)
+    model = videoqa.load(path, device="cpu", dtype="float32", cache=False)
     answer = model.ask(VIDEO, QUESTION, choices=OPTIONS, frames=2)
-    net, tokenizer = reference_net(tiny_model)
+    net, tokenizer = reference_net(path)
     frames = read_frames(VIDEO, 2)
     ids = reference_prompt(net, tokenizer, frames, QUESTION)
     pixels = reference_pixels(net, list(frames.pixels))[None]
@@ -81,14 +83,3 @@ def test_an_image_question_llava_15_options_equal_the_model_forward(tmp_path_fac
     pixels = processor([Image.open(image).convert("RGB")], return_tensors="pt").pixel_values
     ids = reference_llava_15_prompt(tokenizer, QUESTION)
     check(answer, {c["text"]: reference_logprob(net, ids, c["tokens"], pixel_values=pixels) for c in answer.choices})
-
-
-def test_llava_next_video_options_equal_the_model_forward(tiny_next_video):
-    model = videoqa.load(tiny_next_video, device="cpu", dtype="float32", cache=False)
-    answer = model.ask(VIDEO, QUESTION, choices=OPTIONS, frames=2)
-    net, tokenizer = reference_net(tiny_next_video)
-    frames = read_frames(VIDEO, 2)
-    ids = reference_prompt(net, tokenizer, frames, QUESTION)
-    pixels = reference_pixels(net, list(frames.pixels))[None]
-    check(answer, {c["text"]: reference_logprob(net, ids, c["tokens"], pixel_values_videos=pixels)
-                   for c in answer.choices})
