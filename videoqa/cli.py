@@ -356,7 +356,10 @@ def ask(
     if options is not None:
         with progress("Scoring the options…"):
             chosen = conversation.choose(question, options)
-        print_json(chosen.record()) if reply.json else write(chosen.text + "\n")
+        if reply.json:
+            print_json(chosen.record())
+        else:
+            write(chosen.text + "\n")
     elif reply.json:
         with progress("Answering…"):
             print_json(conversation.ask(question).record())

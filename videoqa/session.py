@@ -553,6 +553,12 @@ class Chat:
         self.cache = None  # holds a prefix of self.ids
         self.answers = []
 
+    def turn_text(self, question: str) -> str:
+        """This turn's text as given to the model, the media's placeholder once (a follow-up's has none)."""
+        preset = self.model.preset
+        return preset.followup.format(question=question) if self.ids else preset.template.format(
+            media=self.placeholder, question=question)
+
     def next_ids(self, question: str) -> list[int]:
         """The conversation so far plus the new question, in the preset's multi-turn format."""
         from videoqa.prompt import prompt_ids, text_ids
@@ -576,6 +582,7 @@ class Chat:
         """Each option scored by the summed log-probability of its tokens as the answer (and the mean per token),
         the prompt (video included) prefilled once; the answer is the best option. The conversation does not go
         on from it (the options are cut back off the cache)."""
+        from videoqa.decode import truncate
         from videoqa.questions import check_question
 
         options = [str(option).strip() for option in choices]
@@ -583,17 +590,14 @@ class Chat:
             raise VideoQAError("--choices: give two or more different, non-empty options, e.g. \"tennis|golf\"")
         question = check_question(question)
         ids = self.next_ids(question)
-        prompt = self.model.preset.followup.format(question=question) if self.ids else \
-            self.model.preset.template.format(media=self.placeholder, question=question)
+        prompt = self.turn_text(question)
         tokens = [self.model.option_ids(prompt, option) for option in options]
         self.model.check_fits(len(ids) + max(map(len, tokens)), follow_up=bool(self.ids))
         cache = self._cache_for(len(ids) + max(map(len, tokens)))
         cached, start = int(cache.get_seq_length()), time.perf_counter()
         try:
             sums = self.model.score(ids, self.visual, self.placeholder, cache, tokens)
-        finally:
-            from videoqa.decode import truncate
-
+        finally:  # the options are cut back in score(); the prompt too: the conversation does not go on from it
             truncate(cache, cached)
         scored = [{"text": o, "logprob": s, "mean_logprob": s / len(t), "tokens": t}
                   for o, s, t in zip(options, sums, tokens)]
@@ -625,9 +629,7 @@ class Chat:
         question = check_question(question)
         ids = self.next_ids(question)
         self.model.check_fits(len(ids), follow_up=bool(self.ids))
-        preset = self.model.preset
-        prompt = preset.followup.format(question=question) if self.ids else preset.template.format(
-            media=self.placeholder, question=question)
+        prompt = self.turn_text(question)
         frames = self.media.frames
         budget, cut = self.model.budget(chosen.max_new_tokens, len(ids))
         turn = Answer(video=self.media.path, question=question, prompt=prompt, text="", tokens=[],
