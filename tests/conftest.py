@@ -221,6 +221,25 @@ def reference_generate(model_dir: Path, frames, question: str, max_new_tokens: i
     return reference_continue(net, ids, max_new_tokens, pixel_values_videos=reference_pixels(net, list(frames.pixels))[None])
 
 
+def reference_next_image(model_dir: Path, image, text: str):
+    """transformers' own LLaVA-NeXT inputs for an image: LlavaNextImageProcessorPil pixels and LlavaNextProcessor's
+    placeholder count; (net, ids, the pixel inputs of `generate`).
+
+    (LlavaNextVideoProcessor counts image placeholders with the same code but needs torchvision for videos.)"""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    net, tokenizer = reference_net(model_dir)
+    size = net.config.vision_config.image_size
+    pixels = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                        image_grid_pinpoints=net.config.image_grid_pinpoints)
+    processor = LlavaNextProcessor(pixels, tokenizer, patch_size=net.config.vision_config.patch_size,
+                                   vision_feature_select_strategy=net.config.vision_feature_select_strategy,
+                                   num_additional_image_tokens=1)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    return net, inputs.input_ids[0].tolist(), {"pixel_values": inputs.pixel_values, "image_sizes": inputs.image_sizes}
+
+
 def reference_logprob(net, ids: list[int], option: list[int], **inputs) -> float:
     """transformers' model forward on prompt + option: the summed log-probability of the option's tokens, float32."""
     import torch
@@ -293,3 +312,48 @@ def counted(monkeypatch):
             video = dataclasses.replace(family.video, features=counting(family.video.features))
             videoqa.register(dataclasses.replace(family, video=video))
     return calls
+
+
+def reference_traced(net, ids: list[int], max_new_tokens: int, **inputs):
+    """transformers' greedy `generate` with every per-step output: scores, hidden states and attention weights
+    (the language model on eager attention for it, which alone computes them; then back)."""
+    import torch
+
+    before = net.config.text_config._attn_implementation
+    net.set_attn_implementation({"text_config": "eager"})
+    row = torch.tensor([ids])
+    try:
+        return net.generate(input_ids=row, attention_mask=torch.ones_like(row), max_new_tokens=max_new_tokens,
+                            do_sample=False, return_dict_in_generate=True, output_scores=True,
+                            output_hidden_states=True, output_attentions=True, **inputs)
+    finally:
+        net.set_attn_implementation({"text_config": before})
+
+
+def check_logprobs(entries: list[dict], tokens: list[int], scores: list, top: int) -> None:
+    """Record entries of --logprobs `top` against transformers' per-step (V,) scores: each token's log-probability
+    and its `top` likeliest alternatives within 1e-4 of the scores' log-softmax."""
+    assert len(entries) == len(tokens) == len(scores)
+    for entry, token, logits in zip(entries, tokens, scores):
+        reference = logits.float().log_softmax(-1)
+        assert entry["token"] == token and abs(entry["logprob"] - float(reference[token])) < 1e-4
+        best = reference.topk(top)
+        assert [e["token"] for e in entry["top"]] == best.indices.tolist()
+        assert max(abs(e["logprob"] - float(v)) for e, v in zip(entry["top"], best.values)) < 1e-4
+
+
+def check_traced(answer, out, prompt_length: int, top: int) -> None:
+    """An answer asked with logprobs=`top`, hidden_states=True, attentions=True against `reference_traced`'s
+    output: the same tokens; each token's log-probability and its `top` alternatives within 1e-4 of the
+    log-softmax of transformers' scores; hidden states and attention weights allclose (atol 1e-5, float32) to
+    those of the position that chose each token."""
+    import torch
+
+    assert answer.tokens == out.sequences[0, prompt_length:].tolist()
+    check_logprobs(answer.logprobs, answer.tokens, [scores[0] for scores in out.scores], top)
+    for i in range(len(answer.tokens)):
+        hidden = torch.stack([layer[0, -1] for layer in out.hidden_states[i]])
+        assert torch.allclose(answer.hidden_states[i], hidden, atol=1e-5)
+        weights = torch.stack([layer[0, :, -1] for layer in out.attentions[i]])
+        assert answer.attentions[i].shape == weights.shape
+        assert torch.allclose(answer.attentions[i], weights, atol=1e-5)

@@ -68,11 +68,11 @@ def test_answer_stops_at_eos(cli, tiny_model, monkeypatch):
     calls = []
 
     def forward(*args, **kwargs):
-        logits = real_forward(*args, **kwargs)
+        out = real_forward(*args, **kwargs)
         calls.append(1)
         if len(calls) == 2:
-            logits[:, 2] = 1e4
-        return logits
+            out.logits[:, 2] = 1e4
+        return out
 
     monkeypatch.setattr(decode, "forward", forward)
     path = asset("videos/videollava_sample_demo_1.mp4")

@@ -8,7 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import assert_clean_failure, asset, needs_assets, reference_continue, reference_generate, reference_net
+from conftest import assert_clean_failure, asset, needs_assets, reference_continue, reference_generate
+from conftest import reference_next_image
 from videoqa.errors import Exit
 from videoqa.frames import read_frames
 
@@ -54,23 +55,9 @@ def portrait(tmp_path_factory):
 
 
 def reference_image_answer(model_dir, image: Image.Image, text: str, max_new_tokens: int) -> tuple[list[int], list]:
-    """transformers' own pipeline: LlavaNextImageProcessorPil pixels, LlavaNextProcessor's placeholder count, generate.
-
-    (LlavaNextVideoProcessor counts image placeholders with the same code but needs torchvision for videos.)"""
-    from transformers import LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    net, tokenizer = reference_net(model_dir)
-    size = net.config.vision_config.image_size
-    pixels = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                        image_grid_pinpoints=net.config.image_grid_pinpoints)
-    processor = LlavaNextProcessor(pixels, tokenizer, patch_size=net.config.vision_config.patch_size,
-                                   vision_feature_select_strategy=net.config.vision_feature_select_strategy,
-                                   num_additional_image_tokens=1)
-    inputs = processor(images=image, text=text, return_tensors="pt")
-    ids = inputs.input_ids[0].tolist()
-    return reference_continue(net, ids, max_new_tokens, pixel_values=inputs.pixel_values,
-                              image_sizes=inputs.image_sizes), ids
+    """transformers' own pipeline (conftest.reference_next_image's inputs), generate."""
+    net, ids, inputs = reference_next_image(model_dir, image, text)
+    return reference_continue(net, ids, max_new_tokens, **inputs), ids
 
 
 @needs_assets

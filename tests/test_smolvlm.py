@@ -229,3 +229,40 @@ def test_find_refuses_a_tokenizer_that_starts_yes_and_no_alike(checkpoint, cli):
                  "--device", "cpu", "--dtype", "float32")
     assert result.code == 4 and result.out == ""
     assert result.err.count("\n") == 1 and 'begins both "Yes" and "No"' in result.err
+
+
+def test_logprobs_hidden_states_and_attentions_equal_generate(checkpoint, reference, model):
+    """Each token's log-probability and top 3, the hidden states (embeddings first) and the attention weights of
+    the position that chose it equal `generate`'s (output_scores, hidden_states, attentions; eager attention)."""
+    from conftest import check_traced, reference_traced
+
+    net = reference[0]
+    media = model.media(VIDEOS[0], frames=3)
+    answer = model.ask(media, QUESTION, max_new_tokens=4, logprobs=3, hidden_states=True, attentions=True)
+    inputs = processed_video(checkpoint, VIDEOS[0], media.frames, QUESTION)
+    ids = inputs.input_ids[0].tolist()
+    out = reference_traced(net, ids, 4, pixel_values=inputs.pixel_values)
+    check_traced(answer, out, len(ids), 3)
+    text = net.config.text_config
+    assert answer.hidden_states.shape == (4, text.num_hidden_layers + 1, text.hidden_size)
+    assert len(set(answer.tokens)) > 1  # not one token repeated: the comparison has teeth
+
+
+def test_explain_shares_sum_to_the_video_share(checkpoint, reference, model):
+    """`explain`: the frames' shares (each frame's <image> rows) add up to the video's share of the attention;
+    other frames, other shares."""
+    media = model.media(VIDEOS[0], frames=3)
+    answer = model.ask(media, QUESTION, max_new_tokens=4, attentions=True, explain=True)
+    ids = processed_video(checkpoint, VIDEOS[0], media.frames, QUESTION).input_ids[0].tolist()
+    assert answer.timings["prefill_tokens"] == len(ids)
+    image = reference[0].config.image_token_id  # the video's frames are written as <image> rows, 4 a frame
+    where = [i for i, token in enumerate(ids) if token == image]
+    assert len(where) == 3 * 4
+    weights = torch.stack([w.mean((0, 1))[: len(ids)] for w in answer.attentions]).mean(0)  # over the tokens
+    each = [float(weights[where[4 * f: 4 * f + 4]].sum()) for f in range(3)]  # frame after frame
+    frames = [frame["attention"] for frame in answer.frames]
+    assert len(frames) == 3
+    assert abs(sum(frames) - sum(each)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(frames, each)) < 1e-5
+    other = model.ask(VIDEOS[1], QUESTION, frames=3, max_new_tokens=4, explain=True)
+    assert not torch.allclose(torch.tensor([f["attention"] for f in other.frames]), torch.tensor(frames))

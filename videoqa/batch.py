@@ -30,11 +30,12 @@ log = logging.getLogger("videoqa")
 
 @dataclass(frozen=True)
 class Job:
-    """A video, or a window of one, and the question asked about it."""
+    """A video, or a window of one, and the question asked about it (multiple choice when `choices` are given)."""
 
     video: Path
     question: str
     window: Window = WHOLE
+    choices: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -132,10 +133,12 @@ def rows(model: Engine, ready: list[Ready]) -> tuple[list[list[int]], list]:
     return ids, visuals
 
 
-def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict, list[str]]:
-    """Each job's tokens, up to and including its EOS, the batch's timings, and its warnings (the context cut the
-    answers' length). Greedy answers equal `ask`'s."""
+def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple[list[list[int]], dict, list[str],
+                                                                               list]:
+    """Each job's tokens, up to and including its EOS, the batch's timings, its warnings (the context cut the
+    answers' length) and each job's log-probabilities (None unless asked for). Greedy answers equal `ask`'s."""
     from videoqa.decode import static_cache
+    from videoqa.traces import Trace
 
     start = time.perf_counter()
     ids, visuals = rows(model, ready)
@@ -145,15 +148,19 @@ def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple
     cache = static_cache(model.net.config.text_config, width + budget)
     vision = time.perf_counter() - start
     answers: list[list[int]] = [[] for _ in ids]
-    eos, prefill = model.tokenizer.eos_token_id, 0.0
-    for i, step in enumerate(model.generate(ids, visuals, model.family.video_token, cache, budget, settings)):
+    eos, prefill, trace = model.tokenizer.eos_token_id, 0.0, Trace(logprobs=settings.logprobs)
+    steps = model.generate(ids, visuals, model.family.video_token, cache, budget, settings, trace.wanted)
+    for i, step in enumerate(steps):
         if i == 0:
             prefill = time.perf_counter() - start - vision
-        for answer, token in zip(answers, step.tolist()):
+        trace.add(step)
+        for answer, token in zip(answers, step.token.tolist()):
             if not answer or answer[-1] != eos:
                 answer.append(token)
     decode = time.perf_counter() - start - vision - prefill
-    return answers, {"vision": vision, "prefill": prefill, "decode": decode}, cut
+    logprobs = [trace.logprobs(model.tokenizer, row, answer, row_ids[-1])
+                for row, (answer, row_ids) in enumerate(zip(answers, ids))]
+    return answers, {"vision": vision, "prefill": prefill, "decode": decode}, cut, logprobs
 
 
 def answered(model: Engine, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
@@ -162,7 +169,7 @@ def answered(model: Engine, ready: list[Ready], settings: Settings, stats: dict)
     from videoqa.memory import is_oom
 
     try:
-        answers, timings, cut = answer_batch(model, ready, settings)
+        answers, timings, cut, logprobs = answer_batch(model, ready, settings)
     except Exception as e:
         if len(ready) > 1 and (is_oom(e) or not isinstance(e, VideoQAError)):
             half = (len(ready) + 1) // 2 if is_oom(e) else 1
@@ -171,20 +178,54 @@ def answered(model: Engine, ready: list[Ready], settings: Settings, stats: dict)
             return [rec for part in parts for rec in answered(model, part, settings, stats)]
         reason = str(e) if isinstance(e, VideoQAError) else f"internal error: {type(e).__name__}: {e}"
         return [failure(model, r, f"out of memory: {ADVICE}" if is_oom(e) else reason) for r in ready]
-    return [
+    found = [
         output.record(video=r.job.video, question=r.job.question, prompt=prompt(model, r.job.question),
                       answer=model.decode(t), tokens=t, frames=r.frames.listed(), model=model.name,
                       runtime=model.runtime, timings={"frames": r.waited, **timings},
                       warnings=[*r.frames.warnings, *cut])
         for r, t in zip(ready, answers)
     ]
+    return found if settings.logprobs is None else [{**rec, "logprobs": lp} for rec, lp in zip(found, logprobs)]
+
+
+def chosen(model: Engine, ready: Ready) -> dict:
+    """The record of a multiple-choice job: its options scored after its prompt, prefilled once (as `ask
+    --choices`); the answer is the best option."""
+    from videoqa.decode import static_cache
+
+    start = time.perf_counter()
+    (ids,), (visual,) = rows(model, [ready])
+    job, text = ready.job, prompt(model, ready.job.question)
+    options, tokens = model.option_tokens(text, job.choices)
+    model.check_fits(len(ids) + max(map(len, tokens)))
+    cache = static_cache(model.net.config.text_config, len(ids) + max(map(len, tokens)))
+    scored = model.scored(ids, visual, model.family.video_token, cache, options, tokens)
+    best = max(scored, key=lambda option: option["logprob"])
+    rec = output.record(video=job.video, question=job.question, prompt=text, answer=best["text"],
+                        tokens=best["tokens"], frames=ready.frames.listed(), model=model.name, runtime=model.runtime,
+                        timings={"frames": ready.waited, "prefill": time.perf_counter() - start},
+                        warnings=ready.frames.warnings)
+    return {**rec, "choices": scored}
+
+
+def scored_or_failed(model: Engine, ready: Ready) -> dict:
+    """`chosen`, or the job's error record: no job stops the run."""
+    from videoqa.memory import is_oom
+
+    try:
+        return chosen(model, ready)
+    except Exception as e:
+        reason = str(e) if isinstance(e, VideoQAError) else f"internal error: {type(e).__name__}: {e}"
+        return failure(model, ready, f"out of memory: {ADVICE}" if is_oom(e) else reason)
 
 
 def batch_records(model: Engine, ready: list[Ready], settings: Settings, stats: dict) -> list[dict]:
-    """Records for a batch, in order: an error record for each job whose frames cannot be read, answers for the rest."""
-    good = [r for r in ready if r.error is None]
-    answers = iter(answered(model, good, settings, stats) if good else [])
-    return [next(answers) if r.error is None else failure(model, r, r.error) for r in ready]
+    """Records for a batch, in order: an error record for each job whose frames cannot be read, the multiple-choice
+    jobs scored one by one, answers for the rest (generated together)."""
+    generating = [r for r in ready if r.error is None and r.job.choices is None]
+    answers = iter(answered(model, generating, settings, stats) if generating else [])
+    return [failure(model, r, r.error) if r.error is not None else next(answers) if r.job.choices is None else
+            scored_or_failed(model, r) for r in ready]
 
 
 def records(model: Engine, jobs: list[Job], settings: Settings, batch_size: int, stop: Callable[[], bool],

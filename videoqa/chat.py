@@ -27,6 +27,7 @@ HELP = """\
 /reset                     forget the conversation, keep the video
 /frames                    the sampled frames: index and time
 /save FILE                 save the conversation as Markdown (.md) or JSON (.json)
+/sheet FILE                draw the sampled frames as a contact sheet (PNG), each labelled with its time
 /set [KEY VAL]             show or change {settings} (frames, fps, max_frames: from the next /video;
                            fps none goes back to frames)
 /help                      this list
@@ -118,6 +119,11 @@ class Repl:
             self.show_frames()
         elif name == "save" and len(args) == 1:
             self.save(Path(args[0]).expanduser())
+        elif name == "sheet" and len(args) == 1:
+            if self.chat is None:
+                raise VideoQAError("/sheet: no video yet, no frames to draw")
+            width, height = self.chat.sheet(Path(args[0]).expanduser())
+            say(f"wrote {args[0]}: {width} × {height}")
         elif name == "set" and len(args) in (0, 2):
             if args:
                 self.settings = parse_setting(self.settings, *args)

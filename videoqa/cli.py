@@ -134,6 +134,10 @@ SegmentsOpt = Annotated[Optional[int], typer.Option(
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos or segments answered together.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip what --out holds already.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+SheetOpt = Annotated[Optional[Path], typer.Option(
+    "--sheet", metavar="<file.png>", show_default=False,
+    help="Also draw the sampled frames as a contact sheet (PNG), each labelled with its time (and, with --explain, "
+         "its attention share).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="<file>", help="Output file; - or none: stdout.",
                                                 show_default=False)]
 
@@ -314,6 +318,10 @@ def ask(
         "--choices", metavar="<a|b|...>", show_default=False,
         help="Options separated by |: the answer is the one the model finds likeliest (each scored by the summed "
              "log-probability of its tokens; --json lists every option's).")] = None,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Where the model looked: each frame's share of the answer's attention (mean over layers "
+        "and heads), a line per frame on stderr and frames[i].attention in --json; runs eager attention.")] = False,
+    sheet: SheetOpt = None,
     window=None,
     given: dict = None,
     run: Run = None,
@@ -335,6 +343,10 @@ def ask(
 
       videoqa ask clip.mp4 "Which sport is this?" --choices "tennis|golf|soccer" --json | jq .choices
 
+      videoqa ask clip.mp4 "What happens?" --logprobs 3 --json | jq '.logprobs[0]'
+
+      videoqa ask clip.mp4 "Where is the dog?" --explain --sheet frames.png
+
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
     from videoqa.output import check_stdout, print_json, stream, write
@@ -348,6 +360,7 @@ def ask(
     options = None if choices is None else choices.split("|")
     if options is not None and (len(options) < 2 or not all(o.strip() for o in options)):
         raise VideoQAError(f"--choices {choices!r}: give two or more options separated by |, e.g. \"tennis|golf\"")
+    check_looking(video, explain=explain, sheet=sheet, choices=options is not None)
     found = checkpoint(run, given, cache=reply.cache)
     media = read_media(found, video, given, window)
     loaded = load(found, run)
@@ -362,9 +375,35 @@ def ask(
             write(chosen.text + "\n")
     elif reply.json:
         with progress("Answering…"):
-            print_json(conversation.ask(question).record())
+            print_json(conversation.ask(question, explain=explain).record())
     else:
-        stream(conversation.stream(question), waiting=progress("Reading the prompt…"))
+        stream(conversation.stream(question, explain=explain), waiting=progress("Reading the prompt…"))
+    if explain:
+        attention(conversation.answers[-1].frames)
+    if sheet is not None:
+        conversation.sheet(sheet)
+
+
+def check_looking(video: Path, *, explain: bool, sheet: Path | None, choices: bool) -> None:
+    """--explain and --sheet are about a video's frames, and --explain about a generated answer: refused before
+    anything loads otherwise."""
+    from videoqa.frames import is_image
+
+    if explain and choices:
+        raise VideoQAError("--explain and --choices: --explain shares out the attention of a generated answer")
+    if (explain or sheet is not None) and is_image(video):
+        raise VideoQAError(f"{'--explain' if explain else '--sheet'}: about a video's frames; {video} is an image")
+
+
+def attention(frames: list[dict]) -> None:
+    """--explain on stderr, asked for (so --quiet keeps it): each frame's time, its share of the answer's attention
+    and a bar (the largest share full)."""
+    from videoqa.sheet import clock
+
+    top = max(frame["attention"] for frame in frames) or 1.0
+    for frame in frames:
+        bar = "█" * round(24 * frame["attention"] / top)
+        print(f"{clock(frame['time']):>9}  {100 * frame['attention']:5.1f}%  {bar}", file=sys.stderr)
 
 
 @app.command()
@@ -491,6 +530,85 @@ def summarize(tally, unit: str) -> None:
              **({"backed off": f"{tally.backoffs} times (out of memory)"} if tally.backoffs else {})})
 
 
+@app.command("eval")
+@shared_options
+def evaluate(
+    items: Annotated[Path, typer.Argument(help="Benchmark items: JSONL, or a JSON array.", show_default=False,
+                                          readable=False)],
+    mapping: Annotated[Optional[str], typer.Option(
+        "--map", metavar="<field=key,...>", show_default=False,
+        help="Which key of another layout holds each field (video, question, choices, answer, start, end), e.g. "
+             "Video-MME's video=videoID,choices=options.")] = None,
+    videos: Annotated[Optional[Path], typer.Option(
+        "--videos", metavar="<dir>", show_default=False,
+        help="Where relative video paths are \\[default: the items file's folder]; a name without a suffix is "
+             "looked for as .mp4, .mkv, .webm, .avi, .mov.")] = None,
+    by: Annotated[Optional[str], typer.Option(
+        "--by", metavar="<field>", show_default=False,
+        help="Also break the accuracy down by this field of the items (e.g. task_type, duration).")] = None,
+    out: OutOpt = None,
+    batch_size: BatchOpt = 4,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    given: dict = None,
+    run: Run = None,
+) -> None:
+    """Answer a benchmark's questions: one JSONL record per item, written as soon as its batch is done.
+
+    Each item: {"video", "question", "choices", "answer", "start", "end"}, all but the first two optional.
+    With choices the answer is the option the model finds likeliest (as ask --choices); else it is generated.
+    With an answer, records say [bold]correct[/bold]; the summary adds the accuracy and its 95% (Wilson) interval.
+    Exit codes as caption's: 6 some items failed, 7 all failed, 130/143/129 stopped after the batch in flight.
+
+    [bold]Examples[/bold]
+
+      videoqa eval items.jsonl --out results.jsonl
+
+      videoqa eval videomme.json --map video=videoID,choices=options --videos videos/ --by duration --out r.jsonl
+
+      videoqa eval mvbench.json --map choices=candidates --out r.jsonl --resume
+    """
+    from videoqa import caption as captioning
+    from videoqa import evaluation
+    from videoqa.records import Output
+
+    found_items = evaluation.read_items(items, evaluation.parse_map(mapping), videos=videos)
+    evaluation.check_windows(items, found_items)
+    output = Output(out, "jsonl", resume=resume, overwrite=overwrite, inputs=[items, *(i.video for i in found_items)],
+                    key=lambda rec: rec["number"])
+    todo = [item for item in found_items if item.number not in output.done]
+    judged: list[dict] = []
+
+    def produce(model):
+        def answered(stop, stats):
+            for rec in model.evaluate(todo, batch_size=batch_size, stop=stop, stats=stats, **given):
+                judged.append(rec)
+                yield rec
+
+        return captioning.drain(answered, output, len(todo), skipped=len(found_items) - len(todo), what="evaluating")
+
+    if not todo:
+        summarize(captioning.Tally(skipped=len(found_items)), "items")
+        return report_accuracy(evaluation.accuracy(evaluation.every_record(out, judged), by), by)
+    try:
+        write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, output,
+                      "items", produce)
+    except typer.Exit:  # the run's end: its summary is out, the accuracy goes under it
+        report_accuracy(evaluation.accuracy(evaluation.every_record(out, judged), by), by)
+        raise
+
+
+def report_accuracy(found, by: str | None) -> None:
+    """The accuracy lines under the summary, on stderr: overall, then per value of --by."""
+    from videoqa.render import note
+
+    overall, groups = found
+    if overall.total:
+        note(overall.line())
+    for value, accuracy in groups.items():
+        note(f"{by} {value}: {accuracy.line()}")
+
+
 def every_option(default: str):
     return Annotated[Optional[str], typer.Option(
         "--every", show_default=False, metavar="<length>",
@@ -524,6 +642,7 @@ def timeline(
     batch_size: BatchOpt = 4,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    sheet: SheetOpt = None,
     given: dict = None,
     run: Run = None,
 ) -> None:
@@ -539,6 +658,8 @@ def timeline(
       videoqa timeline lecture.mp4 --every 2m --format md > lecture.md
 
       videoqa timeline film.mp4 --out film.vtt --resume
+
+      videoqa timeline film.mp4 --every 1m --out film.srt --sheet film.png
     """
     from videoqa import caption as captioning
     from videoqa.questions import read_question
@@ -552,12 +673,22 @@ def timeline(
     todo = [w for w in windows if captioning.start_key({"start": w.start}) not in output.done]
     if not todo:
         return summarize(captioning.Tally(skipped=len(windows)), "segments")
+    def produce(model):
+        drawn: list[dict] = []  # the frames of the segments answered, for --sheet
+
+        def answered(stop, stats):
+            for rec in model.timeline(video, question, windows=todo, batch_size=batch_size, stop=stop, stats=stats,
+                                      **given):
+                drawn.extend(rec["frames"])
+                yield rec
+
+        tally = captioning.drain(answered, output, len(todo), skipped=len(windows) - len(todo), what="timeline")
+        if sheet is not None and drawn:
+            model.sheet(video, drawn, sheet)
+        return tally
+
     write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, output,
-                  "segments",
-                  lambda model: captioning.drain(
-                      lambda stop, stats: model.timeline(video, question, windows=todo, batch_size=batch_size,
-                                                         stop=stop, stats=stats, **given),
-                      output, len(todo), skipped=len(windows) - len(todo), what="timeline"))
+                  "segments", produce)
 
 
 @app.command()

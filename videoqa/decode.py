@@ -19,7 +19,8 @@ import torch
 from videoqa.settings import Sampling
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def warped(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The logits sampled from: over the temperature, the tokens outside top-k and top-p at -inf."""
     # Shifted so the largest is 0 before dividing: no temperature, however small, overflows to inf - inf = NaN;
     # as it goes to 0 the distribution goes to the argmax (ties shared), as it should. A temperature below the
     # dtype's smallest normal number would round to 0 (0 / 0): at that one every other logit is -inf already.
@@ -33,7 +34,11 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
         probs = sorted_logits.softmax(-1)
         outside = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-    return logits.softmax(-1)
+    return logits
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    return warped(logits, temperature, top_k, top_p).softmax(-1)
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -44,6 +49,14 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """(B, V) log-probabilities of the distribution the next token is drawn from: the model's own under greedy
+    decoding, after temperature, top-k and top-p when sampling (-inf for the tokens they leave out)."""
+    if sampling.temperature == 0:
+        return logits.log_softmax(-1)
+    return warped(logits, sampling.temperature, sampling.top_k, sampling.top_p).log_softmax(-1)
+
+
 class LanguageModel(NamedTuple):
     """The parts of a checkpoint that decode: token embeddings, the transformer body, the LM head."""
 
@@ -52,15 +65,60 @@ class LanguageModel(NamedTuple):
     head: torch.nn.Module
 
 
-def forward(lm: LanguageModel, embeds: torch.Tensor, cache, mask=None, positions=None, extras=None) -> torch.Tensor:
-    """(B, T, D) new embeddings -> (B, V) float32 logits of the last position; extends the cache.
+class Wanted(NamedTuple):
+    """What each decode step carries besides its token: the distribution it was drawn from (`scores`), the hidden
+    states of the layers asked for (True: all, embeddings first, as transformers counts them), the attention
+    weights (they need eager attention)."""
+
+    scores: bool = False
+    hidden_states: bool | tuple[int, ...] = False
+    attentions: bool = False
+
+
+NOTHING = Wanted()
+
+
+class Out(NamedTuple):
+    """One forward's output at the last position: (B, V) float32 logits, and what `Wanted` asked for."""
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor | None = None  # (B, layers, D)
+    attentions: torch.Tensor | None = None  # (B, layers, heads, K) over the K positions the cache holds now
+
+
+class Step(NamedTuple):
+    """What the decode loop yields per token: the (B,) ids and what `Wanted` asked for of the forward that chose
+    them (`scores`: (B, V) log-probabilities of the distribution they were drawn from)."""
+
+    token: torch.Tensor
+    scores: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    attentions: torch.Tensor | None = None
+
+
+def forward(lm: LanguageModel, embeds: torch.Tensor, cache, mask=None, positions=None, extras=None,
+            wanted: Wanted = NOTHING) -> Out:
+    """(B, T, D) new embeddings -> the last position's output; extends the cache.
 
     `mask` (B, cache capacity) is 0 at left padding (None: no row is padded); `positions` and `extras` (more keyword
     inputs of the body, at a prefill) are the family's.
     """
+    asked = {"output_hidden_states": True} if wanted.hidden_states else {}
+    asked.update({"output_attentions": True} if wanted.attentions else {})
     out = lm.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                  **(extras or {}))
-    return lm.head(out.last_hidden_state[:, -1]).float()
+                  **asked, **(extras or {}))
+    logits = lm.head(out.last_hidden_state[:, -1]).float()
+    if not asked:
+        return Out(logits)
+    hidden = attentions = None
+    if wanted.hidden_states:
+        layers = out.hidden_states if wanted.hidden_states is True else [out.hidden_states[i]
+                                                                           for i in wanted.hidden_states]
+        hidden = torch.stack([layer[:, -1] for layer in layers], 1)
+    if wanted.attentions:
+        held = int(cache.get_seq_length())  # a static cache's weights past it are 0
+        attentions = torch.stack([layer[:, :, -1, :held] for layer in out.attentions], 1)
+    return Out(logits, hidden, attentions)
 
 
 @torch.inference_mode()
@@ -74,7 +132,7 @@ def logprobs(lm: LanguageModel, embeds: torch.Tensor, cache, positions: Position
 
 def decode_step(lm: LanguageModel, token: torch.Tensor, cache, mask=None, positions=None) -> torch.Tensor:
     """(B, 1) last tokens -> (B, V) logits: the unit that is compiled (every shape in it is fixed)."""
-    return forward(lm, lm.embed(token), cache, mask, positions)
+    return forward(lm, lm.embed(token), cache, mask, positions).logits
 
 
 _ONEDNN_LOCK = threading.Lock()
@@ -183,34 +241,36 @@ def prefill(lm: LanguageModel, embeds: torch.Tensor, cache, positions: Positions
             padding: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) float32 logits of the token after each row: the prompt run once into the empty `cache`, left padding
     (`padding`) masked as `generate` masks it."""
-    return forward(lm, embeds, cache, attention_mask(padding, cache), positions.prompt, positions.extras)
+    return forward(lm, embeds, cache, attention_mask(padding, cache), positions.prompt, positions.extras).logits
 
 
 @torch.inference_mode()
 def generate(
     lm: LanguageModel, embeds: torch.Tensor, cache, max_new_tokens: int, eos_id: int, sampling: Sampling,
-    positions: Positions, padding: torch.Tensor | None = None, step=decode_step,
-) -> Iterator[torch.Tensor]:
-    """Yield the (B,) next token ids, step by step, until every row has produced EOS or `max_new_tokens`.
+    positions: Positions, padding: torch.Tensor | None = None, step=decode_step, wanted: Wanted = NOTHING,
+) -> Iterator[Step]:
+    """Yield a `Step` per new token (its (B,) ids, and what `wanted` asks for), until every row has produced EOS
+    or `max_new_tokens`.
 
     One path for a question, a conversation's next turn and a batch of videos. `cache` (static) holds everything
     before `embeds`; `positions` are the family's; `padding` marks left padding of a batch's rows (None when no row
     is padded). Rows that are done keep getting tokens: the caller drops them. Prefill runs eagerly; `step` (eager
-    or compiled) runs each new token.
+    or compiled) runs each new token, or the eager forward where hidden states or attentions are wanted.
     """
     if max_new_tokens == 0:
         return
     generator = make_generator(sampling, embeds.device)
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
     mask = attention_mask(padding, cache)
-    logits = forward(lm, embeds, cache, mask, positions.prompt, positions.extras)  # prefill
-    after = positions.next
+    out = forward(lm, embeds, cache, mask, positions.prompt, positions.extras, wanted)  # prefill
+    after, observed = positions.next, bool(wanted.hidden_states or wanted.attentions)
     for produced in range(1, max_new_tokens + 1):
-        token = next_token(logits, sampling, generator)  # (B,)
-        yield token
+        token = next_token(out.logits, sampling, generator)  # (B,)
+        yield Step(token, distribution(out.logits, sampling) if wanted.scores else None, *out[1:])
         done |= token == eos_id
         if produced == max_new_tokens or bool(done.all()):
             return
-        with step_kernels(token, embeds.dtype):
-            logits = step(lm, token[:, None], cache, mask, after)  # one decode step
+        with step_kernels(token, embeds.dtype):  # one decode step
+            out = (forward(lm, lm.embed(token[:, None]), cache, mask, after, None, wanted) if observed else
+                   Out(step(lm, token[:, None], cache, mask, after)))
         after = after + 1

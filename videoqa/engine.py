@@ -52,16 +52,17 @@ class Engine:
             raise VideoQAError(f"{what} needs {needed} tokens and the model's context holds {self.context}{hint}")
 
     def generate(self, rows: list[list[int]], visuals: list, placeholder: str, cache, budget: int,
-                 settings: Settings) -> Iterator:
+                 settings: Settings, wanted=None) -> Iterator:
         """The one decode path: rows of ids (left-padded into `cache` when their lengths differ; or a conversation
         whose start `cache` holds) with each row's `visuals` (features.Visual) spliced over their `placeholder`
-        positions, what the cache lacks prefilled, then decoded token by token ((B,) ids per step)."""
-        from videoqa.decode import compiled_step, decode_step, generate
+        positions, what the cache lacks prefilled, then decoded token by token (a decode.Step per token: the (B,)
+        ids and what `wanted`, a decode.Wanted, asks for)."""
+        from videoqa.decode import NOTHING, compiled_step, decode_step, generate
 
         embeds, padding, positions = self.embedded(rows, visuals, placeholder, past=int(cache.get_seq_length()))
         step = compiled_step() if self.compiled else decode_step
         return generate(self.lm, embeds, cache, budget, self.tokenizer.eos_token_id, settings.sampling, positions,
-                        padding, step)
+                        padding, step, wanted or NOTHING)
 
     def next_logits(self, rows: list[list[int]], visuals: list, placeholder: str):
         """(B, V) float32 logits of the token after each row, the rows made as for `generate`: one prefill, no
@@ -103,6 +104,21 @@ class Engine:
         if same >= len(ids):
             raise VideoQAError(f"--choices {option!r}: an option that adds no token to the prompt")
         return ids[same:]
+
+    def option_tokens(self, prompt: str, choices) -> tuple[list[str], list[list[int]]]:
+        """The options as given (two or more, different, non-empty) and each one's tokens after `prompt`."""
+        options = [str(option).strip() for option in choices]
+        if len(options) < 2 or not all(options) or len(set(options)) < len(options):
+            raise VideoQAError("--choices: give two or more different, non-empty options, e.g. \"tennis|golf\"")
+        return options, [self.option_ids(prompt, option) for option in options]
+
+    def scored(self, ids: list[int], visual, placeholder: str, cache, options: list[str],
+               tokens: list[list[int]]) -> list[dict]:
+        """Each option's {"text", "logprob" (summed over its tokens), "mean_logprob", "tokens"} after the prompt
+        `ids`, prefilled once into `cache` (see `score`)."""
+        sums = self.score(ids, visual, placeholder, cache, tokens)
+        return [{"text": o, "logprob": s, "mean_logprob": s / len(t), "tokens": t}
+                for o, s, t in zip(options, sums, tokens)]
 
     def score(self, ids: list[int], visual, placeholder: str, cache, options: list[list[int]]) -> list[float]:
         """Each option's summed log-probability after the prompt `ids` (the cache holds a prefix of them): the

@@ -59,13 +59,17 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # e.g. that only part of the video decodes
     choices: list[dict] | None = None  # a multiple-choice question's options, scored: {text, logprob, ...}
+    logprobs: list[dict] | None = None  # per token {token, text, logprob, top}, when asked for
+    hidden_states: Any = None  # (tokens, layers, D) float32 tensor, when asked for
+    attentions: list | None = None  # per token a (layers, heads, positions before it) float32 tensor, when asked
 
     def record(self) -> dict:
         """The `--json` schema (README: Scripting)."""
         found = output.record(video=self.video, question=self.question, prompt=self.prompt, answer=self.text,
                               tokens=self.tokens, frames=self.frames, model=self.model, runtime=self.runtime,
                               timings=self.timings, warnings=self.warnings)
-        return found if self.choices is None else {**found, "choices": self.choices}
+        extra = {"choices": self.choices, "logprobs": self.logprobs}
+        return {**found, **{k: v for k, v in extra.items() if v is not None}}
 
 
 class Checkpoint:
@@ -437,6 +441,33 @@ class Model(Engine):
             media = self.media(media, frames, fps=fps, max_frames=max_frames, start=start, end=end)
         return self.encode(media).rows
 
+    def embed(self, media: str | Path | Media, frames: int | None = None, *, fps: float | None = None,
+              max_frames: int | None = None, start: Time = None, end: Time = None):
+        """A video's (or image's) embedding for search and clustering: the mean of its projected visual features
+        (the rows spliced over the placeholder), scaled to unit length so a dot product is the cosine. (D,)
+        float32, on the CPU."""
+        rows = self.features(media, frames, fps=fps, max_frames=max_frames, start=start, end=end)
+        pooled = rows.float().mean(0)
+        return (pooled / pooled.norm().clamp(min=1e-12)).cpu()
+
+    def sheet(self, video: str | Path, frames: Sequence[dict], path: str | Path, *, pixels=None) -> tuple[int, int]:
+        """A contact sheet (PNG at `path`) of a video's sampled `frames` as records list them ({"index", "time"},
+        and "attention" under explain), each labelled with its time (and share); `pixels`: the frames already
+        decoded, else they are decoded from the file. Its (width, height)."""
+        from videoqa.frames import Damaged, open_video
+        from videoqa.sheet import contact_sheet
+
+        if not frames:
+            raise VideoQAError(f"{output.display(video)}: no sampled frames to draw")
+        if pixels is None:
+            try:
+                with open_video(Path(video)) as opened:
+                    pixels = opened.decode([frame["index"] for frame in frames])
+            except Damaged:
+                raise VideoQAError(f"{output.display(video)}: its frames could not be decoded again for the sheet")
+        shares = [frame["attention"] for frame in frames] if "attention" in frames[0] else None
+        return contact_sheet(pixels, [frame["time"] for frame in frames], path, shares=shares)
+
     def caption(self, videos: str | Path | Iterable[str | Path], prompt: str | Sequence[str] | None = None, *,
                 start: Time = None, end: Time = None, batch_size: int = 4, stop: Callable[[], bool] = lambda: False,
                 stats: dict | None = None, **settings: Any) -> Iterator[dict]:
@@ -458,6 +489,22 @@ class Model(Engine):
             raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
         jobs = [Job(video, question, window) for video, question in zip(videos, map(check_question, prompts))]
         yield from records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats)
+
+    def evaluate(self, items: Sequence, *, batch_size: int = 4, stop: Callable[[], bool] = lambda: False,
+                 stats: dict | None = None, **settings: Any) -> Iterator[dict]:
+        """One record per item (an evaluation.Item: `videoqa.evaluation.read_items` reads a benchmark's file), in
+        order: the `--json` schema with the answer generated, or, for an item with choices, the likeliest option
+        and every option's score (`choices`); then `number` and `item` (the item as read), `expected` (its answer)
+        and `correct` (None without one, or for an error record). Batched as `caption`."""
+        from videoqa.batch import Job, records
+        from videoqa.evaluation import judge
+
+        chosen = self.settings(**settings)
+        self.checkpoint.check_videos(self.checkpoint.least(chosen))
+        jobs = [Job(item.video, item.question, timing.window(item.start, item.end), item.choices) for item in items]
+        for item, rec in zip(items, records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats)):
+            correct = None if rec["error"] is not None else judge(item.answer, rec["answer"], item.choices)
+            yield {**rec, "number": item.number, "item": item.fields, "expected": item.answer, "correct": correct}
 
     def timeline(self, video: str | Path, prompt: str | None = None, *, every: str | float | None = None,
                  count: int | None = None, windows: Sequence[Window] | None = None, batch_size: int = 4,
@@ -571,7 +618,8 @@ class Chat:
         return [*self.ids, *eos, *text_ids(tokenizer, preset.followup.format(question=question))]
 
     def ask(self, question: str, *, choices: Sequence[str] | None = None, **settings: Any) -> Answer:
-        """The answer to `question`; with `choices`, the option the model finds likeliest (see `choose`)."""
+        """The answer to `question`; with `choices`, the option the model finds likeliest (see `choose`); what else
+        the answer can carry (hidden states, attention weights, frame attention): see `tokens`."""
         if choices is not None:
             return self.choose(question, choices)
         for _ in self.tokens(question, **settings):
@@ -585,41 +633,50 @@ class Chat:
         from videoqa.decode import truncate
         from videoqa.questions import check_question
 
-        options = [str(option).strip() for option in choices]
-        if len(options) < 2 or not all(options) or len(set(options)) < len(options):
-            raise VideoQAError("--choices: give two or more different, non-empty options, e.g. \"tennis|golf\"")
         question = check_question(question)
         ids = self.next_ids(question)
         prompt = self.turn_text(question)
-        tokens = [self.model.option_ids(prompt, option) for option in options]
+        options, tokens = self.model.option_tokens(prompt, choices)
         self.model.check_fits(len(ids) + max(map(len, tokens)), follow_up=bool(self.ids))
         cache = self._cache_for(len(ids) + max(map(len, tokens)))
         cached, start = int(cache.get_seq_length()), time.perf_counter()
         try:
-            sums = self.model.score(ids, self.visual, self.placeholder, cache, tokens)
+            scored = self.model.scored(ids, self.visual, self.placeholder, cache, options, tokens)
         finally:  # the options are cut back in score(); the prompt too: the conversation does not go on from it
             truncate(cache, cached)
-        scored = [{"text": o, "logprob": s, "mean_logprob": s / len(t), "tokens": t}
-                  for o, s, t in zip(options, sums, tokens)]
-        best = max(range(len(options)), key=lambda i: sums[i])
+        best = max(scored, key=lambda option: option["logprob"])
         frames = self.media.frames
-        return Answer(video=self.media.path, question=question, prompt=prompt, text=options[best],
-                      tokens=tokens[best], frames=frames.listed() if frames else [], model=self.model.name,
+        return Answer(video=self.media.path, question=question, prompt=prompt, text=best["text"],
+                      tokens=best["tokens"], frames=frames.listed() if frames else [], model=self.model.name,
                       runtime=self.model.runtime, warnings=list(frames.warnings if frames else []),
                       timings={**self.pending, "prefill": time.perf_counter() - start,
                                "prefill_tokens": len(ids) - cached}, choices=scored)
 
+    def sheet(self, path: str | Path) -> tuple[int, int]:
+        """A contact sheet (PNG at `path`) of the video's sampled frames, with the last answer's attention shares
+        when it was asked with `explain`. Its (width, height)."""
+        frames = self.media.frames
+        if frames is None:
+            raise VideoQAError("a contact sheet is of a video's frames; this conversation is about an image")
+        listed = self.answers[-1].frames if self.answers else frames.listed()
+        return self.model.sheet(self.media.path, listed, path, pixels=frames.pixels)
+
     def stream(self, question: str, **settings: Any) -> Iterator[str]:
-        """The answer's text as it is generated; stopping early drops the turn."""
+        """The answer's text as it is generated; stopping early drops the turn (`settings` as `tokens` takes
+        them)."""
         tokens = self.tokens(question, **settings)
         try:
             yield from output.texts(tokens, self.model.tokenizer)
         finally:
             tokens.close()
 
-    def tokens(self, question: str, **settings: Any) -> Iterator[int]:
+    def tokens(self, question: str, *, hidden_states: bool | Sequence[int] = False, attentions: bool = False,
+               explain: bool = False, **settings: Any) -> Iterator[int]:
         """The answer's token ids as they are generated. The question and its fit in the context are checked
-        before the first is asked for; closing the iterator early drops the turn (the cache is cut back)."""
+        before the first is asked for; closing the iterator early drops the turn (the cache is cut back).
+        The Answer then carries, as asked: `hidden_states` (True: every layer's, embeddings first; or the layer
+        indices) at the position that chose each token; `attentions`, that position's attention weights (the
+        language model runs eager attention for it); `explain`, each frame's share of that attention in `frames`."""
         from videoqa.questions import check_question
 
         if set(settings) & set(FRAMING):
@@ -635,7 +692,23 @@ class Chat:
         turn = Answer(video=self.media.path, question=question, prompt=prompt, text="", tokens=[],
                       frames=frames.listed() if frames else [], model=self.model.name, runtime=self.model.runtime,
                       warnings=[*(frames.warnings if frames else []), *cut])
-        return self._answer(turn, ids, budget, chosen)
+        trace = self._trace(ids, chosen, hidden_states=hidden_states, attentions=attentions, explain=explain)
+        return self._answer(turn, ids, budget, chosen, trace)
+
+    def _trace(self, ids: list[int], settings: Settings, *, hidden_states: bool | Sequence[int], attentions: bool,
+               explain: bool):
+        """What this turn's decode steps are to carry (traces.Trace), checked before anything runs."""
+        from videoqa.traces import Trace, frame_spans, layers_of
+
+        text = self.model.net.config.text_config
+        layers = layers_of(hidden_states, text.num_hidden_layers + 1)
+        spans = None
+        if explain:
+            if self.media.frames is None:
+                raise VideoQAError("--explain: the attention is shared out over a video's frames; an image has none")
+            spans = frame_spans(ids, self.model.tokenizer.convert_tokens_to_ids(self.placeholder),
+                                len(self.media.frames.times), self.visual.grid)
+        return Trace(logprobs=settings.logprobs, hidden_states=layers, attentions=attentions, spans=spans)
 
     def _cache_for(self, length: int):
         """The static KV cache, able to hold `length` tokens: preallocated, then moved up a bucket when outgrown.
@@ -649,8 +722,9 @@ class Chat:
             self.cache = grown(text, self.cache, length)
         return self.cache
 
-    def _answer(self, turn: Answer, ids: list[int], budget: int, settings: Settings) -> Iterator[int]:
+    def _answer(self, turn: Answer, ids: list[int], budget: int, settings: Settings, trace) -> Iterator[int]:
         from videoqa.decode import truncate
+        from videoqa.traces import eager_attention
 
         cache = self._cache_for(len(ids) + budget)
         cached = int(cache.get_seq_length())
@@ -659,12 +733,16 @@ class Chat:
         start = first = time.perf_counter()
         answer: list[int] = []
         try:
-            for tokens in self.model.generate([ids], [self.visual], self.placeholder, cache, budget, settings):
-                if not answer:
-                    first = time.perf_counter()
-                    timings["prefill"] = first - start
-                answer.append(int(tokens[0]))
-                yield answer[-1]
+            with eager_attention(self.model.net, trace.wanted):
+                steps = self.model.generate([ids], [self.visual], self.placeholder, cache, budget, settings,
+                                            trace.wanted)
+                for step in steps:
+                    if not answer:
+                        first = time.perf_counter()
+                        timings["prefill"] = first - start
+                    trace.add(step)
+                    answer.append(int(step.token[0]))
+                    yield answer[-1]
         except BaseException as e:  # Ctrl-C, an abandoned answer or no memory: the turn is dropped, the cache cut back
             truncate(cache, cached)
             if memory.is_oom(e):
@@ -675,4 +753,15 @@ class Chat:
             timings["decode_tokens_per_s"] = (len(answer) - 1) / timings["decode"]
         self.ids, self.pending = ids + answer, {"load": 0.0, "frames": 0.0, "vision": 0.0}
         turn.tokens, turn.text, turn.timings = answer, self.model.decode(answer), timings
+        self.carry(turn, trace, ids[-1])
         self.answers.append(turn)
+
+    def carry(self, turn: Answer, trace, before: int) -> None:
+        """What the turn's steps carried, onto its Answer (`before`: the token before the answer)."""
+        count = len(turn.tokens)
+        turn.logprobs = trace.logprobs(self.model.tokenizer, 0, turn.tokens, before)
+        turn.hidden_states = trace.hidden_states(0, count)
+        turn.attentions = trace.attention_weights(0, count)
+        shares = trace.frame_attention(count)
+        if shares is not None:
+            turn.frames = [{**frame, "attention": share} for frame, share in zip(turn.frames, shares)]

@@ -82,6 +82,8 @@ SPECS = {
         Spec("top_p", float, 1.0, "Nucleus sampling mass, in (0, 1].", ("--top-p",), high=1, open_low=True),
         Spec("seed", int, None, "Same seed, same sampled answer (0 to 2^64-1).", ("--seed",), high=SEED_MAX,
              unset=True),
+        Spec("logprobs", int, None, "Each answer token's log-probability and the N likeliest alternatives, in the "
+             "JSON record (0: the token's alone).", ("--logprobs",), unset=True),
     )
 }
 
@@ -101,13 +103,14 @@ FRAMING = ("frames", "fps", "max_frames")  # how a video's frames are chosen: re
 @dataclass(frozen=True)
 class Settings:
     """What a question is answered with: frames sampled (`frames` uniformly, or by time when `fps` is set, at most
-    `max_frames`), answer length, sampling."""
+    `max_frames`), answer length, sampling, and what the record says of each token."""
 
     frames: int
     fps: float | None = None
     max_frames: int | None = None
     max_new_tokens: int = SPECS["max_new_tokens"].default
     sampling: Sampling = field(default_factory=Sampling)
+    logprobs: int | None = None  # alternatives listed per answer token; None: no log-probabilities
 
     def get(self, name: str) -> Any:
         return getattr(self.sampling if name in SAMPLING else self, name)
