@@ -3,9 +3,14 @@
     python benchmarks/decode.py --shape tiny --json
     python benchmarks/decode.py --shape 7b --device cuda --dtype float16 --json
 
+    python benchmarks/decode.py --shape small --outputs --json
+
 The prompt is a real video question (8 frames, 2074 tokens at 224 px, fewer for the tiny tower); both sides
 decode greedily for --max-new-tokens without stopping at EOS, and must produce the same tokens.
 On CUDA it also prints the achieved memory bandwidth: bytes of weights and KV cache read per step × steps/s.
+--outputs also decodes, in the same run and in turn with the plain answer, with each per-step output asked for
+(--logprobs 5, every layer's hidden states, attention weights on eager attention), to show what each costs and that
+none costs anything when not asked for.
 """
 
 from __future__ import annotations
@@ -25,13 +30,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model, media, question: str, max_new: int, device: str, compile: bool) -> tuple[list[int], float, float]:
-    """(tokens, time to first token, decode tokens/s) of one videoqa answer, vision included in the first token."""
+OUTPUTS = {"off": {}, "logprobs 5": {"logprobs": 5}, "hidden states": {"hidden_states": True},
+           "attentions (eager)": {"attentions": True}}
+
+
+def ours(model, media, question: str, max_new: int, device: str, compile: bool,
+         asked: dict | None = None) -> tuple[list[int], float, float]:
+    """(tokens, time to first token, decode tokens/s) of one videoqa answer, vision included in the first token;
+    `asked`: the per-step outputs asked for (Chat.tokens' keywords)."""
     model.compiled = compile
     start = time.perf_counter()
     chat = model.chat(media)
     tokens, first = [], 0.0
-    for token in chat.tokens(question, max_new_tokens=max_new):
+    for token in chat.tokens(question, max_new_tokens=max_new, **(asked or {})):
         if not tokens:
             sync(device)
             first = time.perf_counter() - start
@@ -62,6 +73,19 @@ def reference(model, media, question: str, max_new: int, device: str, compile: b
     return out[0, ids.shape[1] :].tolist(), timings[0], (max_new - 1) / (timings[1] - timings[0])
 
 
+def outputs(model, media, question: str, args, compile: bool) -> dict:
+    """Decode tokens/s with each per-step output asked for, the configurations in turn for each repeat (so a drift
+    of the machine's speed falls on all alike), best of the repeats; and each one's ratio to "off"."""
+    speeds: dict[str, list[float]] = {name: [] for name in OUTPUTS}
+    for repeat in range(args.repeats + 1):
+        for name, asked in OUTPUTS.items():
+            speed = ours(model, media, question, args.max_new_tokens, args.device, compile, asked)[2]
+            if repeat:  # the first round warms up
+                speeds[name].append(speed)
+    best = {name: max(found) for name, found in speeds.items()}
+    return {name: {"decode_tokens_per_s": speed, "vs_off": speed / best["off"]} for name, speed in best.items()}
+
+
 def main() -> None:
     parser = shapes.parser(__doc__)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -69,6 +93,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="videoqa's compiled static-cache decode step [default: on CUDA only, as the CLI]")
+    parser.add_argument("--outputs", action="store_true",
+                        help="also decode with each per-step output asked for (logprobs, hidden states, attentions)")
     args = parser.parse_args()
 
     model = build(args.shape, args.device, getattr(torch, args.dtype))
@@ -91,6 +117,8 @@ def main() -> None:
         "same_tokens": same, **results,
         "decode_speedup": results["videoqa"]["decode_tokens_per_s"] / results["transformers"]["decode_tokens_per_s"],
     }
+    if args.outputs:
+        report["outputs"] = outputs(model, frames, question, args, compile)
     if args.device == "cuda":
         weights = sum(p.numel() * p.element_size() for p in model.net.model.language_model.parameters())
         weights += model.net.lm_head.weight.numel() * model.net.lm_head.weight.element_size()

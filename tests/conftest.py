@@ -221,6 +221,11 @@ def reference_generate(model_dir: Path, frames, question: str, max_new_tokens: i
     return reference_continue(net, ids, max_new_tokens, pixel_values_videos=reference_pixels(net, list(frames.pixels))[None])
 
 
+# LLaVA-NeXT's (vicuna_v1) first turn with an image, as its processor's chat template renders it; {q}: the question
+NEXT_IMAGE_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                     "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{q} ASSISTANT:")
+
+
 def reference_next_image(model_dir: Path, image, text: str):
     """transformers' own LLaVA-NeXT inputs for an image: LlavaNextImageProcessorPil pixels and LlavaNextProcessor's
     placeholder count; (net, ids, the pixel inputs of `generate`).

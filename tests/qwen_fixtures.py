@@ -274,3 +274,49 @@ def expanded_ids(directory: Path, text: str, grid, medium: str = "video") -> lis
     pad = f"<|{medium}_pad|>"
     text = text.replace(pad, pad * (int(grid.prod()) // 4), 1)
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def check_qwen_traced(answer, reference, ids: list[int], inputs: dict) -> None:
+    """An answer of 4 tokens asked with logprobs=3, hidden_states=True, attentions=True against transformers'
+    `generate` on the same rows (conftest.check_traced), the M-RoPE token types given as generate takes them."""
+    import torch
+
+    from conftest import check_traced, reference_traced
+
+    row = torch.tensor(ids)
+    types = ((row == reference.config.image_token_id).int() + 2 * (row == reference.config.video_token_id).int())
+    out = reference_traced(reference, ids, 4, mm_token_type_ids=types[None], **inputs)
+    check_traced(answer, out, len(ids), 3)
+    assert answer.hidden_states.shape == (4, reference.config.text_config.num_hidden_layers + 1,
+                                          reference.config.text_config.hidden_size)
+    assert len(set(answer.tokens)) > 1  # not one token repeated: the comparison has teeth
+
+
+def video_shares(answer, ids: list[int], placeholder: int, groups: int) -> list[float]:
+    """The share of the answer's attention (mean over layers and heads, then over its tokens) that fell on the
+    prompt's `placeholder` positions, from the answer's own attention weights: those positions in `groups` equal
+    consecutive runs (a temporal patch, a frame), the share of each."""
+    import torch
+
+    where = [i for i, token in enumerate(ids) if token == placeholder]
+    assert len(where) % groups == 0
+    runs = [where[g * len(where) // groups: (g + 1) * len(where) // groups] for g in range(groups)]
+    shares = torch.stack([weights.mean((0, 1))[: len(ids)] for weights in answer.attentions]).mean(0)
+    return [float(shares[run].sum()) for run in runs]
+
+
+def check_patch_shares(loaded, answer, ids: list[int], other, question: str) -> None:
+    """`explain` on 4 frames (2 temporal patches): the frames' shares add up to the video's share of the attention,
+    the two frames of a patch count its positions half each (so they get the same share), and other frames (the
+    media `other`) get other shares."""
+    import torch
+
+    assert answer.timings["prefill_tokens"] == len(ids)
+    shares = [frame["attention"] for frame in answer.frames]
+    assert len(shares) == 4
+    patches = video_shares(answer, ids, loaded.net.config.video_token_id, 2)  # each patch's own run of pads
+    assert abs(sum(shares) - sum(patches)) < 1e-5
+    assert shares[0] == shares[1] and shares[2] == shares[3] and shares[0] != shares[2]
+    assert abs(shares[0] - patches[0] / 2) < 1e-5 and abs(shares[2] - patches[1] / 2) < 1e-5
+    other = loaded.ask(other, question, max_new_tokens=4, explain=True)
+    assert not torch.allclose(torch.tensor([f["attention"] for f in other.frames]), torch.tensor(shares))

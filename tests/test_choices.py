@@ -83,3 +83,22 @@ def test_an_image_question_llava_15_options_equal_the_model_forward(tmp_path_fac
     pixels = processor([Image.open(image).convert("RGB")], return_tensors="pt").pixel_values
     ids = reference_llava_15_prompt(tokenizer, QUESTION)
     check(answer, {c["text"]: reference_logprob(net, ids, c["tokens"], pixel_values=pixels) for c in answer.choices})
+
+
+def test_an_anyres_image_llava_next_options_equal_the_model_forward(tiny_next):
+    from PIL import Image
+
+    from conftest import NEXT_IMAGE_PROMPT, reference_next_image
+
+    image = asset("images/videollava_waterview.jpg")
+    answer = videoqa.load(tiny_next, device="cpu", dtype="float32", cache=False).ask(image, QUESTION, choices=OPTIONS)
+    net, ids, inputs = reference_next_image(tiny_next, Image.open(image).convert("RGB"),
+                                            NEXT_IMAGE_PROMPT.format(q=QUESTION))
+    check(answer, {c["text"]: reference_logprob(net, ids, c["tokens"], **inputs) for c in answer.choices})
+
+
+@pytest.mark.parametrize("traced", [{"logprobs": 0}, {"hidden_states": True}, {"explain": True}])
+def test_choices_refuse_what_only_a_generated_answer_carries(tiny_model, traced):
+    model = videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False)
+    with pytest.raises(videoqa.VideoQAError, match=f"choices and {next(iter(traced))}"):
+        model.ask(VIDEO, QUESTION, choices=OPTIONS, frames=2, **traced)

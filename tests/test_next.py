@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_clean_failure, asset, needs_assets, reference_continue, reference_generate
-from conftest import reference_next_image
+from conftest import NEXT_IMAGE_PROMPT, reference_next_image
 from videoqa.errors import Exit
 from videoqa.frames import read_frames
 
@@ -19,8 +19,7 @@ QUESTION = "What is shown in this video?"
 # The prompts of the HF docs and chat templates, placeholder once; transformers' processor expands it.
 IMAGE_PROMPTS = {
     "tiny_next_video": "USER: <image>\n{q} ASSISTANT:",
-    "tiny_next": "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-    "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{q} ASSISTANT:",
+    "tiny_next": NEXT_IMAGE_PROMPT,
 }
 
 

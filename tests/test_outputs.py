@@ -75,14 +75,12 @@ def test_llava_15_image_outputs_equal_generate(tmp_path_factory):
 
 
 def test_llava_next_anyres_image_outputs_equal_generate(tiny_next):
-    from conftest import reference_next_image
+    from conftest import NEXT_IMAGE_PROMPT, reference_next_image
 
     image = asset("images/videollava_waterview.jpg")
     answer = videoqa.load(tiny_next, device="cpu", dtype="float32", cache=False).ask(image, QUESTION, **TRACED)
-    system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-              "helpful, detailed, and polite answers to the human's questions.")
     net, ids, inputs = reference_next_image(tiny_next, Image.open(image).convert("RGB"),
-                                            f"{system} USER: <image>\n{QUESTION} ASSISTANT:")
+                                            NEXT_IMAGE_PROMPT.format(q=QUESTION))
     check_traced(answer, reference_traced(net, ids, 4, **inputs), len(ids), 3)
 
 
@@ -191,6 +189,22 @@ def test_explain_shares_sum_to_the_videos_share_and_follow_the_frames(model, tin
     assert abs(sum(shares) - video_share(answer, ids, model.tokenizer.convert_tokens_to_ids("<video>"))) < 1e-5
     other = model.ask(OTHER, QUESTION, frames=2, max_new_tokens=4, explain=True)
     assert not torch.allclose(torch.tensor(shares), torch.tensor([f["attention"] for f in other.frames]))
+
+
+def test_explain_on_onevision_counts_the_newline_row_for_the_last_frame(tmp_path_factory):
+    from onevision_fixtures import build_llava_onevision, onevision_video_tokens, reference_onevision_prompt
+
+    path = build_llava_onevision(tmp_path_factory.mktemp("onevision_explain"))
+    model = videoqa.load(path, device="cpu", dtype="float32", cache=False)
+    answer = model.ask(VIDEO, QUESTION, frames=2, max_new_tokens=3, attentions=True, explain=True)
+    net, tokenizer = reference_net(path)
+    ids = reference_onevision_prompt(tokenizer, QUESTION, "<video>", onevision_video_tokens(net, 2))
+    where = [i for i, token in enumerate(ids) if token == tokenizer.convert_tokens_to_ids("<video>")]
+    per = (len(where) - 1) // 2  # each frame's pooled rows, then one newline row after the last frame
+    means = [a.mean((0, 1)) for a in answer.attentions]
+    first = sum(float(m[where[:per]].sum()) for m in means) / len(means)
+    last = sum(float(m[where[per:]].sum()) for m in means) / len(means)
+    assert abs(answer.frames[0]["attention"] - first) < 1e-5 and abs(answer.frames[1]["attention"] - last) < 1e-5
 
 
 def test_explain_prints_a_line_per_frame_and_json_has_the_shares(cli, tiny_model):

@@ -13,7 +13,7 @@ import torch
 
 import videoqa
 from conftest import asset, needs_assets, reference_logprob, reference_torchao
-from qwen_fixtures import build_qwen2_5_vl, chat_text, expanded_ids
+from qwen_fixtures import build_qwen2_5_vl, chat_text, check_patch_shares, expanded_ids
 from videoqa.families.qwen2_5_vl import video_bounds
 from videoqa.pixels import qwen_video_pixels
 
@@ -314,30 +314,13 @@ def test_pixel_bounds_given_as_size_are_read_as_min_and_max_pixels(qwen25, loade
 def test_logprobs_hidden_states_and_attentions_equal_generate(qwen25, loaded, reference):
     """Each token's log-probability and top 3, the hidden states (embeddings first) and the attention weights of
     the position that chose it equal `generate`'s (output_scores, hidden_states, attentions; eager attention)."""
-    from conftest import check_traced, reference_traced
+    from qwen_fixtures import check_qwen_traced
 
     media = loaded.media(VIDEOS[0], frames=4)  # 2 temporal patches
     answer = loaded.ask(media, QUESTION, max_new_tokens=4, logprobs=3, hidden_states=True, attentions=True)
     inputs = video_inputs(loaded, media)
     ids = expanded_ids(qwen25, chat_text(qwen25, [(QUESTION, None)]), inputs["video_grid_thw"][0])
-    row = torch.tensor(ids)
-    types = ((row == reference.config.image_token_id).int() + 2 * (row == reference.config.video_token_id).int())
-    out = reference_traced(reference, ids, 4, mm_token_type_ids=types[None], **inputs)
-    check_traced(answer, out, len(ids), 3)
-    assert answer.hidden_states.shape == (4, reference.config.text_config.num_hidden_layers + 1,
-                                          reference.config.text_config.hidden_size)
-    assert len(set(answer.tokens)) > 1  # not one token repeated: the comparison has teeth
-
-
-def video_shares(answer, ids: list[int], placeholder: int, groups: int) -> list[float]:
-    """The share of the answer's attention (mean over layers and heads, then over its tokens) that fell on the
-    prompt's `placeholder` positions, from the answer's own attention weights: those positions in `groups` equal
-    consecutive runs (a temporal patch, a frame), the share of each."""
-    where = [i for i, token in enumerate(ids) if token == placeholder]
-    assert len(where) % groups == 0
-    runs = [where[g * len(where) // groups: (g + 1) * len(where) // groups] for g in range(groups)]
-    shares = torch.stack([weights.mean((0, 1))[: len(ids)] for weights in answer.attentions]).mean(0)
-    return [float(shares[run].sum()) for run in runs]
+    check_qwen_traced(answer, reference, ids, inputs)
 
 
 def test_explain_shares_sum_to_the_video_share(qwen25, loaded):
@@ -347,13 +330,4 @@ def test_explain_shares_sum_to_the_video_share(qwen25, loaded):
     answer = loaded.ask(media, QUESTION, max_new_tokens=4, attentions=True, explain=True)
     inputs = video_inputs(loaded, media)
     ids = expanded_ids(qwen25, chat_text(qwen25, [(QUESTION, None)]), inputs["video_grid_thw"][0])
-    assert answer.timings["prefill_tokens"] == len(ids)
-    shares = [frame["attention"] for frame in answer.frames]
-    assert len(shares) == 4
-    patches = video_shares(answer, ids, loaded.net.config.video_token_id, 2)
-    assert abs(sum(shares) - sum(patches)) < 1e-5
-    assert shares[0] == shares[1] and shares[2] == shares[3] and shares[0] != shares[2]
-    assert abs(shares[0] - patches[0] / 2) < 1e-5 and abs(shares[2] - patches[1] / 2) < 1e-5
-    other = loaded.ask(loaded.media(VIDEOS[0], frames=4, start=2.5, end=6), QUESTION, max_new_tokens=4,
-                       explain=True)
-    assert not torch.allclose(torch.tensor([f["attention"] for f in other.frames]), torch.tensor(shares))
+    check_patch_shares(loaded, answer, ids, loaded.media(VIDEOS[0], frames=4, start=2.5, end=6), QUESTION)

@@ -221,35 +221,20 @@ def test_logprobs_hidden_states_and_attentions_equal_generate(qwen3, loaded, ref
     """Each token's log-probability and top 3, the hidden states (embeddings first) and the attention weights of
     the position that chose it equal `generate`'s (output_scores, hidden_states, attentions; eager attention),
     DeepStack's rows and the timestamps in the prompt."""
-    from conftest import check_traced, reference_traced
+    from qwen_fixtures import check_qwen_traced
 
     media = loaded.media(VIDEOS[0], frames=4)  # 2 temporal patches
     answer = loaded.ask(media, QUESTION, max_new_tokens=4, logprobs=3, hidden_states=True, attentions=True)
     (ids,), inputs = reference_rows(qwen3, loaded, [media], [QUESTION])
-    row = torch.tensor(ids)
-    types = ((row == reference.config.image_token_id).int() + 2 * (row == reference.config.video_token_id).int())
-    out = reference_traced(reference, ids, 4, mm_token_type_ids=types[None], **inputs)
-    check_traced(answer, out, len(ids), 3)
-    assert answer.hidden_states.shape == (4, reference.config.text_config.num_hidden_layers + 1,
-                                          reference.config.text_config.hidden_size)
-    assert len(set(answer.tokens)) > 1  # not one token repeated: the comparison has teeth
+    check_qwen_traced(answer, reference, ids, inputs)
 
 
 def test_explain_shares_sum_to_the_video_share(qwen3, loaded):
     """`explain`: the frames' shares add up to the video's share of the attention; the two frames of a temporal
     patch count its positions half each, so they get the same share; other frames, other shares."""
-    from test_qwen2_5_vl import video_shares
+    from qwen_fixtures import check_patch_shares
 
     media = loaded.media(VIDEOS[0], frames=4)
     answer = loaded.ask(media, QUESTION, max_new_tokens=4, attentions=True, explain=True)
     (ids,), _ = reference_rows(qwen3, loaded, [media], [QUESTION])
-    assert answer.timings["prefill_tokens"] == len(ids)
-    shares = [frame["attention"] for frame in answer.frames]
-    assert len(shares) == 4
-    patches = video_shares(answer, ids, loaded.net.config.video_token_id, 2)  # each patch's own run of pads
-    assert abs(sum(shares) - sum(patches)) < 1e-5
-    assert shares[0] == shares[1] and shares[2] == shares[3] and shares[0] != shares[2]
-    assert abs(shares[0] - patches[0] / 2) < 1e-5 and abs(shares[2] - patches[1] / 2) < 1e-5
-    other = loaded.ask(loaded.media(VIDEOS[0], frames=4, start=2.5, end=6), QUESTION, max_new_tokens=4,
-                       explain=True)
-    assert not torch.allclose(torch.tensor([f["attention"] for f in other.frames]), torch.tensor(shares))
+    check_patch_shares(loaded, answer, ids, loaded.media(VIDEOS[0], frames=4, start=2.5, end=6), QUESTION)

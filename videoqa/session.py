@@ -621,6 +621,11 @@ class Chat:
         """The answer to `question`; with `choices`, the option the model finds likeliest (see `choose`); what else
         the answer can carry (hidden states, attention weights, frame attention): see `tokens`."""
         if choices is not None:
+            traced = [name for name in ("logprobs", "hidden_states", "attentions", "explain")
+                      if settings.get(name) is not None and settings.get(name) is not False]
+            if traced:
+                raise VideoQAError(f"choices and {', '.join(traced)}: the options are scored, no answer is generated "
+                                   "to carry them (each option's log-probability is in `choices`)")
             return self.choose(question, choices)
         for _ in self.tokens(question, **settings):
             pass
