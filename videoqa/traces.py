@@ -5,6 +5,7 @@ for, and the share of the answer's attention that fell on each sampled frame (`-
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -80,10 +81,10 @@ class Trace:
             return None
         entries, previous = [], before
         for token, (chosen, values, ids) in zip(tokens, self.scores):
-            top = [{"token": int(i), "text": piece(tokenizer, previous, int(i)), "logprob": float(v)}
+            text = functools.partial(piece, tokenizer, previous, tokenizer.decode([previous]))
+            top = [{"token": int(i), "text": text(int(i)), "logprob": float(v)}
                    for v, i in zip(values[row], ids[row]) if math.isfinite(v)]
-            entries.append({"token": token, "text": piece(tokenizer, previous, token),
-                            "logprob": float(chosen[row]), "top": top})
+            entries.append({"token": token, "text": text(token), "logprob": float(chosen[row]), "top": top})
             previous = token
         return entries
 
@@ -102,10 +103,9 @@ class Trace:
         return torch.stack(self.shares[:count]).mean(0).tolist()
 
 
-def piece(tokenizer, previous: int, token: int) -> str:
-    """A token's text where it stands, after `previous` (alone, a SentencePiece token would lose its leading
-    space)."""
-    before = tokenizer.decode([previous])
+def piece(tokenizer, previous: int, before: str, token: int) -> str:
+    """A token's text where it stands, after `previous` (whose own text is `before`); alone, a SentencePiece token
+    would lose its leading space."""
     both = tokenizer.decode([previous, token])
     return both[len(before):] if both.startswith(before) else tokenizer.decode([token])
 
