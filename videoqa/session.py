@@ -738,7 +738,7 @@ class Chat:
         start = first = time.perf_counter()
         answer: list[int] = []
         try:
-            with eager_attention(self.model.net, trace.wanted):
+            with eager_attention(self.model.net, self.model.lm.body, trace.wanted):
                 steps = self.model.generate([ids], [self.visual], self.placeholder, cache, budget, settings,
                                             trace.wanted)
                 for step in steps:

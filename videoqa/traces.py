@@ -30,18 +30,30 @@ def layers_of(hidden_states: bool | Sequence[int], count: int) -> bool | tuple[i
 
 
 @contextmanager
-def eager_attention(net, wanted: Wanted):
-    """The language model on eager attention while attention weights are wanted (SDPA computes none), then back."""
+def eager_attention(net, body, wanted: Wanted):
+    """While attention weights are wanted: the language model on eager attention (SDPA computes none), and each
+    attention layer of `body` handing on the last query row of its weights alone, which is all a step's output
+    keeps: a prefill would otherwise hold every layer's (heads x T x T) weights at once. Then back."""
     config = net.config.text_config
     before = config._attn_implementation
-    if not wanted.attentions or before == "eager":
+    if not wanted.attentions:
         yield
         return
+    recorded = type(body)._can_record_outputs["attentions"]  # the class transformers records them from
+    layer = getattr(recorded, "target_class", recorded)
+
+    def last_row(module, args, output):
+        # a copy: a view would keep the whole (heads x T x K) weights alive
+        return (output[0], output[1][..., -1:, :].clone(), *output[2:]) if output[1] is not None else output
+
+    hooks = [m.register_forward_hook(last_row, prepend=True) for m in body.modules() if isinstance(m, layer)]
     net.set_attn_implementation({"text_config": "eager"})
     try:
         yield
     finally:
         net.set_attn_implementation({"text_config": before})
+        for hook in hooks:
+            hook.remove()
 
 
 class Trace:
