@@ -216,11 +216,17 @@ def test_explain_prints_a_line_per_frame_and_json_has_the_shares(cli, tiny_model
         assert f"{100 * frame['attention']:5.1f}%" in line and "█" in line
 
 
-@pytest.mark.parametrize("args,words", [(["--choices", "a|b"], ["--explain", "--choices"]),
-                                        ([], ["--explain", "image"])])
-def test_explain_refusals(cli, tiny_model, args, words):
-    media = VIDEO if args else asset("images/videollava_desert.jpg")
-    assert_clean_failure(cli("ask", media, QUESTION, "-m", tiny_model, "--explain", *args), Exit.USAGE, *words)
+@pytest.mark.parametrize("args,words", [(["--explain", "--choices", "a|b"], ["--explain", "--choices"]),
+                                        (["--logprobs", "2", "--choices", "a|b"], ["--logprobs", "--choices"]),
+                                        (["--explain"], ["--explain", "image"])])
+def test_explain_and_logprobs_refusals(cli, tiny_model, args, words):
+    media = VIDEO if "--choices" in args else asset("images/videollava_desert.jpg")
+    assert_clean_failure(cli("ask", media, QUESTION, "-m", tiny_model, *args), Exit.USAGE, *words)
+
+
+def test_explain_without_an_answer_token_says_so(cli, tiny_model):
+    result = cli("ask", VIDEO, QUESTION, "-m", tiny_model, "--frames", 2, "-n", 0, "--explain", "--json")
+    assert result.code == 0 and "no answer token" in result.err and json.loads(result.out)["tokens"] == []
 
 
 def sheet_size(frames: int, height: int, width: int, tile_width: int = 320) -> tuple[int, int]:

@@ -360,7 +360,8 @@ def ask(
     options = None if choices is None else choices.split("|")
     if options is not None and (len(options) < 2 or not all(o.strip() for o in options)):
         raise VideoQAError(f"--choices {choices!r}: give two or more options separated by |, e.g. \"tennis|golf\"")
-    check_looking(video, explain=explain, sheet=sheet, choices=options is not None)
+    check_looking(video, explain=explain, sheet=sheet, choices=options is not None,
+                  logprobs=given["logprobs"] is not None)
     found = checkpoint(run, given, cache=reply.cache)
     media = read_media(found, video, given, window)
     loaded = load(found, run)
@@ -384,13 +385,16 @@ def ask(
         conversation.sheet(sheet)
 
 
-def check_looking(video: Path, *, explain: bool, sheet: Path | None, choices: bool) -> None:
-    """--explain and --sheet are about a video's frames, and --explain about a generated answer: refused before
-    anything loads otherwise."""
+def check_looking(video: Path, *, explain: bool, sheet: Path | None, choices: bool, logprobs: bool) -> None:
+    """--explain and --sheet are about a video's frames, --explain and --logprobs about a generated answer: refused
+    before anything loads otherwise."""
     from videoqa.frames import is_image
 
     if explain and choices:
         raise VideoQAError("--explain and --choices: --explain shares out the attention of a generated answer")
+    if logprobs and choices:
+        raise VideoQAError("--logprobs and --choices: no answer is generated; each option's log-probability is in "
+                           "the --json record's choices")
     if (explain or sheet is not None) and is_image(video):
         raise VideoQAError(f"{'--explain' if explain else '--sheet'}: about a video's frames; {video} is an image")
 
@@ -398,8 +402,11 @@ def check_looking(video: Path, *, explain: bool, sheet: Path | None, choices: bo
 def attention(frames: list[dict]) -> None:
     """--explain on stderr, asked for (so --quiet keeps it): each frame's time, its share of the answer's attention
     and a bar (the largest share full)."""
+    from videoqa.render import note
     from videoqa.sheet import clock
 
+    if not frames or "attention" not in frames[0]:
+        return note("--explain: no answer token was generated, so there is no attention to share out")
     top = max(frame["attention"] for frame in frames) or 1.0
     for frame in frames:
         bar = "█" * round(24 * frame["attention"] / top)
