@@ -758,10 +758,10 @@ class Chat:
             timings["decode_tokens_per_s"] = (len(answer) - 1) / timings["decode"]
         self.ids, self.pending = ids + answer, {"load": 0.0, "frames": 0.0, "vision": 0.0}
         turn.tokens, turn.text, turn.timings = answer, self.model.decode(answer), timings
-        self.carry(turn, trace, ids[-1])
+        self._carry(turn, trace, ids[-1])
         self.answers.append(turn)
 
-    def carry(self, turn: Answer, trace, before: int) -> None:
+    def _carry(self, turn: Answer, trace, before: int) -> None:
         """What the turn's steps carried, onto its Answer (`before`: the token before the answer)."""
         count = len(turn.tokens)
         turn.logprobs = trace.logprobs(self.model.tokenizer, 0, turn.tokens, before)
