@@ -178,6 +178,27 @@ def cli(capsys, monkeypatch):
     return run
 
 
+@pytest.fixture
+def chat(cli, monkeypatch):
+    """`videoqa chat ARGS` with `lines` piped to stdin."""
+    import io
+    import sys
+
+    def run(lines, *args):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+        return cli("chat", *args)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model):
+    """The tiny Video-LLaVA checkpoint loaded once, in float32 on the CPU, without the feature cache."""
+    import videoqa
+
+    return videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False)
+
+
 def reference_net(model_dir: Path):
     """transformers' own class for the checkpoint's architecture, and its tokenizer."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer

@@ -1,9 +1,7 @@
 """`videoqa chat` through a pipe: multi-turn tokens equal transformers' generate on the full sequence,
 follow-ups prefill only their new tokens, the vision tower runs once per video."""
 
-import io
 import json
-import sys
 
 import pytest
 
@@ -13,17 +11,6 @@ from videoqa.frames import read_frames
 
 pytestmark = needs_assets
 VIDEO = "videos/videollava_sample_demo_1.mp4"
-
-
-@pytest.fixture
-def chat(cli, monkeypatch):
-    """`videoqa chat ARGS` with `lines` piped to stdin."""
-
-    def run(lines, *args):
-        monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
-        return cli("chat", *args)
-
-    return run
 
 
 @pytest.fixture

@@ -20,11 +20,7 @@ from videoqa.sheet import PAD, label_height
 pytestmark = needs_assets
 VIDEO, OTHER = asset("videos/videollava_sample_demo_1.mp4"), asset("videos/videollava_sample_demo_3.mp4")
 QUESTION = "Why is this video funny?"
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False)
+model = pytest.fixture(lambda tiny_loaded: tiny_loaded, name="model")  # the session's tiny Video-LLaVA, loaded
 
 
 def video_reference(path, video=VIDEO, frames: int = 2, question: str = QUESTION):

@@ -186,11 +186,11 @@ def test_resume_leaves_a_file_that_is_not_videoqas_untouched(cli, tiny_model, tm
 
 
 def test_stopping_early_leaves_no_segment_reading_a_closed_file(tiny_model):
-    """`stop()` after the first batch: the segments decoding ahead on the background thread are left, and the video
+    """`interrupted()` after the first batch: the segments decoding ahead on the background thread are left, and the video
     is closed only once none is being read (PyAV would crash on a closed file)."""
     model = videoqa.load(tiny_model, device="cpu", dtype="float32", cache=False)
     for _ in range(3):
-        recs = list(model.timeline(VIDEO, every=0.5, max_new_tokens=1, batch_size=1, stop=lambda: True))
+        recs = list(model.timeline(VIDEO, every=0.5, max_new_tokens=1, batch_size=1, interrupted=lambda: True))
         assert [r["start"] for r in recs] == [0]
         first = next(iter(model.timeline(VIDEO, every=0.5, max_new_tokens=1, batch_size=2)))  # abandoned at once
         assert first["start"] == 0

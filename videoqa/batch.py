@@ -150,13 +150,18 @@ def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple
     answers: list[list[int]] = [[] for _ in ids]
     eos, prefill, trace = model.tokenizer.eos_token_id, 0.0, Trace(logprobs=settings.logprobs)
     steps = model.generate(ids, visuals, model.family.video_token, cache, budget, settings, trace.wanted)
+    ended = [False] * len(ids)  # by EOS or a stop string
     for i, step in enumerate(steps):
         if i == 0:
             prefill = time.perf_counter() - start - vision
         trace.add(step)
-        for answer, token in zip(answers, step.token.tolist()):
-            if not answer or answer[-1] != eos:
+        for row, (answer, token) in enumerate(zip(answers, step.token.tolist())):
+            if not ended[row]:
                 answer.append(token)
+                ended[row] = token == eos or model.stopped(answer, settings.stop)
+        if all(ended):
+            steps.close()
+            break
     decode = time.perf_counter() - start - vision - prefill
     logprobs = [trace.logprobs(model.tokenizer, row, answer, row_ids[-1])
                 for row, (answer, row_ids) in enumerate(zip(answers, ids))]
@@ -180,7 +185,7 @@ def answered(model: Engine, ready: list[Ready], settings: Settings, stats: dict)
         return [failure(model, r, f"out of memory: {ADVICE}" if is_oom(e) else reason) for r in ready]
     found = [
         output.record(video=r.job.video, question=r.job.question, prompt=prompt(model, r.job.question),
-                      answer=model.decode(t), tokens=t, frames=r.frames.listed(), model=model.name,
+                      answer=model.decode(t, settings.stop), tokens=t, frames=r.frames.listed(), model=model.name,
                       runtime=model.runtime, timings={"frames": r.waited, **timings},
                       warnings=[*r.frames.warnings, *cut])
         for r, t in zip(ready, answers)

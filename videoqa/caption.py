@@ -66,8 +66,8 @@ def run(model: Model, videos: list[Path], question: str, out: Output, batch_size
     """Caption every video not already in the output (`settings` and the window, `start` and `end`, as
     `Model.caption` takes them)."""
     todo = [v for v in videos if record_key(v) not in out.done]
-    return drain(lambda stop, stats: model.caption(todo, question, batch_size=batch_size, stop=stop, stats=stats,
-                                                   **settings),
+    return drain(lambda interrupted, stats: model.caption(todo, question, batch_size=batch_size,
+                                                          interrupted=interrupted, stats=stats, **settings),
                  out, len(todo), skipped=len(videos) - len(todo), what="captioning")
 
 
@@ -78,7 +78,7 @@ def start_key(rec: dict) -> float:
 
 def drain(records: Callable[[Callable[[], bool], dict], Iterator[dict]], out: Output, total: int, *, skipped: int,
           what: str) -> Tally:
-    """Write the records `records(stop, stats)` yields, with a progress bar of `total`; stop cleanly after the batch
+    """Write the records `records(interrupted, stats)` yields, with a progress bar of `total`; stop cleanly after the batch
     in flight on Ctrl-C, SIGTERM or SIGHUP. A reader of stdout that goes away stops the run quietly."""
     tally, stats = Tally(skipped=skipped), {}
     with Interrupt(STOP_SIGNALS) as interrupt, progress_bar(total, what) as advance:

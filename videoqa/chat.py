@@ -7,7 +7,6 @@ one question per line when stdin is a pipe.
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from collections.abc import Iterable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from videoqa import output
 from videoqa.errors import VideoQAError
 from videoqa.frames import is_image
+from videoqa.history import data_dir
 from videoqa.output import Unwritable, print_json, stream
 from videoqa.render import Interrupt, error, note, progress
 from videoqa.session import Chat, Media, Model
@@ -39,12 +39,6 @@ def say(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def data_dir() -> Path:
-    """The user's data dir (XDG), where the history file lives."""
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "videoqa"
-
-
 def parse_setting(settings: Settings, key: str, value: str) -> Settings:
     """A copy of `settings` with one option changed; bad keys and values raise with the accepted range."""
     key = key.replace("-", "_")
@@ -60,9 +54,10 @@ class Repl:
     """The chat command over a session: the current conversation (a `videoqa.Chat`), its settings, the slash
     commands, and what is printed for each turn."""
 
-    def __init__(self, model: Model, settings: Settings, json_output: bool):
+    def __init__(self, model: Model, settings: Settings, json_output: bool, log: bool = True):
         self.model, self.settings, self.json_output = model, settings, json_output
         self.chat: Chat | None = None
+        self.log, self.conversation, self.opened = log, None, {}  # the history: each turn logged, by conversation
         self.failed = 0  # exit code of the first line that failed
         self.interrupt: Interrupt | None = None  # on a terminal: Ctrl-C stops the answer at the next token
 
@@ -74,6 +69,7 @@ class Repl:
                 media = self.model.media(media, **self.framing(), start=start, end=end)
         with progress("Encoding frames…"):
             self.chat = self.model.chat(media, **self.framing())
+        self.opened = self.framing()  # what the history says the media was read with
 
     def framing(self) -> dict:
         """How the next video's frames are chosen: by time when `fps` is set, else the frame count."""
@@ -84,7 +80,9 @@ class Repl:
     def ask(self, question: str) -> None:
         if self.chat is None:
             raise VideoQAError("no video yet: /video PATH (or /image PATH) first")
-        settings = {name: self.settings.get(name) for name in SPECS if name not in FRAMING}
+        answered = len(self.chat.answers)
+        settings = {**{name: self.settings.get(name) for name in SPECS if name not in FRAMING},
+                    "stop": self.settings.stop}
         if self.json_output:
             with progress("Answering…"):
                 answer = self.chat.ask(question, **settings)
@@ -92,6 +90,25 @@ class Repl:
         else:
             stop = (lambda: self.interrupt.requested) if self.interrupt else (lambda: False)
             stream(self.chat.stream(question, **settings), stop, waiting=progress("Reading the prompt…"))
+        if self.log and len(self.chat.answers) > answered:  # a turn stopped early is dropped, and not logged
+            self.log_turn()
+
+    def log_turn(self) -> None:
+        """The turn just answered, into the history; a conversation's first turn starts a new conversation id."""
+        from videoqa import history
+
+        if len(self.chat.answers) == 1 or self.conversation is None:
+            self.conversation = history.new_conversation()
+        frames = self.chat.media.frames
+        history.log(self.chat.answers[-1].record(), command="chat", settings={
+            **history.settings_of(self.settings), **self.opened}, conversation=self.conversation,
+            turn=len(self.chat.answers), window=frames.window if frames else None, media=[self.chat.media.path])
+
+    def resume(self, conversation: dict) -> None:
+        """Go on with a conversation from the history (`history.last_conversation()`) about the media open now:
+        its turns restored as they were answered, none generated; the next turns are logged under its id."""
+        self.chat.restore([(turn["question"], turn["tokens"] or []) for turn in conversation["turns"]])
+        self.conversation = conversation["conversation"]
 
     def turns(self) -> list[dict]:
         return [{**a.record(), "turn": n} for n, a in enumerate(self.chat.answers if self.chat else [], 1)]

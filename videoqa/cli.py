@@ -134,12 +134,18 @@ SegmentsOpt = Annotated[Optional[int], typer.Option(
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Videos or segments answered together.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip what --out holds already.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option(
+    "--stop", metavar="<text>", show_default=False,
+    help="End the answer where its text first holds TEXT (left out of the answer); repeatable.")]
 SheetOpt = Annotated[Optional[Path], typer.Option(
     "--sheet", metavar="<file.png>", show_default=False,
     help="Also draw the sampled frames as a contact sheet (PNG), each labelled with its time (and, with --explain, "
          "its attention share).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="<file>", help="Output file; - or none: stdout.",
                                                 show_default=False)]
+NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Keep this out of the history (videoqa logs); VIDEOQA_LOG=0 "
+                                        "keeps everything out.")]
+LogOpt = Annotated[bool, typer.Option("--log", help="Also append each record to the history (videoqa logs).")]
 
 
 def _checker(spec):
@@ -204,6 +210,8 @@ def _gather(kwargs: dict) -> dict:
     run = Run(**{name: kwargs.pop(name) for name in RUN_OPTIONS if name != "debug"})
     quiet_mode(run.quiet)
     gathered = {"given": {name: kwargs.pop(name) for name in SPECS if name in kwargs}, "run": run}
+    if "stop" in kwargs:  # repeatable: a list, not one of the table's settings
+        gathered["given"]["stop"] = tuple(kwargs.pop("stop") or ()) or None
     if "shown" in kwargs:
         shown, json_output = kwargs.pop("shown"), kwargs.pop("json_output")
         gathered["reply"] = Reply(json=json_output or shown is Shown.json, cache=not kwargs.pop("no_cache"))
@@ -224,7 +232,8 @@ def shared_options(command=None, *, settings: tuple[str, ...] | None = None):
         return functools.partial(shared_options, settings=settings)
     params = list(inspect.signature(command, eval_str=True).parameters.values())
     specs = [spec for spec in SPECS.values() if settings is None or spec.name in settings]
-    shared = {"given": [_setting(spec) for spec in specs], "run": _options(RUN_OPTIONS),
+    stop = [] if settings is not None else _options({"stop": (StopOpt, None)})  # the commands that generate
+    shared = {"given": [_setting(spec) for spec in specs] + stop, "run": _options(RUN_OPTIONS),
               "reply": _options(REPLY_OPTIONS), "window": _options(WINDOW_OPTIONS)}
 
     @functools.wraps(command)
@@ -322,6 +331,7 @@ def ask(
         "--explain", help="Where the model looked: each frame's share of the answer's attention (mean over layers "
         "and heads), a line per frame on stderr and frames[i].attention in --json; runs eager attention.")] = False,
     sheet: SheetOpt = None,
+    no_log: NoLogOpt = False,
     window=None,
     given: dict = None,
     run: Run = None,
@@ -379,6 +389,12 @@ def ask(
             print_json(conversation.ask(question, explain=explain).record())
     else:
         stream(conversation.stream(question, explain=explain), waiting=progress("Reading the prompt…"))
+    if not no_log:  # the history (videoqa logs), once the answer is out
+        from videoqa import history
+
+        history.log((chosen if options is not None else conversation.answers[-1]).record(), command="ask",
+                    settings=loaded.settings(**given), window=media.frames.window if media.frames else None,
+                    media=[video])
     if explain:
         attention(conversation.answers[-1].frames)
     if sheet is not None:
@@ -416,9 +432,14 @@ def attention(frames: list[dict]) -> None:
 @app.command()
 @shared_options
 def chat(
+    ctx: typer.Context,
     video: Annotated[
         Optional[Path], typer.Argument(help="Video or image file.", show_default=False, readable=False)
     ] = None,
+    resume: Annotated[bool, typer.Option(
+        "--continue", help="Go on with the last conversation in the history: its video (as it was read: window and "
+        "frames), model and turns, none answered again.")] = False,
+    no_log: NoLogOpt = False,
     given: dict = None,
     run: Run = None,
     reply: Reply = None,
@@ -444,11 +465,16 @@ def chat(
     stdin = stdin_bytes()
     if is_stdin(video):
         raise VideoQAError(f"{video}: chat reads its questions from stdin, so the video cannot come from it too")
+    last = None
+    if resume:  # the last conversation's video, window, model and settings, from the history
+        last, video, given, window, run = continued(ctx, video, given, window, run)
     found = checkpoint(run, given, cache=reply.cache)
     media = read_media(found, video, given, window) if video is not None else None
-    session = Repl(load(found, run), found.settings(**given), reply.json)
+    session = Repl(load(found, run), found.settings(**given), reply.json, log=not no_log)
     if media is not None:
         session.open(media)
+    if last is not None:
+        resumed(session, last)
     interactive = sys.stdin.isatty() and sys.stdout is not None and sys.stdout.isatty() and not reply.json
     code = run_interactive(session) if interactive else session.run(lines(stdin))
     raise typer.Exit(code)
@@ -478,6 +504,7 @@ def caption(
     batch_size: BatchOpt = 4,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    log: LogOpt = False,
     given: dict = None,
     run: Run = None,
     window=None,
@@ -508,7 +535,9 @@ def caption(
                     key=lambda rec: record_key(rec["video"]))
     if all(record_key(v) in output.done for v in videos):
         return summarize(captioning.Tally(skipped=len(videos)), "videos")
-    write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, output, "videos",
+    found = checkpoint(run, given, cache=False, batch_size=batch_size, medium="video")
+    log_records(log, output, found, given, "caption", window)
+    write_records(found, run, output, "videos",
                   lambda model: captioning.run(model, videos, question, output, batch_size, start=window.start,
                                                end=window.end, **given))
 
@@ -557,6 +586,7 @@ def evaluate(
     batch_size: BatchOpt = 4,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    log: LogOpt = False,
     given: dict = None,
     run: Run = None,
 ) -> None:
@@ -587,8 +617,8 @@ def evaluate(
     judged: list[dict] = []
 
     def produce(model):
-        def answered(stop, stats):
-            for rec in model.evaluate(todo, batch_size=batch_size, stop=stop, stats=stats, **given):
+        def answered(interrupted, stats):
+            for rec in model.evaluate(todo, batch_size=batch_size, interrupted=interrupted, stats=stats, **given):
                 judged.append(rec)
                 yield rec
 
@@ -598,8 +628,9 @@ def evaluate(
         summarize(captioning.Tally(skipped=len(found_items)), "items")
         return report_accuracy(evaluation.accuracy(evaluation.every_record(out, judged), by), by)
     try:
-        write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, output,
-                      "items", produce)
+        found = checkpoint(run, given, cache=False, batch_size=batch_size, medium="video")
+        log_records(log, output, found, given, "eval", {item.number: (item.start, item.end) for item in todo})
+        write_records(found, run, output, "items", produce)
     except typer.Exit:  # the run's end: its summary is out, the accuracy goes under it
         report_accuracy(evaluation.accuracy(evaluation.every_record(out, judged), by), by)
         raise
@@ -650,6 +681,7 @@ def timeline(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     sheet: SheetOpt = None,
+    log: LogOpt = False,
     given: dict = None,
     run: Run = None,
 ) -> None:
@@ -683,9 +715,9 @@ def timeline(
     def produce(model):
         drawn: list[dict] = []  # the frames of the segments answered, for --sheet
 
-        def answered(stop, stats):
-            for rec in model.timeline(video, question, windows=todo, batch_size=batch_size, stop=stop, stats=stats,
-                                      **given):
+        def answered(interrupted, stats):
+            for rec in model.timeline(video, question, windows=todo, batch_size=batch_size, interrupted=interrupted,
+                                      stats=stats, **given):
                 drawn.extend(rec["frames"])
                 yield rec
 
@@ -694,8 +726,9 @@ def timeline(
             model.sheet(video, drawn, sheet)
         return tally
 
-    write_records(checkpoint(run, given, cache=False, batch_size=batch_size, medium="video"), run, output,
-                  "segments", produce)
+    found = checkpoint(run, given, cache=False, batch_size=batch_size, medium="video")
+    log_records(log, output, found, given, "timeline")  # each record's window: its segment
+    write_records(found, run, output, "segments", produce)
 
 
 @app.command()
@@ -749,6 +782,42 @@ def find(
         error(f"{len(failed)} of {len(scored)} segments could not be scored; "
               f"{Window(first['start'], first['end']).label()}: {first['error']}")
     raise typer.Exit(Exit.OK if not failed else Exit.ALL_FAILED if len(failed) == len(scored) else Exit.SOME_FAILED)
+
+
+@app.command("doctor")
+def doctor_command(
+    device: DeviceOpt = Device.auto,
+    max_memory: MaxMemoryOpt = None,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help='One JSON object: {"checks": [{"name", "status", "detail"}, ...], "ok": bool}.')] = False,
+) -> None:
+    """Why something will not work: versions, devices, decoding, caches, what fits.
+
+    One line per check (ok, warning or problem): library versions, devices,
+    PyAV writing and reading back a small video, the Hugging Face cache, the
+    presets cached, the precision each preset fits at here (or --max-memory).
+
+    Exit 0 when a default run can work; 1 when a check it needs is a problem:
+    torch, transformers, video decoding, fits (no preset fits at any precision),
+    or a CUDA device this torch has no kernels for.
+
+    [bold]Examples[/bold]
+
+      videoqa doctor
+
+      videoqa doctor --json | jq -r '.checks[] | select(.status != "ok") | .name'
+
+      videoqa doctor --max-memory 8GB
+    """
+    from videoqa import doctor
+    from videoqa.output import print_json, write
+
+    checks = doctor.run(device.value, max_memory, model=RUN_OPTIONS["model"][1])
+    if json_output:
+        print_json(doctor.report(checks))
+    else:
+        write(doctor.text(checks, colour=sys.stdout.isatty()))
+    raise typer.Exit(Exit.OK if doctor.can_run(checks) else 1)
 
 
 @app.command("models")
@@ -829,6 +898,141 @@ def cache_clear() -> None:
     from videoqa.output import write
 
     write(f"removed {clear(cache_dir())} entries\n")
+
+
+@app.command("logs")
+def logs_command(
+    count: Annotated[int, typer.Option("-n", "--count", min=0, help="How many answers, newest first; 0: all.")] = 10,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per answer, one per line.")] = False,
+    search: Annotated[Optional[str], typer.Option(
+        "--search", "-s", metavar="<text>", show_default=False,
+        help="Only answers whose question or answer holds every word (a full-text index, FTS5).")] = None,
+    video: Annotated[Optional[Path], typer.Option(
+        "--video", metavar="<file>", show_default=False, readable=False,
+        help="Only answers about this file, known by its content: a renamed or moved copy matches.")] = None,
+) -> None:
+    """The history: every answer of ask and chat (and, with --log, of caption, timeline and eval), newest first.
+
+    Kept in $XDG_DATA_HOME/videoqa/logs.db (SQLite; default ~/.local/share/videoqa). --no-log keeps an answer out,
+    VIDEOQA_LOG=0 every answer; `videoqa chat --continue` goes on with the last conversation.
+
+    [bold]Examples[/bold]
+
+      videoqa logs
+
+      videoqa logs -n 3 --search "dog ball"
+
+      videoqa logs --video clip.mp4 --json | jq -r .answer
+    """
+    from videoqa import history
+    from videoqa.output import print_json, write
+    from videoqa.render import note
+
+    found = history.recent(count, search=search, video=video)
+    if not found:
+        return note("no answer in the history matches" if search is not None or video is not None else
+                    f"the history is empty ({history.path()})")
+    if json_output:
+        for entry in found:
+            print_json(entry)
+        return
+    write("\n".join(logged_entry(entry) for entry in found))
+
+
+def logged_entry(entry: dict) -> str:
+    """One answer of the history as text: a heading (number, local time, command, model, files, window, turn),
+    the question and the answer (or error)."""
+    from datetime import datetime
+
+    from videoqa.names import display
+    from videoqa.windows import Window
+
+    when = datetime.fromisoformat(entry["time"]).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    files = []
+    for medium in entry["media"]:
+        relative = os.path.relpath(medium["path"])
+        files.append(display(medium["path"] if relative.startswith("..") else relative))
+    span = entry["window"]
+    if span is not None:
+        files.append(Window(span["start"] or 0.0, span["end"]).label())
+    turn = [f"turn {entry['turn']}"] if entry["turn"] is not None else []
+    heading = "  ".join([f"#{entry['id']}", when, entry["command"], entry["model"] or "-", *files, *turn])
+    said = f"error: {entry['error']}" if entry["error"] else entry["answer"]
+    indent = lambda text: text.strip().replace("\n", "\n   ")  # noqa: E731
+    return f"{heading}\nQ: {indent(entry['question'])}\nA: {indent(said)}\n"
+
+
+def log_records(log: bool, output, found, given: dict, command: str, window=None) -> None:
+    """--log (caption, timeline, eval): each record written to `output` also goes into the history, with the
+    settings it was answered with and its window: `window` (a Window), one per eval item number ((start, end)), or
+    the record's own (a timeline segment's)."""
+    if not log:
+        return
+    from videoqa import history
+    from videoqa.windows import window as span
+
+    write, settings = output.write, {}
+
+    def logged(rec: dict) -> None:
+        write(rec)
+        if "settings" not in settings:  # the model is loaded (and resolved) by the first record
+            settings["settings"] = found.settings(**given)
+        where = window.get(rec.get("number"), (None, None)) if isinstance(window, dict) else window
+        if isinstance(where, tuple):
+            where = None if where == (None, None) else span(*where)
+        history.log(rec, command=command, settings=settings["settings"], window=where)
+
+    output.write = logged
+
+
+def continued(ctx: typer.Context, video: Path | None, given: dict, window, run: Run):
+    """chat --continue: the last conversation in the history, and what reopens it: its file, its settings under
+    those given (its frames and window as it read them), its window, and the run with its model (unless --model
+    names another: refused)."""
+    from dataclasses import replace
+
+    from videoqa import history
+    from videoqa.names import display
+    from videoqa.render import note
+    from videoqa.windows import Window
+
+    if video is not None:
+        raise VideoQAError("--continue reopens the last conversation's own video: give no video with it")
+    framing = [f"--{name.replace('_', '-')}" for name in FRAMING if given.get(name) is not None]
+    if framing or not window.whole:
+        options = ", ".join(framing + ([] if window.whole else ["--start/--end"]))
+        raise VideoQAError(f"--continue reads the video as the conversation did: no {options}")
+    last = history.last_conversation()
+    if last is None or not last["media"] or not last["turns"]:
+        raise VideoQAError(f"--continue: no chat conversation in the history ({display(history.path())}) yet")
+    source = ctx.get_parameter_source("model")
+    if source is None or source.name == "DEFAULT":
+        run = replace(run, model=last["model"])
+    elif run.model != last["model"]:
+        raise VideoQAError(f"--continue: the last conversation was with {last['model']}, not {run.model}; give no "
+                           "--model, or that one")
+    medium = last["media"][0]
+    path = Path(medium["path"])
+    if not path.is_file():
+        raise VideoQAError(f"--continue: {display(path)}, the last conversation's file, is gone", Exit.INPUT)
+    if medium["hash"] and history.content_hash(path) != medium["hash"]:
+        note(f"--continue: {display(path)} has changed since the conversation; its turns are restored as they were")
+    logged = last["settings"]
+    given = {**given, **{name: value for name, value in logged.items()
+                         if name in given and (name in FRAMING or given[name] is None)}}
+    span = last["window"] or {}
+    return last, path, given, Window(span.get("start") or 0.0, span.get("end")), run
+
+
+def resumed(session, last: dict) -> None:
+    """Restore the conversation's turns into the chat just opened, and say so on stderr."""
+    from videoqa.render import note
+
+    session.resume(last)
+    question = last["turns"][-1]["question"]
+    question = question if len(question) <= 60 else f"{question[:59]}…"
+    count = len(last["turns"])
+    note(f"continuing the conversation: {count} turn{'' if count == 1 else 's'}, the last {question!r}")
 
 
 def main() -> None:

@@ -168,5 +168,16 @@ class Engine:
         tokenizer = self.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    def decode(self, tokens: list[int], stop: tuple[str, ...] = ()) -> str:
+        """The answer's text, up to the first of the `stop` strings if it holds one."""
+        from videoqa.output import stop_index
+
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        at = stop_index(text, stop)
+        return (text if at is None else text[:at]).strip()
+
+    def stopped(self, tokens: list[int], stop: tuple[str, ...]) -> bool:
+        """Whether the answer so far holds one of the `stop` strings (decoded whole: one may span tokens)."""
+        from videoqa.output import stop_index
+
+        return bool(stop) and stop_index(self.tokenizer.decode(tokens, skip_special_tokens=True), stop) is not None

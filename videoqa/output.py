@@ -246,6 +246,36 @@ def conversation_json(model: str, media: Path | str | None, turns: list[dict]) -
     return json.dumps({"model": model, "media": display(media or ""), "turns": turns}, indent=2, ensure_ascii=False)
 
 
+def stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first of the stop strings begins in `text`, or None."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` could be the start of a stop string (not shown until known)."""
+    return max((n for stop in stops for n in range(min(len(stop), len(text) + 1) - 1, 0, -1)
+                if text.endswith(stop[:n])), default=0)
+
+
+def until_stop(pieces: Iterable[str], stops: tuple[str, ...]) -> Iterator[str]:
+    """The streamed text up to the first stop string, none of it shown: what could begin one waits for the next
+    piece. Every piece is read (the answer ends itself at the stop)."""
+    text, shown, stopped = "", 0, False
+    for piece in pieces:
+        if stopped:
+            continue
+        text += piece
+        at = stop_index(text, stops)
+        end = at if at is not None else len(text) - held_back(text, stops)
+        if end > shown:
+            yield text[shown:end]
+            shown = end
+        stopped = at is not None
+    if not stopped and shown < len(text):
+        yield text[shown:]
+
+
 def texts(tokens: Iterable[int], tokenizer) -> Iterator[str]:
     """Decoded text deltas, each token decoded with one token of context so SentencePiece spaces come out right;
     a delta that ends inside a multi-byte character waits for the next token."""

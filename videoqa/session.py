@@ -469,12 +469,13 @@ class Model(Engine):
         return contact_sheet(pixels, [frame["time"] for frame in frames], path, shares=shares)
 
     def caption(self, videos: str | Path | Iterable[str | Path], prompt: str | Sequence[str] | None = None, *,
-                start: Time = None, end: Time = None, batch_size: int = 4, stop: Callable[[], bool] = lambda: False,
+                start: Time = None, end: Time = None, batch_size: int = 4,
+                interrupted: Callable[[], bool] = lambda: False,
                 stats: dict | None = None, **settings: Any) -> Iterator[dict]:
         """One record per video (the `--json` schema, `error` set for a video that could not be answered), in
         order. `videos`: paths, or one path. `prompt`: one question for every video ("Describe this video." by
         default), or one per video; [start, end): the window of each video.
-        Videos are decoded ahead on background threads and answered `batch_size` at a time; `stop()` is asked
+        Videos are decoded ahead on background threads and answered `batch_size` at a time; `interrupted()` is asked
         after each batch. A batch that runs out of memory is answered in halves; `stats["backoffs"]` counts how
         often."""
         from videoqa.batch import Job, records
@@ -488,9 +489,9 @@ class Model(Engine):
         if len(prompts) != len(videos):
             raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
         jobs = [Job(video, question, window) for video, question in zip(videos, map(check_question, prompts))]
-        yield from records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats)
+        yield from records(self, jobs, chosen, batch_size, interrupted, {} if stats is None else stats)
 
-    def evaluate(self, items: Sequence, *, batch_size: int = 4, stop: Callable[[], bool] = lambda: False,
+    def evaluate(self, items: Sequence, *, batch_size: int = 4, interrupted: Callable[[], bool] = lambda: False,
                  stats: dict | None = None, **settings: Any) -> Iterator[dict]:
         """One record per item (an evaluation.Item: `videoqa.evaluation.read_items` reads a benchmark's file), in
         order: the `--json` schema with the answer generated, or, for an item with choices, the likeliest option
@@ -502,18 +503,18 @@ class Model(Engine):
         chosen = self.settings(**settings)
         self.checkpoint.check_videos(self.checkpoint.least(chosen))
         jobs = [Job(item.video, item.question, timing.window(item.start, item.end), item.choices) for item in items]
-        for item, rec in zip(items, records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats)):
+        for item, rec in zip(items, records(self, jobs, chosen, batch_size, interrupted, {} if stats is None else stats)):
             correct = None if rec["error"] is not None else judge(item.answer, rec["answer"], item.choices)
             yield {**rec, "number": item.number, "item": item.fields, "expected": item.answer, "correct": correct}
 
     def timeline(self, video: str | Path, prompt: str | None = None, *, every: str | float | None = None,
                  count: int | None = None, windows: Sequence[Window] | None = None, batch_size: int = 4,
-                 stop: Callable[[], bool] = lambda: False, stats: dict | None = None,
+                 interrupted: Callable[[], bool] = lambda: False, stats: dict | None = None,
                  **settings: Any) -> Iterator[dict]:
         """One record per segment of the video, in order: the `--json` schema plus the segment's `start` and `end`
         (s). Segments last `every` (30 s unless `count` equal parts or the `windows` are given); `prompt` is the
         preset's describe prompt by default. The segments' frames are decoded ahead in one forward pass over the
-        file, on a background thread, and answered `batch_size` at a time; `stop()` is asked after each batch, and
+        file, on a background thread, and answered `batch_size` at a time; `interrupted()` is asked after each batch, and
         `stats` counts out-of-memory back-offs as `caption`'s does."""
         from videoqa.batch import records
 
@@ -521,7 +522,7 @@ class Model(Engine):
         jobs = self._segment_jobs(video, prompt or self.preset.describe, chosen, every=every, count=count,
                                   windows=windows, default=30)
         with _walker(video, functools.partial(self.checkpoint.sampler, chosen)) as read:
-            answered = records(self, jobs, chosen, batch_size, stop, {} if stats is None else stats, read=read,
+            answered = records(self, jobs, chosen, batch_size, interrupted, {} if stats is None else stats, read=read,
                                workers=1)
             for rec, job in zip(answered, jobs):
                 yield {**rec, "start": job.window.start, "end": job.window.end}
@@ -600,6 +601,20 @@ class Chat:
         self.cache = None  # holds a prefix of self.ids
         self.answers = []
 
+    def restore(self, turns: Sequence[tuple[str, Sequence[int]]]) -> None:
+        """Go on from a conversation kept elsewhere (`videoqa chat --continue`: the history): each (question,
+        answer tokens) turn is taken as answered, as `tokens` would have left it, and nothing is generated. The KV
+        cache is dropped, so the next question prefills the whole conversation."""
+        self.reset()
+        frames = self.media.frames
+        for question, tokens in turns:
+            ids, prompt, tokens = self.next_ids(question), self.turn_text(question), [int(t) for t in tokens]
+            self.ids = [*ids, *tokens]
+            self.answers.append(Answer(
+                video=self.media.path, question=question, prompt=prompt, text=self.model.decode(tokens),
+                tokens=tokens, frames=frames.listed() if frames else [], model=self.model.name,
+                runtime=self.model.runtime, warnings=list(frames.warnings if frames else [])))
+
     def turn_text(self, question: str) -> str:
         """This turn's text as given to the model, the media's placeholder once (a follow-up's has none)."""
         preset = self.model.preset
@@ -670,8 +685,9 @@ class Chat:
         """The answer's text as it is generated; stopping early drops the turn (`settings` as `tokens` takes
         them)."""
         tokens = self.tokens(question, **settings)
+        stop = self.settings.changed(**{k: v for k, v in settings.items() if k == "stop"}).stop
         try:
-            yield from output.texts(tokens, self.model.tokenizer)
+            yield from output.until_stop(output.texts(tokens, self.model.tokenizer), stop)
         finally:
             tokens.close()
 
@@ -747,7 +763,11 @@ class Chat:
                         timings["prefill"] = first - start
                     trace.add(step)
                     answer.append(int(step.token[0]))
+                    stopped = self.model.stopped(answer, settings.stop)
                     yield answer[-1]
+                    if stopped:
+                        steps.close()
+                        break
         except BaseException as e:  # Ctrl-C, an abandoned answer or no memory: the turn is dropped, the cache cut back
             truncate(cache, cached)
             if memory.is_oom(e):
@@ -757,7 +777,7 @@ class Chat:
             timings["decode"] = time.perf_counter() - first
             timings["decode_tokens_per_s"] = (len(answer) - 1) / timings["decode"]
         self.ids, self.pending = ids + answer, {"load": 0.0, "frames": 0.0, "vision": 0.0}
-        turn.tokens, turn.text, turn.timings = answer, self.model.decode(answer), timings
+        turn.tokens, turn.text, turn.timings = answer, self.model.decode(answer, settings.stop), timings
         self._carry(turn, trace, ids[-1])
         self.answers.append(turn)
 

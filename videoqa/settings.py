@@ -111,13 +111,19 @@ class Settings:
     max_new_tokens: int = SPECS["max_new_tokens"].default
     sampling: Sampling = field(default_factory=Sampling)
     logprobs: int | None = None  # alternatives listed per answer token; None: no log-probabilities
+    stop: tuple[str, ...] = ()  # the answer ends where its text first holds one of these (not in SPECS: a list)
 
     def get(self, name: str) -> Any:
         return getattr(self.sampling if name in SAMPLING else self, name)
 
     def changed(self, **values: Any) -> Settings:
-        """A copy with some settings changed; unknown names and out-of-range values raise (seed None: unseeded)."""
+        """A copy with some settings changed; unknown names and out-of-range values raise (seed None: unseeded;
+        stop: texts, a list)."""
+        if "stop" in values:
+            values = {**values, "stop": stop_texts(values["stop"])}
         for name, value in values.items():
+            if name == "stop":
+                continue
             if name not in SPECS:
                 raise VideoQAError(f"unknown setting {name!r}; settings: {', '.join(SPECS)}")
             reason = None if value is None and SPECS[name].unset else SPECS[name].problem(value)
@@ -133,6 +139,14 @@ class Settings:
     def show(self) -> str:
         """`/set`'s display: the sampling settings first."""
         return "  ".join(f"{name} {self.get(name)}" for name in sorted(SPECS, key=lambda name: name not in SAMPLING))
+
+
+def stop_texts(given: Any) -> tuple[str, ...]:
+    """Stop strings as given (one text, or several): each non-empty."""
+    texts = (given,) if isinstance(given, str) else tuple(given or ())
+    if not all(isinstance(text, str) and text for text in texts):
+        raise VideoQAError(f"stop {list(texts)!r}: give non-empty texts")
+    return texts
 
 
 def defaults(frames: int, generation: dict[str, Any]) -> Settings:
