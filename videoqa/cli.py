@@ -359,7 +359,7 @@ def ask(
 
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
-    from videoqa.output import check_stdout, print_json, stream, write
+    from videoqa.output import check_stdout
     from videoqa.questions import read_question
     from videoqa.render import progress
 
@@ -377,28 +377,39 @@ def ask(
     loaded = load(found, run)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
-    if options is not None:
-        with progress("Scoring the options…"):
-            chosen = conversation.choose(question, options)
-        if reply.json:
-            print_json(chosen.record())
-        else:
-            write(chosen.text + "\n")
-    elif reply.json:
-        with progress("Answering…"):
-            print_json(conversation.ask(question, explain=explain).record())
-    else:
-        stream(conversation.stream(question, explain=explain), waiting=progress("Reading the prompt…"))
+    answer = shown(conversation, question, options, json_output=reply.json, explain=explain)
     if not no_log:  # the history (videoqa logs), once the answer is out
         from videoqa import history
 
-        history.log((chosen if options is not None else conversation.answers[-1]).record(), command="ask",
-                    settings=loaded.settings(**given), window=media.frames.window if media.frames else None,
-                    media=[video])
+        history.log(answer.record(), command="ask", settings=loaded.settings(**given),
+                    window=media.frames.window if media.frames else None, media=[video])
     if explain:
-        attention(conversation.answers[-1].frames)
+        attention(answer.frames)
     if sheet is not None:
         conversation.sheet(sheet)
+
+
+def shown(conversation, question: str, options: list[str] | None, *, json_output: bool, explain: bool):
+    """The answer (or the likeliest of the options) on stdout: its record under --json, else its text, streamed as
+    it is generated; the Answer."""
+    from videoqa.output import print_json, stream, write
+    from videoqa.render import progress
+
+    if options is not None:
+        with progress("Scoring the options…"):
+            chosen = conversation.choose(question, options)
+        if json_output:
+            print_json(chosen.record())
+        else:
+            write(chosen.text + "\n")
+        return chosen
+    if json_output:
+        with progress("Answering…"):
+            answer = conversation.ask(question, explain=explain)
+        print_json(answer.record())
+        return answer
+    stream(conversation.stream(question, explain=explain), waiting=progress("Reading the prompt…"))
+    return conversation.answers[-1]
 
 
 def check_looking(video: Path, *, explain: bool, sheet: Path | None, choices: bool, logprobs: bool) -> None:
