@@ -56,9 +56,18 @@ def model_identity(path: Path, dtype) -> str:
     return json.dumps([str(path.resolve()), stamps, str(dtype)])
 
 
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime) -> sha256: a file read whole once per process
+
+
 def file_hash(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """The sha256 of a file's bytes, read once per process while its size and time stay the same (the feature
+    cache's key and the history's record of a video ask for it both)."""
+    status = path.stat()
+    seen = (os.path.abspath(path), status.st_size, status.st_mtime_ns)
+    if seen not in _HASHES:
+        with path.open("rb") as f:
+            _HASHES[seen] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _HASHES[seen]
 
 
 class FeatureCache:

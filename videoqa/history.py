@@ -86,7 +86,6 @@ COLUMNS = ("time", "command", "model", "window_start", "window_end", "question",
            "error", "conversation", "turn")
 
 _warned: set[str] = set()  # databases a warning was given for: one per process
-_hashes: dict[tuple, str | None] = {}  # (path, size, mtime) -> content hash: a chat's file is hashed once
 
 
 class Newer(Exception):
@@ -117,17 +116,11 @@ def new_conversation() -> str:
 def content_hash(file: str | Path) -> str | None:
     """The sha256 of a regular file's bytes (what the feature cache keys a video by); None for a pipe, a missing or
     unreadable file."""
+    from videoqa.cache import file_hash
+
     file = Path(file)
     try:
-        status = file.stat()
-        if not file.is_file():
-            return None
-        seen = (os.path.abspath(file), status.st_size, status.st_mtime_ns)
-        if seen not in _hashes:
-            from videoqa.cache import file_hash
-
-            _hashes[seen] = file_hash(file)
-        return _hashes[seen]
+        return file_hash(file) if file.is_file() else None
     except OSError:
         return None
 
