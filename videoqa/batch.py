@@ -201,11 +201,8 @@ def chosen(model: Engine, ready: Ready) -> dict:
     start = time.perf_counter()
     (ids,), (visual,) = rows(model, [ready])
     job, text = ready.job, prompt(model, ready.job.question)
-    options, tokens = model.option_tokens(text, job.choices)
-    model.check_fits(len(ids) + max(map(len, tokens)))
-    cache = static_cache(model.net.config.text_config, len(ids) + max(map(len, tokens)))
-    scored = model.scored(ids, visual, model.family.video_token, cache, options, tokens)
-    best = max(scored, key=lambda option: option["logprob"])
+    scored, best = model.choose(ids, visual, model.family.video_token, text, job.choices,
+                                lambda length: static_cache(model.net.config.text_config, length))
     rec = output.record(video=job.video, question=job.question, prompt=text, answer=best["text"],
                         tokens=best["tokens"], frames=ready.frames.listed(), model=model.name, runtime=model.runtime,
                         timings={"frames": ready.waited, "prefill": time.perf_counter() - start},

@@ -112,13 +112,18 @@ class Engine:
             raise VideoQAError("--choices: give two or more different, non-empty options, e.g. \"tennis|golf\"")
         return options, [self.option_ids(prompt, option) for option in options]
 
-    def scored(self, ids: list[int], visual, placeholder: str, cache, options: list[str],
-               tokens: list[list[int]]) -> list[dict]:
-        """Each option's {"text", "logprob" (summed over its tokens), "mean_logprob", "tokens"} after the prompt
-        `ids`, prefilled once into `cache` (see `score`)."""
-        sums = self.score(ids, visual, placeholder, cache, tokens)
-        return [{"text": o, "logprob": s, "mean_logprob": s / len(t), "tokens": t}
-                for o, s, t in zip(options, sums, tokens)]
+    def choose(self, ids: list[int], visual, placeholder: str, prompt: str, choices, cache_for, *,
+               follow_up: bool = False) -> tuple[list[dict], dict]:
+        """Multiple choice after the prompt `ids` (rendered as `prompt`): each option's {"text", "logprob" (summed
+        over its tokens), "mean_logprob", "tokens"}, and the likeliest of them. The prompt is prefilled once into
+        `cache_for(length)`, a static cache able to hold it and the longest option (see `score`)."""
+        options, tokens = self.option_tokens(prompt, choices)
+        needed = len(ids) + max(map(len, tokens))
+        self.check_fits(needed, follow_up=follow_up)
+        sums = self.score(ids, visual, placeholder, cache_for(needed), tokens)
+        scored = [{"text": o, "logprob": s, "mean_logprob": s / len(t), "tokens": t}
+                  for o, s, t in zip(options, sums, tokens)]
+        return scored, max(scored, key=lambda option: option["logprob"])
 
     def score(self, ids: list[int], visual, placeholder: str, cache, options: list[list[int]]) -> list[float]:
         """Each option's summed log-probability after the prompt `ids` (the cache holds a prefix of them): the
@@ -146,17 +151,9 @@ class Engine:
     def answer_ids(self) -> tuple[int, int]:
         """The ids of "Yes" and "No" as the first token of an answer after the template: " Yes" after a template
         that ends in a word or punctuation (`ASSISTANT:`), "Yes" after one that ends in white space (ChatML's
-        newline); read off the tokenizer, which encodes the answer after the template."""
-        from videoqa.prompt import text_ids
-
+        newline); read off the tokenizer, which encodes the answer after the template (`option_ids`)."""
         prompt = self.preset.template.format(media=self.family.video_token, question="?")
-        base, space = text_ids(self.tokenizer, prompt), "" if prompt[-1].isspace() else " "
-
-        def first(word: str) -> int:
-            ids = text_ids(self.tokenizer, prompt + space + word)
-            return ids[next((i for i, (a, b) in enumerate(zip(ids, base)) if a != b), len(base))]
-
-        yes, no = first("Yes"), first("No")
+        yes, no = (self.option_ids(prompt, word)[0] for word in ("Yes", "No"))
         if yes == no:  # both would score 0.5, whatever the video shows
             raise VideoQAError(f'find: the tokenizer begins both "Yes" and "No" with '
                                f'{self.tokenizer.convert_ids_to_tokens(yes)!r} after the prompt, so their scores '

@@ -656,15 +656,14 @@ class Chat:
         question = check_question(question)
         ids = self.next_ids(question)
         prompt = self.turn_text(question)
-        options, tokens = self.model.option_tokens(prompt, choices)
-        self.model.check_fits(len(ids) + max(map(len, tokens)), follow_up=bool(self.ids))
-        cache = self._cache_for(len(ids) + max(map(len, tokens)))
-        cached, start = int(cache.get_seq_length()), time.perf_counter()
+        cached = int(self.cache.get_seq_length()) if self.cache is not None else 0
+        start = time.perf_counter()
         try:
-            scored = self.model.scored(ids, self.visual, self.placeholder, cache, options, tokens)
+            scored, best = self.model.choose(ids, self.visual, self.placeholder, prompt, choices, self._cache_for,
+                                             follow_up=bool(self.ids))
         finally:  # the options are cut back in score(); the prompt too: the conversation does not go on from it
-            truncate(cache, cached)
-        best = max(scored, key=lambda option: option["logprob"])
+            if self.cache is not None:
+                truncate(self.cache, cached)
         frames = self.media.frames
         return Answer(video=self.media.path, question=question, prompt=prompt, text=best["text"],
                       tokens=best["tokens"], frames=frames.listed() if frames else [], model=self.model.name,
