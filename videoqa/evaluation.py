@@ -183,16 +183,12 @@ def check_windows(path: Path, items: Sequence[Item]) -> None:
 def every_record(out: Path | None, judged: list[dict]) -> list[dict]:
     """The records accuracy is counted over: every whole entry of the --out file (those of an earlier run it
     resumed included), or the ones of this run when they went to stdout."""
+    from videoqa.output import read_jsonl
+
     if out is None or str(out) == "-" or not out.is_file():
         return judged
-    lines = out.read_text(encoding="utf-8", errors="replace").splitlines()
-    found = []
-    for line in lines:
-        try:
-            found.append(json.loads(line))
-        except ValueError:  # a half-written last entry: not counted
-            continue
-    return found
+    # a half-written last entry reads as None: not counted
+    return [rec for rec in read_jsonl(out.read_text(encoding="utf-8", errors="replace")) if rec is not None]
 
 
 def judge(answer: str | None, given: str, choices: Sequence[str] | None) -> bool | None:
