@@ -360,6 +360,28 @@ def test_chat_continue_goes_on_with_the_same_tokens(chat, sensitive, tmp_path):
     assert_clean_failure(chat([q3], "--continue"), Exit.INPUT, "clip.mp4", "gone")
 
 
+def test_chat_continue_adds_back_the_files_the_conversation_brought(chat, sensitive):
+    image, video = asset("images/videollava_desert.jpg"), asset(VIDEO)
+    q1, q2, q3 = "What is in the picture?", "Why is this video funny?", "Who laughs?"
+    options = ("-m", sensitive, "-n", 4, "--frames", 2, "--dtype", "float32", "--json")
+    whole = chat([q1, f"/add {video}", q2, q3], image, *options)
+    assert whole.code == 0, whole
+    uninterrupted = [json.loads(line) for line in whole.out.splitlines()]
+    assert chat([q1, f"/add {video}", q2], image, *options).code == 0
+    first, second = reversed(history.recent(2))
+    assert [m["path"] for m in first["media"]] == [str(image)]  # each turn logs the files it was about
+    assert [m["path"] for m in second["media"]] == [str(image), str(video)]
+    assert second["media"][1]["hash"] == file_hash(video)
+
+    continued = chat([q3], "--continue", "--json", "--dtype", "float32")
+    assert continued.code == 0, continued
+    (turn,) = [json.loads(line) for line in continued.out.splitlines()]
+    assert turn["tokens"] == uninterrupted[2]["tokens"] and turn["turn"] == 3
+    assert turn["media"] == [str(image), str(video)] and len(turn["frames"]) == 2
+    # found by the video's content: the turns about it, newest first (this conversation's, then the first run's)
+    assert [e["turn"] for e in history.recent(0, video=video)] == [3, 2, 3, 2]
+
+
 def test_chat_continue_with_no_conversation_logged(chat, cli, tiny_model):
     assert_clean_failure(chat(["Why?"], "--continue"), Exit.USAGE, "no chat conversation")
     assert cli("ask", asset(VIDEO), "Why?", "-m", tiny_model, *FAST).code == 0  # an ask is no conversation

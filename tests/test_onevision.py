@@ -218,3 +218,72 @@ def test_presets():
     assert found["llava-onevision-0.5b"].template.startswith("<|im_start|>user {media}\n")
     assert found["llava-1.5-7b"].template == "USER: {media}\n{question} ASSISTANT:"
     assert found["llava-1.5-7b"].followup == "USER: {question} ASSISTANT:"
+
+
+# Mixed media: one question, or one conversation, about an image and a video at once
+PHOTO = asset("images/videollava_waterview.jpg")
+CATS, FUNNY = "How many cats are there in the image?", "Why is this video funny?"
+
+
+@pytest.fixture(scope="module")
+def loaded(onevision):
+    return videoqa.load(onevision, device="cpu", dtype="float32", cache=False)
+
+
+def mixed_ids(reference, content: list[str], question: str, frames: int) -> tuple[list[int], dict]:
+    """One user turn about `content` ("image"s and "video"s, in the order given) rendered by the checkpoint's chat
+    template (images first) with the generation prompt; the image's placeholder expanded by LlavaOnevisionProcessor
+    (with its pixel_values and image_sizes), the video's the processor's way (`frames` frames): (ids, image inputs)."""
+    net, tokenizer = reference
+    processor = onevision_processor(tokenizer, net.config.image_grid_pinpoints)
+    turn = [{"role": "user", "content": [*({"type": kind} for kind in content), {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    text, images = text.replace("<video>", "<video>" * onevision_video_tokens(net, frames)), {}
+    if "image" in content:  # the processor refuses <video> without videos (it has no video processor here), so it
+        inputs = processor(text="<image>", images=Image.open(PHOTO).convert("RGB"), return_tensors="pt")
+        assert set(inputs.input_ids[0].tolist()) == {net.config.image_token_id}
+        text = text.replace("<image>", "<image>" * len(inputs.input_ids[0]))  # expands the image on its own
+        images = {"pixel_values": inputs.pixel_values, "image_sizes": inputs.image_sizes}
+    return tokenizer(text, add_special_tokens=False).input_ids, images
+
+
+def test_ask_about_a_video_and_an_image_equals_generate_with_both_pixel_inputs(loaded, reference):
+    """`videoqa ask clip.mp4 Q --with photo.jpg`: the template renders the image first, then the video."""
+    net, tokenizer = reference
+    video = loaded.media(VIDEOS[0], frames=4)
+    question = "Is the person in the photo in the video?"
+    answer = loaded.ask([video, PHOTO], question, max_new_tokens=8)
+    ids, images = mixed_ids(reference, ["video", "image"], question, 4)
+    assert ids.count(net.config.video_token_id) == 4 * 196 + 1 and ids.count(net.config.image_token_id) > 729
+    assert ids.index(net.config.image_token_id) < ids.index(net.config.video_token_id)  # images first
+    videos = {"pixel_values_videos": siglip_reference_pixels(net, list(video.frames.pixels))[None]}
+    expected = reference_continue(net, ids, 8, **images, **videos)
+    assert answer.tokens == expected and len(set(expected)) > 1  # not one token repeated: the check has teeth
+    assert answer.prompt == f"<|im_start|>user <image><video>\n{question}<|im_end|><|im_start|>assistant\n"
+    assert answer.timings["prefill_tokens"] == len(ids)
+    # both files matter: without the image (or the video) transformers answers otherwise
+    alone, _ = mixed_ids(reference, ["video"], question, 4)
+    assert reference_continue(net, alone, 8, **videos) != expected
+
+
+def test_an_image_then_a_video_in_one_conversation_equals_generate(loaded, reference):
+    """`chat photo.jpg`, a question, `/add clip.mp4`, a question: the second turn brings the video, after the
+    first answer's <|im_end|>; transformers gets the whole conversation's ids with both pixel inputs."""
+    net, tokenizer = reference
+    chat = loaded.chat(PHOTO)
+    first = chat.ask(CATS, max_new_tokens=6)
+    video = loaded.media(VIDEOS[0], frames=4)
+    chat.add(video)
+    second = chat.ask(FUNNY, max_new_tokens=6)
+
+    prompt, images = mixed_ids(reference, ["image"], CATS, 4)
+    assert first.tokens == reference_continue(net, prompt, 6, **images)
+    eos = [] if first.tokens[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+    later, _ = mixed_ids(reference, ["video"], FUNNY, 4)  # the template's user turn about the video
+    assert second.prompt == f"<|im_start|>user <video>\n{FUNNY}<|im_end|><|im_start|>assistant\n"
+    whole = [*prompt, *first.tokens, *eos, *later]
+    videos = {"pixel_values_videos": siglip_reference_pixels(net, list(video.frames.pixels))[None]}
+    expected = reference_continue(net, whole, 6, **images, **videos)
+    assert second.tokens == expected and len(set(expected)) > 1
+    # the cache held turn 1 (all but its last answer token, never fed back): turn 2 prefilled only what follows
+    assert second.timings["prefill_tokens"] == len(whole) - (len(prompt) + len(first.tokens) - 1)

@@ -124,12 +124,8 @@ def failure(model: Engine, ready: Ready, error: str) -> dict:
 def rows(model: Engine, ready: list[Ready]) -> tuple[list[list[int]], list]:
     """Each job's prompt ids (its placeholder expanded by the family) and its features (a features.Visual), in
     order."""
-    from videoqa.prompt import prompt_ids
-
-    family, video = model.family, model.family.video_token
     visuals = [model.video_features(r.pixels, r.frames.times) for r in ready]
-    ids = [prompt_ids(model.tokenizer, model.preset.template, r.job.question, video,
-                      family.expand(model.tokenizer, video, v)) for r, v in zip(ready, visuals)]
+    ids = [model.turn_ids(model.preset.template, r.job.question, [v]) for r, v in zip(ready, visuals)]
     return ids, visuals
 
 
@@ -149,7 +145,7 @@ def answer_batch(model: Engine, ready: list[Ready], settings: Settings) -> tuple
     vision = time.perf_counter() - start
     answers: list[list[int]] = [[] for _ in ids]
     eos, prefill, trace = model.tokenizer.eos_token_id, 0.0, Trace(logprobs=settings.logprobs)
-    steps = model.generate(ids, visuals, model.family.video_token, cache, budget, settings, trace.wanted)
+    steps = model.generate(ids, visuals, cache, budget, settings, trace.wanted)
     ended = [False] * len(ids)  # by EOS or a stop string
     for i, step in enumerate(steps):
         if i == 0:
@@ -199,9 +195,9 @@ def chosen(model: Engine, ready: Ready) -> dict:
     from videoqa.decode import static_cache
 
     start = time.perf_counter()
-    (ids,), (visual,) = rows(model, [ready])
+    (ids,), visuals = rows(model, [ready])
     job, text = ready.job, prompt(model, ready.job.question)
-    scored, best = model.choose(ids, visual, model.family.video_token, text, job.choices,
+    scored, best = model.choose(ids, visuals, text, job.choices,
                                 lambda length: static_cache(model.net.config.text_config, length))
     rec = output.record(video=job.video, question=job.question, prompt=text, answer=best["text"],
                         tokens=best["tokens"], frames=ready.frames.listed(), model=model.name, runtime=model.runtime,
@@ -254,7 +250,7 @@ def score_batch(model: Engine, ready: list[Ready]) -> list[float]:
     as sigmoid(logit(yes) - logit(no)), which is that ratio of the softmax without the rest of the vocabulary."""
     ids, visuals = rows(model, ready)
     model.check_fits(max(map(len, ids)))
-    logits = model.next_logits(ids, visuals, model.family.video_token)  # (B, V) float32
+    logits = model.next_logits(ids, visuals)  # (B, V) float32
     yes, no = model.answer_ids
     return torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
 

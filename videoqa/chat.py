@@ -24,6 +24,8 @@ from videoqa.settings import FRAMING, SPECS, Settings
 HELP = """\
 /video PATH [START [END]]  switch to another video, or a part of it (a new conversation)
 /image PATH                ask about a still image instead
+/add PATH [START [END]]    bring another image or video (or a part of it) into this conversation: the next
+                           question is about it too; what was said is kept
 /reset                     forget the conversation, keep the video
 /frames                    the sampled frames: index and time
 /save FILE                 save the conversation as Markdown (.md) or JSON (.json)
@@ -99,15 +101,26 @@ class Repl:
 
         if len(self.chat.answers) == 1 or self.conversation is None:
             self.conversation = history.new_conversation()
-        frames = self.chat.media.frames
-        history.log(self.chat.answers[-1].record(), command="chat", settings={
+        frames, answer = self.chat.media.frames, self.chat.answers[-1]
+        history.log(answer.record(), command="chat", settings={
             **history.settings_of(self.settings), **self.opened}, conversation=self.conversation,
-            turn=len(self.chat.answers), window=frames.window if frames else None, media=[self.chat.media.path])
+            turn=len(self.chat.answers), window=frames.window if frames else None, media=answer.media)
 
     def resume(self, conversation: dict) -> None:
-        """Go on with a conversation from the history (`history.last_conversation()`) about the media open now:
-        its turns restored as they were answered, none generated; the next turns are logged under its id."""
-        self.chat.restore([(turn["question"], turn["tokens"] or []) for turn in conversation["turns"]])
+        """Go on with a conversation from the history (`history.last_conversation()`) about the file open now:
+        its turns restored as they were answered, none generated, each file a turn brought (/add) added back
+        before it (read whole); the next turns are logged under its id."""
+        import os
+
+        self.chat.reset()
+        seen = {os.path.abspath(self.chat.media.path)}
+        for turn in conversation["turns"]:
+            for medium in turn.get("media", []):
+                if medium["path"] not in seen:
+                    seen.add(medium["path"])
+                    with progress("Reading frames…"):
+                        self.chat.add(Path(medium["path"]), **self.framing())
+            self.chat.take(turn["question"], turn["tokens"] or [])
         self.conversation = conversation["conversation"]
 
     def turns(self) -> list[dict]:
@@ -121,7 +134,9 @@ class Repl:
             raise VideoQAError(f"{line.strip()}: {e}") from None
         if name in ("exit", "quit"):
             return False
-        if name == "video" and 1 <= len(args) <= 3 or name == "image" and len(args) == 1:
+        if name == "add" and 1 <= len(args) <= 3:
+            self.add(Path(args[0]).expanduser(), *args[1:])
+        elif name == "video" and 1 <= len(args) <= 3 or name == "image" and len(args) == 1:
             path = Path(args[0]).expanduser()
             if is_image(path) != (name == "image"):
                 raise VideoQAError(f"/{name} {path}: " + ("not an image (jpg, png, webp, ...): /video PATH"
@@ -151,20 +166,25 @@ class Repl:
             raise VideoQAError(f"unknown command or arguments: {line.strip()} (/help lists the commands)")
         return True
 
+    def add(self, path: Path, start: str | None = None, end: str | None = None) -> None:
+        """/add: another video (its window) or image joins the conversation, or opens one when none is."""
+        if self.chat is None:
+            self.open(path, start, end)
+            return say(self.loaded())
+        with progress("Reading frames…"):
+            media = self.model.media(path, **self.framing(), start=start, end=end)
+        with progress("Encoding frames…"):
+            self.chat.add(media)
+        say("added " + described(media, "the next question is about it too"))
+
     def loaded(self) -> str:
         """What /video or /image has loaded: the file, and a video's frames and window, or an image's size."""
-        media, name = self.chat.media, output.display(self.chat.media.path)
-        if media.frames is None:
-            return f"image {name}: {media.image.width} × {media.image.height} (a new conversation)"
-        frames, window = media.frames, media.frames.window
-        part = "the whole video" if window.whole else window.label()
-        span = f"{frames.times[0]:.2f}–{frames.times[-1]:.2f} s" if frames.times else "no frame"
-        return f"video {name}: {len(frames.indices)} frames of {part} ({span}; a new conversation)"
+        return described(self.chat.media, "a new conversation")
 
     def show_frames(self) -> None:
-        if self.chat is None or self.chat.media.frames is None:
+        if self.chat is None or self.chat.video is None:
             raise VideoQAError("no video is loaded: /frames lists a video's sampled frames")
-        for frame in self.chat.media.frames.listed():
+        for frame in self.chat.video.frames.listed():
             say(f"frame {frame['index']:>6}  {frame['time']:8.3f} s")
 
     def save(self, path: Path) -> None:
@@ -200,6 +220,18 @@ class Repl:
             if not self.handle(line):
                 break
         return self.failed
+
+
+def described(media: Media, what: str) -> str:
+    """A file as /video, /image and /add report it: a video's frames and window, or an image's size; then `what`
+    became of it."""
+    name = output.display(media.path)
+    if media.frames is None:
+        return f"image {name}: {media.image.width} × {media.image.height} ({what})"
+    frames, window = media.frames, media.frames.window
+    part = "the whole video" if window.whole else window.label()
+    span = f"{frames.times[0]:.2f}–{frames.times[-1]:.2f} s" if frames.times else "no frame"
+    return f"video {name}: {len(frames.indices)} frames of {part} ({span}; {what})"
 
 
 class History:

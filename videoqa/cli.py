@@ -279,9 +279,10 @@ def checkpoint(run: Run, given: dict, cache: bool, batch_size: int = 1, medium: 
                       workload=workload)
 
 
-def read_media(found, path: Path, given: dict, window):
-    """The video (its `window`) or image, checked before the model is looked for (a bad file fails fast), then
-    read; a pipe through a temporary copy."""
+def read_media(found, path: Path, given: dict, window, more: list[Path] = ()) -> list:
+    """The video (its `window`) or image, and the files asked about with it (`more`, whole), each checked before
+    the model is looked for (a bad file, or a kind the model does not take, fails fast; the memory check counts
+    them all), then read; a pipe through a temporary copy."""
     from dataclasses import replace
 
     from videoqa.frames import seekable
@@ -290,10 +291,13 @@ def read_media(found, path: Path, given: dict, window):
     framing = {name: given[name] for name in FRAMING}
     with seekable(path) as readable:
         found.expect(readable, given["frames"], fps=given["fps"], start=window.start, end=window.end)
+        for other in more:
+            found.expect(other, given["frames"], fps=given["fps"], more=True)
         prepare(found)
         with progress("Reading frames…"):
             media = found.media(readable, **framing, start=window.start, end=window.end)
-    return replace(media, path=path)  # the answer names the pipe, not its copy
+            others = [found.media(other, **framing) for other in more]
+    return [replace(media, path=path), *others]  # the answer names the pipe, not its copy
 
 
 def prepare(found) -> None:
@@ -331,13 +335,18 @@ def ask(
         "--explain", help="Where the model looked: each frame's share of the answer's attention (mean over layers "
         "and heads), a line per frame on stderr and frames[i].attention in --json; runs eager attention.")] = False,
     sheet: SheetOpt = None,
+    more: Annotated[Optional[list[Path]], typer.Option(
+        "--with", metavar="<file>", show_default=False, readable=False,
+        help="Another image or video the question is about (repeatable), read whole; each stands in the prompt "
+             "where the model's template places it.")] = None,
     no_log: NoLogOpt = False,
     window=None,
     given: dict = None,
     run: Run = None,
     reply: Reply = None,
 ) -> None:
-    """Answer a question about a video (or an image, or a part of a video); the answer streams to stdout.
+    """Answer a question about a video (or an image, or a part of a video, or several files); the answer streams to
+    stdout.
 
     [bold]Examples[/bold]
 
@@ -357,6 +366,8 @@ def ask(
 
       videoqa ask clip.mp4 "Where is the dog?" --explain --sheet frames.png
 
+      videoqa ask clip.mp4 "Is the person in the photo in the video?" --with photo.jpg
+
       echo "What happens next?" | videoqa ask clip.mp4 - --quiet
     """
     from videoqa.output import check_stdout
@@ -370,10 +381,11 @@ def ask(
     options = None if choices is None else choices.split("|")
     if options is not None and (len(options) < 2 or not all(o.strip() for o in options)):
         raise VideoQAError(f"--choices {choices!r}: give two or more options separated by |, e.g. \"tennis|golf\"")
+    more = more or []
     check_looking(video, explain=explain, sheet=sheet, choices=options is not None,
-                  logprobs=given["logprobs"] is not None)
+                  logprobs=given["logprobs"] is not None, more=more)
     found = checkpoint(run, given, cache=reply.cache)
-    media = read_media(found, video, given, window)
+    media = read_media(found, video, given, window, more)
     loaded = load(found, run)
     with progress("Encoding frames…"):
         conversation = loaded.chat(media, **given)
@@ -382,7 +394,7 @@ def ask(
         from videoqa import history
 
         history.log(answer.record(), command="ask", settings=loaded.settings(**given),
-                    window=media.frames.window if media.frames else None, media=[video])
+                    window=media[0].frames.window if media[0].frames else None, media=[video, *more])
     if explain:
         attention(answer.frames)
     if sheet is not None:
@@ -412,11 +424,16 @@ def shown(conversation, question: str, options: list[str] | None, *, json_output
     return conversation.answers[-1]
 
 
-def check_looking(video: Path, *, explain: bool, sheet: Path | None, choices: bool, logprobs: bool) -> None:
-    """--explain and --sheet are about a video's frames, --explain and --logprobs about a generated answer: refused
-    before anything loads otherwise."""
+def check_looking(video: Path, *, explain: bool, sheet: Path | None, choices: bool, logprobs: bool,
+                  more: list[Path]) -> None:
+    """--explain and --sheet are about a video's frames (--explain one video's), --explain and --logprobs about a
+    generated answer, --with about files: refused before anything loads otherwise."""
     from videoqa.frames import is_image
 
+    if any(is_stdin(other) for other in more):
+        raise VideoQAError("--with -: the files asked about with the first one are read from disk, not stdin")
+    if explain and more:
+        raise VideoQAError("--explain and --with: the attention is shared out over one video's frames")
     if explain and choices:
         raise VideoQAError("--explain and --choices: --explain shares out the attention of a generated answer")
     if logprobs and choices:
@@ -459,7 +476,8 @@ def chat(
     """Talk about a video (or a part of it) over several turns; the video is encoded once.
 
     On a terminal: line editing and history, Ctrl-C stops an answer, Ctrl-D or /exit leaves,
-    /help lists the commands (/video PATH [START [END]], /image, /reset, /frames, /save, /set).
+    /help lists the commands (/video PATH [START [END]], /image, /add PATH [START [END]] to bring another image or
+    video into the conversation, /reset, /frames, /save, /set).
     With stdin piped: one question per line, one answer (or, with --json, one JSON object) per line.
 
     [bold]Examples[/bold]
@@ -480,7 +498,7 @@ def chat(
     if resume:  # the last conversation's video, window, model and settings, from the history
         last, video, given, window, run = continued(ctx, video, given, window, run)
     found = checkpoint(run, given, cache=reply.cache)
-    media = read_media(found, video, given, window) if video is not None else None
+    media = read_media(found, video, given, window)[0] if video is not None else None
     session = Repl(load(found, run), found.settings(**given), reply.json, log=not no_log)
     if media is not None:
         session.open(media)

@@ -51,40 +51,67 @@ class Engine:
             hint = "; /reset to start over" if follow_up else ""
             raise VideoQAError(f"{what} needs {needed} tokens and the model's context holds {self.context}{hint}")
 
-    def generate(self, rows: list[list[int]], visuals: list, placeholder: str, cache, budget: int,
-                 settings: Settings, wanted=None) -> Iterator:
+    def generate(self, rows: list[list[int]], visuals: list, cache, budget: int, settings: Settings,
+                 wanted=None) -> Iterator:
         """The one decode path: rows of ids (left-padded into `cache` when their lengths differ; or a conversation
-        whose start `cache` holds) with each row's `visuals` (features.Visual) spliced over their `placeholder`
-        positions, what the cache lacks prefilled, then decoded token by token (a decode.Step per token: the (B,)
-        ids and what `wanted`, a decode.Wanted, asks for)."""
+        whose start `cache` holds) with the rows' `visuals` (features.Visual, in prompt order, row after row)
+        spliced over their placeholders, what the cache lacks prefilled, then decoded token by token (a
+        decode.Step per token: the (B,) ids and what `wanted`, a decode.Wanted, asks for)."""
         from videoqa.decode import NOTHING, compiled_step, decode_step, generate
 
-        embeds, padding, positions = self.embedded(rows, visuals, placeholder, past=int(cache.get_seq_length()))
+        embeds, padding, positions = self.embedded(rows, visuals, past=int(cache.get_seq_length()))
         step = compiled_step() if self.compiled else decode_step
         return generate(self.lm, embeds, cache, budget, self.tokenizer.eos_token_id, settings.sampling, positions,
                         padding, step, wanted or NOTHING)
 
-    def next_logits(self, rows: list[list[int]], visuals: list, placeholder: str):
+    def next_logits(self, rows: list[list[int]], visuals: list):
         """(B, V) float32 logits of the token after each row, the rows made as for `generate`: one prefill, no
         decoding."""
         from videoqa.decode import prefill, static_cache
 
-        embeds, padding, positions = self.embedded(rows, visuals, placeholder, past=0)
+        embeds, padding, positions = self.embedded(rows, visuals, past=0)
         return prefill(self.lm, embeds, static_cache(self.net.config.text_config, embeds.shape[1]), positions,
                        padding)
 
-    def embedded(self, rows: list[list[int]], visuals: list, placeholder: str, *, past: int):
+    def embedded(self, rows: list[list[int]], visuals: list, *, past: int):
         """(B, L - past, D) embeddings of the rows' tokens after the `past` ones the cache holds, left-padded, with
-        the rows of their `visuals` over the `placeholder` positions (a follow-up turn has none); the (B, L) mask of
-        real tokens (None: no row is padded); and the family's positions (and extra inputs) for them."""
+        the rows of their `visuals` over their placeholders (those of media the cache holds already left out: a
+        follow-up turn has none, or its own); the (B, L) mask of real tokens (None: no row is padded); and the
+        family's positions (and extra inputs) for them."""
         import torch
 
         from videoqa.prompt import left_pad, splice
 
         ids, padding = left_pad(rows, self.pad_id, self.net.device)
         placed = torch.cat([v.rows for v in visuals])
-        embeds = splice(self.lm.embed, ids[:, past:], placed, self.tokenizer.convert_tokens_to_ids(placeholder))
+        media_ids = tuple({self.tokenizer.convert_tokens_to_ids(self.placeholder(v)) for v in visuals})
+        embeds = splice(self.lm.embed, ids, placed, media_ids, past=past)
         return embeds, padding, self.family.positions(self.net, ids, padding, past, visuals)
+
+    def placeholder(self, visual) -> str:
+        """The token a video's or an image's features stand in for in the prompt (a video's have frame times)."""
+        return self.family.video_token if visual.times else self.family.image_token
+
+    def in_order(self, media: list[tuple]) -> list[tuple]:
+        """A turn's (file, features.Visual) pairs in the order its prompt places them: the family's images before
+        its videos, or as given."""
+        return sorted(media, key=lambda pair: bool(pair[1].times)) if self.family.images_first else list(media)
+
+    def turn_ids(self, template: str, question: str, visuals: list, *, first: bool = True) -> list[int]:
+        """One turn's ids about `visuals` (in prompt order, see `in_order`; none for a follow-up without media):
+        `template` rendered with the question and the media as the family writes them (`media_text`), each
+        placeholder expanded (`expand`); after BOS when it is the `first`."""
+        from videoqa.prompt import prompt_ids, turn_ids
+
+        family, tokenizer = self.family, self.tokenizer
+        media = [(self.placeholder(v), family.expand(tokenizer, self.placeholder(v), v)) for v in visuals]
+        text = family.media_text([(bool(v.times), e if isinstance(e, str) else p) for v, (p, e) in zip(visuals, media)])
+        return (prompt_ids if first else turn_ids)(tokenizer, template, question, media, text)
+
+    def turn_text(self, template: str, question: str, visuals: list) -> str:
+        """That turn's text with each medium's placeholder once (what an Answer's `prompt` shows)."""
+        media = self.family.media_text([(bool(v.times), self.placeholder(v)) for v in visuals]) if visuals else ""
+        return template.format(media=media, question=question)
 
     def video_features(self, pixels, times):
         """A video's features (a features.Visual) from its preprocessed frames: the one path from pixels to
@@ -112,7 +139,7 @@ class Engine:
             raise VideoQAError("--choices: give two or more different, non-empty options, e.g. \"tennis|golf\"")
         return options, [self.option_ids(prompt, option) for option in options]
 
-    def choose(self, ids: list[int], visual, placeholder: str, prompt: str, choices, cache_for, *,
+    def choose(self, ids: list[int], visuals: list, prompt: str, choices, cache_for, *,
                follow_up: bool = False) -> tuple[list[dict], dict]:
         """Multiple choice after the prompt `ids` (rendered as `prompt`): each option's {"text", "logprob" (summed
         over its tokens), "mean_logprob", "tokens"}, and the likeliest of them. The prompt is prefilled once into
@@ -120,12 +147,12 @@ class Engine:
         options, tokens = self.option_tokens(prompt, choices)
         needed = len(ids) + max(map(len, tokens))
         self.check_fits(needed, follow_up=follow_up)
-        sums = self.score(ids, visual, placeholder, cache_for(needed), tokens)
+        sums = self.score(ids, visuals, cache_for(needed), tokens)
         scored = [{"text": o, "logprob": s, "mean_logprob": s / len(t), "tokens": t}
                   for o, s, t in zip(options, sums, tokens)]
         return scored, max(scored, key=lambda option: option["logprob"])
 
-    def score(self, ids: list[int], visual, placeholder: str, cache, options: list[list[int]]) -> list[float]:
+    def score(self, ids: list[int], visuals: list, cache, options: list[list[int]]) -> list[float]:
         """Each option's summed log-probability after the prompt `ids` (the cache holds a prefix of them): the
         prompt prefilled once, each option's tokens then run after it and cut back off the cache."""
         import torch
@@ -133,14 +160,14 @@ class Engine:
         from videoqa.decode import logprobs, prefill, truncate
 
         past = int(cache.get_seq_length())
-        embeds, _, positions = self.embedded([ids], [visual], placeholder, past=past)
+        embeds, _, positions = self.embedded([ids], visuals, past=past)
         first = prefill(self.lm, embeds, cache, positions).log_softmax(-1)[0]  # (V,) after the prompt
         sums = []
         for option in options:
             total = float(first[option[0]])
             if len(option) > 1:
                 rows = [ids + option[:-1]]
-                after, _, at = self.embedded(rows, [visual], placeholder, past=len(ids))
+                after, _, at = self.embedded(rows, visuals, past=len(ids))
                 chunk = logprobs(self.lm, after, cache, at)[0]  # (len(option) - 1, V)
                 total += float(chunk.gather(-1, torch.tensor(option[1:], device=chunk.device)[:, None]).sum())
                 truncate(cache, len(ids))

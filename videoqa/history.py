@@ -346,7 +346,8 @@ def recent(n: int | None = 10, *, search: str | None = None, video: str | Path |
 
 def last_conversation() -> dict | None:
     """The newest chat conversation, to go on with: {"conversation", "model", "media", "window", "settings",
-    "turns"} with its turns [{"turn", "question", "answer", "tokens"}] in order (up to the first one missing), the
+    "turns"} with its turns [{"turn", "question", "answer", "tokens", "media"}] in order (up to the first one
+    missing; a turn's media: every file of the conversation by then, [{"path", "hash"}]), the
     media, window and settings of its last turn. None when no chat was logged."""
     db = _reading()
     if db is None:
@@ -367,7 +368,7 @@ def last_conversation() -> dict | None:
     last = entries[-1]
     for entry in entries:
         if entry["turn"] == len(turns) + 1:  # a turn logged twice is taken once; a missing one ends the turns
-            turns.append({key: entry[key] for key in ("turn", "question", "answer", "tokens")})
+            turns.append({key: entry[key] for key in ("turn", "question", "answer", "tokens", "media")})
             last = entry
         elif entry["turn"] is None or entry["turn"] > len(turns) + 1:
             break

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,19 +123,19 @@ def quantized(shape: Shape, quantize: str, device_type: str, dtype_bytes: int) -
             - (0 if tied else head * dtype_bytes))
 
 
-def from_table(table: dict[str, int], *, image: bool, frames: int, new_tokens: int, **run) -> Estimate:
-    """The estimate for a preset not downloaded yet, from its `[memory]` table: an 8-frame question's positions
-    and tower work scaled to `frames`, or (`image`) the largest image's. `run`: estimate()'s other keywords."""
+def from_table(table: dict[str, int], *, images: Sequence[bool], frames: int, new_tokens: int, **run) -> Estimate:
+    """The estimate for a preset not downloaded yet, from its `[memory]` table, for a question about files that
+    are `images` (True) or videos: each video an 8-frame question's positions and tower work scaled to `frames`,
+    each image the largest image's; their positions add up, the tower's work is the largest file's. `run`:
+    estimate()'s other keywords."""
     video_positions = table_frames(table, frames)[0]
     table = dict(table)
     positions, tokens, tiles = (table.pop(key) for key in ("positions", "tower_tokens", "tower_frames"))
     context = table.pop("context", None)  # None: no cap (the check after download caps with the config's)
     image_positions, image_tiles = table.pop("image_positions", positions), table.pop("image_tiles", tiles)
-    if image:  # an image-only preset's positions are its largest image's
-        positions, tiles = image_positions, image_tiles
-    else:
-        positions, tiles = video_positions, frames
-    positions += TEXT
+    # an image-only preset's positions are its largest image's
+    parts = [(image_positions, image_tiles) if image else (video_positions, frames) for image in images]
+    positions, tiles = sum(p for p, _ in parts) + TEXT, max(t for _, t in parts)
     cap = new_tokens if context is None else min(new_tokens, max(context - positions, 0))
     return estimate(Shape(**table), positions=positions, frames=tiles, tower_tokens=tokens, new_tokens=cap, **run)
 

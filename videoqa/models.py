@@ -37,6 +37,7 @@ class Preset:
     frames: int
     template: str
     followup: str
+    followup_media: str
     generation: dict[str, Any] = field(default_factory=dict)
     describe: str = families.DESCRIBE  # a timeline's default question
     memory: dict[str, int] = field(default_factory=dict)  # parameters and dimensions, for estimates before download
@@ -44,6 +45,7 @@ class Preset:
 
 def of_family(family: Family, name: str = "", repo: str | None = None, revision: str = "main", **overrides) -> Preset:
     defaults = dict(frames=family.frames, template=family.template, followup=family.followup,
+                    followup_media=family.followup_media,
                     generation=dict(family.generation), describe=family.describe)
     return Preset(name=name, repo=repo, revision=revision, family=family, **{**defaults, **overrides})
 

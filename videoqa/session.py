@@ -46,6 +46,9 @@ class Media:
     seconds: float = 0.0  # reading it (or finding it in the cache)
 
 
+MediaArg = str | Path | Media  # a file to read, or one read already (`Model.media`)
+
+
 @dataclass
 class Answer:
     video: Path
@@ -62,13 +65,15 @@ class Answer:
     logprobs: list[dict] | None = None  # per token {token, text, logprob, top}, when asked for
     hidden_states: Any = None  # (tokens, layers, D) float32 tensor, when asked for
     attentions: list | None = None  # per token a (layers, heads, positions before it) float32 tensor, when asked
+    media: list[Path] = field(default_factory=list)  # every file of the conversation, in the order given
 
     def record(self) -> dict:
         """The `--json` schema (README: Scripting)."""
         found = output.record(video=self.video, question=self.question, prompt=self.prompt, answer=self.text,
                               tokens=self.tokens, frames=self.frames, model=self.model, runtime=self.runtime,
                               timings=self.timings, warnings=self.warnings)
-        extra = {"choices": self.choices, "logprobs": self.logprobs}
+        several = [output.display(path) for path in self.media] if len(self.media) > 1 else None
+        extra = {"media": several, "choices": self.choices, "logprobs": self.logprobs}
         return {**found, **{k: v for k, v in extra.items() if v is not None}}
 
 
@@ -166,40 +171,60 @@ class Checkpoint:
         return settings.frames if settings.fps is None else 1
 
     def check_medium(self) -> None:
-        """The workload's medium, if known: a video's frames against the family and the context."""
-        if self.workload.get("medium") == "video":
+        """The workload's media, if known: its videos' frames against the family and the context."""
+        media = [self.workload.get("medium"), *(medium for medium, _ in self.workload.get("extra", ()))]
+        if "video" in media:
             self.check_videos(self.settings(frames=self.workload.get("frames")).frames)
 
+    def video_sizes(self) -> list[tuple[int, int] | None]:
+        """The frame size of each video the workload has (None: not known), the first file's first: one video
+        unless the first file is an image, then those given with it."""
+        first = [] if self.workload.get("medium") == "image" else [self.workload.get("size")]
+        return first + [size for medium, size in self.workload.get("extra", ()) if medium == "video"]
+
     def check_videos(self, frames: int) -> None:
-        """Refuse videos for an image-only family, and frames whose video alone fills the context: for a preset
-        not downloaded yet, from its table (nothing is downloaded for a run that cannot work)."""
+        """Refuse videos for an image-only family, and frames whose videos alone fill the context (every video of
+        the workload counted): for a preset not downloaded yet, from its table (nothing is downloaded for a run
+        that cannot work)."""
         family = self.preset.family if self.preset else self.resolve().family
         if not family.video:
             raise VideoQAError(f"{self.name} ({family.name}) answers about still images only, not videos: "
-                               "`videoqa ask` takes an image; caption, timeline and find need a video model")
+                               "`videoqa ask` takes images; caption, timeline and find need a video model")
+        sizes = self.video_sizes() or [None]
         if self.config is None:  # a preset not resolved yet: from its table, or once its config is read
             if "context" not in self.preset.memory:
                 return
             table = self.preset.memory
-            context, needed, most = table["context"], *memory.table_frames(table, frames)
+            context, (each, most) = table["context"], memory.table_frames(table, frames)
+            needed = each * len(sizes)
         else:
-            context, size = models.context(self.config), self.workload.get("size")
-            needed = family.video.positions(self.config, frames, size)
-            most = family.video.max_frames(self.config, context, size)
+            context = models.context(self.config)
+            needed = sum(family.video.positions(self.config, frames, size) for size in sizes)
+            most = family.video.max_frames(self.config, context, sizes[0])
         if needed >= context:
+            if len(sizes) > 1:
+                raise VideoQAError(f"--frames {frames}: the {len(sizes)} videos alone need {needed} positions and the "
+                                   f"model's context holds {context}; use fewer frames or fewer videos")
             raise VideoQAError(f"--frames {frames}: the video alone needs {needed} positions and the model's context "
                                f"holds {context}; use at most {most} frames")
 
     def expect(self, path: str | Path, frames: int | None = None, *, fps: float | None = None, start: Time = None,
-               end: Time = None) -> bool:
+               end: Time = None, more: bool = False) -> bool:
         """Check a video or image before the model is looked for (and downloaded): the file, its window (videos
         only), and a video's frames (`fps`: by time, so at least one) against the family and context; the run's
-        memory is then checked for this medium. Whether it is an image."""
+        memory is then checked for this medium (`more`: one more file of the same question, counted with the
+        first). Whether it is an image."""
         path, window = Path(path), timing.window(start, end)
         check_file(path)
         image = is_image(path)
         if image and not window.whole:
             raise VideoQAError(f"{path}: an image has no time window; start and end are for videos")
+        if more:
+            extra = ("image", None) if image else ("video", frame_size(path))
+            self.workload = {**self.workload, "extra": [*self.workload.get("extra", ()), extra]}
+            if not image and (self.preset or self.resolved):
+                self.check_videos(self.least(self.settings(frames=frames, fps=fps)))
+            return image
         if not self.resolved:
             self.workload = {**self.workload, "medium": "image" if image else "video"}
             if not image and (frames is not None or fps is not None):
@@ -231,27 +256,30 @@ class Checkpoint:
 
     def estimate(self, *, frames: int | None = None, max_new_tokens: int | None = None, batch_size: int = 1,
                  medium: str | None = None, quantize: str | None = None, dtype_bytes: int | None = None,
-                 size: tuple[int, int] | None = None) -> memory.Estimate:
+                 size: tuple[int, int] | None = None, extra: Sequence[tuple[str, Any]] = ()) -> memory.Estimate:
         """What a question of `frames` frames (the preset's by default; `medium` "image": the family's largest
         image instead) of frame `size` (the family's reference size by default) answered with up to
         `max_new_tokens` tokens, `batch_size` at a time, will need on the device: known before a weight is read
-        (for a preset not downloaded yet, from its table)."""
+        (for a preset not downloaded yet, from its table). `extra`: the (medium, size) of each further file the
+        question is about, whose positions add to the prompt (the tower sees one file at a time)."""
         if self.config is None and not (self.preset and self.preset.memory):
             self.resolve()
         settings = self.settings(frames=frames, max_new_tokens=max_new_tokens)
         video = self.preset.family.video
-        image = medium == "image" or not video
+        images = [medium == "image" or not video, *(kind == "image" for kind, _ in extra)]
         quantize = quantize or self.quantize  # which may change what --dtype auto picks
         dtype_bytes = dtype_bytes or models.pick_dtype(self.options[1], self.device, quantize).itemsize
         run = dict(dtype_bytes=dtype_bytes, quantize=quantize, batch=batch_size, device_type=self.device.type)
         if self.config is None:
-            return memory.from_table(self.preset.memory, image=image, frames=settings.frames,
+            return memory.from_table(self.preset.memory, images=images, frames=settings.frames,
                                      new_tokens=settings.max_new_tokens, **run)
         family = self.preset.family
-        tiles, positions = (family.largest_image(self.config) if image else
-                            (settings.frames, video.positions(self.config, settings.frames, size)))
-        tower_tokens = family.tower_tokens(self.config, positions // max(tiles, 1))
-        positions += memory.TEXT
+        sizes = [size, *(found for _, found in extra)]
+        parts = [family.largest_image(self.config) if image else
+                 (settings.frames, video.positions(self.config, settings.frames, found))
+                 for image, found in zip(images, sizes)]
+        tower_tokens, tiles = max((family.tower_tokens(self.config, p // max(t, 1)), t) for t, p in parts)
+        positions = sum(p for _, p in parts) + memory.TEXT
         new_tokens = min(settings.max_new_tokens, max(models.context(self.config) - positions, 0))  # decode stops there
         return memory.estimate(self.shape, positions=positions, frames=tiles, tower_tokens=tower_tokens,
                                new_tokens=new_tokens, **run)
@@ -414,21 +442,25 @@ class Model(Engine):
               max_frames: int | None = None, start: Time = None, end: Time = None) -> Media:
         return self.checkpoint.media(path, frames, fps=fps, max_frames=max_frames, start=start, end=end)
 
-    def chat(self, media: str | Path | Media, *, start: Time = None, end: Time = None, **settings: Any) -> Chat:
-        """A conversation about one video (or its window [start, end)) or image: its features are computed once,
-        its KV cache kept."""
+    def chat(self, media: MediaArg | Sequence[MediaArg], *, start: Time = None, end: Time = None,
+             **settings: Any) -> Chat:
+        """A conversation about a video (or its window [start, end)) or image, or several of them at once (the
+        window is the first file's): their features are computed once, its KV cache kept; `Chat.add` brings more."""
         chosen = self.settings(**settings)
-        if not isinstance(media, Media):
-            media = self.media(media, **{name: settings.get(name) for name in FRAMING}, start=start, end=end)
-        return Chat(self, media, chosen)
+        framing = {name: settings.get(name) for name in FRAMING}
+        given = list(media) if isinstance(media, (list, tuple)) else [media]
+        read = [item if isinstance(item, Media) else self.media(item, **framing, **(
+            {"start": start, "end": end} if n == 0 else {})) for n, item in enumerate(given)]
+        return Chat(self, read, chosen)
 
-    def ask(self, media: str | Path | Media, question: str, *, start: Time = None, end: Time = None,
+    def ask(self, media: MediaArg | Sequence[MediaArg], question: str, *, start: Time = None, end: Time = None,
             choices: Sequence[str] | None = None, **settings: Any) -> Answer:
-        """One question, one answer: a one-turn chat; with `choices`, the likeliest option (`Chat.choose`)."""
+        """One question, one answer, about one file or several (`[video, image]`): a one-turn chat; with
+        `choices`, the likeliest option (`Chat.choose`)."""
         framing = {name: settings.pop(name, None) for name in FRAMING}
         return self.chat(media, **framing, start=start, end=end).ask(question, choices=choices, **settings)
 
-    def stream(self, media: str | Path | Media, question: str, *, start: Time = None, end: Time = None,
+    def stream(self, media: MediaArg | Sequence[MediaArg], question: str, *, start: Time = None, end: Time = None,
                **settings: Any) -> Iterator[str]:
         """The answer's text as it is generated."""
         framing = {name: settings.pop(name, None) for name in FRAMING}
@@ -578,59 +610,118 @@ class Model(Engine):
 
 
 class Chat:
-    """One video or image and what was said about it: its features (`visual`, computed once), the ids of the whole
-    conversation, and one static KV cache that holds them."""
+    """Videos and images and what was said about them: their features (each computed once), the ids of the whole
+    conversation, and one static KV cache that holds them. A file added (`add`) joins the next question's turn;
+    the earlier turns, their media and the cache stay as they are."""
 
-    def __init__(self, model: Model, media: Media, settings: Settings):
-        self.model, self.media, self.settings = model, media, settings
+    def __init__(self, model: Model, media: Media | Sequence[Media], settings: Settings):
+        self.model, self.settings = model, settings
+        self.held: list[tuple[Media, Any]] = []  # every file, in the order given, with its features.Visual
+        self.pending = {**model.pending, "frames": 0.0, "vision": 0.0}  # reported with the next answer
+        model.pending = {"load": 0.0}
+        self.reset()
+        for medium in [media] if isinstance(media, Media) else media:
+            self._hold(medium)
+        self.media = self.held[0][0]  # the first file: an answer's `video`
+
+    def add(self, media: str | Path | Media, *, start: Time = None, end: Time = None, **framing: Any) -> Media:
+        """Bring a video (its window [start, end)) or image into the conversation: it is read (unless it already
+        is) and encoded, and the next question's turn places it (before its text, as the family's template
+        does). What was said, the cache and the earlier files' features are kept. A file the model cannot take,
+        or one that leaves the conversation no room in the context, is refused and not added."""
+        if not isinstance(media, Media):
+            chosen = {name: framing.get(name, self.settings.get(name)) for name in FRAMING}
+            if chosen["fps"] is not None:
+                chosen["frames"] = None
+            media = self.model.media(media, **chosen, start=start, end=end)
+        self._hold(media)
+        needed = len(self.next_ids(""))
+        if needed >= self.model.context:
+            self.held.pop()
+            self.waiting.pop()
+            raise VideoQAError(f"{output.display(media.path)}: with it the conversation needs {needed} positions and "
+                               f"the model's context holds {self.model.context}; /reset or a shorter part first")
+        return media
+
+    def _hold(self, media: Media) -> None:
+        """Encode a file, keep it, and leave it for the next turn."""
         start = time.perf_counter()
-        self.visual = model.encode(media)
-        if model.net.device.type == "cuda":
+        visual = self.model.encode(media)
+        if self.model.net.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize()
-        self.pending = {**model.pending, "frames": media.seconds, "vision": time.perf_counter() - start}
-        model.pending = {"load": 0.0}
-        self.placeholder = model.family.video_token if media.frames is not None else model.family.image_token
-        self.answers: list[Answer] = []
-        self.reset()
+        self.pending["frames"] += media.seconds
+        self.pending["vision"] += time.perf_counter() - start
+        self.held.append((media, visual))
+        self.waiting.append((media, visual))
 
     def reset(self) -> None:
-        """Forget what was said; keep the media's features."""
+        """Forget what was said; keep the files' features (the next question's turn places them all again)."""
         self.ids: list[int] = []  # the whole conversation: prompts and answers
         self.cache = None  # holds a prefix of self.ids
-        self.answers = []
+        self.answers: list[Answer] = []
+        self.placed: list = []  # the Visuals self.ids holds, in prompt order
+        self.waiting = list(self.held)  # (Media, Visual) the next turn places
+
+    @property
+    def video(self) -> Media | None:
+        """The conversation's first video: the frames an answer lists, /frames shows and a sheet draws."""
+        return next((media for media, _ in self.held if media.frames is not None), None)
 
     def restore(self, turns: Sequence[tuple[str, Sequence[int]]]) -> None:
         """Go on from a conversation kept elsewhere (`videoqa chat --continue`: the history): each (question,
-        answer tokens) turn is taken as answered, as `tokens` would have left it, and nothing is generated. The KV
-        cache is dropped, so the next question prefills the whole conversation."""
+        answer tokens) turn is taken as answered (`take`), nothing is generated. The KV cache is dropped, so the
+        next question prefills the whole conversation."""
         self.reset()
-        frames = self.media.frames
         for question, tokens in turns:
-            ids, prompt, tokens = self.next_ids(question), self.turn_text(question), [int(t) for t in tokens]
-            self.ids = [*ids, *tokens]
-            self.answers.append(Answer(
-                video=self.media.path, question=question, prompt=prompt, text=self.model.decode(tokens),
-                tokens=tokens, frames=frames.listed() if frames else [], model=self.model.name,
-                runtime=self.model.runtime, warnings=list(frames.warnings if frames else [])))
+            self.take(question, tokens)
+
+    def take(self, question: str, tokens: Sequence[int]) -> None:
+        """One turn taken as answered with `tokens`, the files waiting placed in it, as `tokens` would have left
+        it; the cache is dropped."""
+        ids, turn = self.next_ids(question), self._turn(question, [])
+        tokens = [int(t) for t in tokens]
+        turn.tokens, turn.text = tokens, self.model.decode(tokens)
+        self.cache = None
+        self._commit(ids + tokens, turn)
+
+    def _commit(self, ids: list[int], turn: Answer) -> None:
+        """The turn answered: the conversation goes on from `ids`, its waiting files placed."""
+        self.ids, self.placed, self.waiting = ids, self.visuals(), []
+        self.answers.append(turn)
+
+    def visuals(self) -> list:
+        """The features of the conversation's files in prompt order: those placed, then the next turn's."""
+        return [*self.placed, *(visual for _, visual in self.model.in_order(self.waiting))]
+
+    def _template(self) -> str:
+        preset, new = self.model.preset, bool(self.waiting)
+        return preset.template if not self.ids else preset.followup_media if new else preset.followup
 
     def turn_text(self, question: str) -> str:
-        """This turn's text as given to the model, the media's placeholder once (a follow-up's has none)."""
-        preset = self.model.preset
-        return preset.followup.format(question=question) if self.ids else preset.template.format(
-            media=self.placeholder, question=question)
+        """This turn's text as given to the model, each new file's placeholder once (a follow-up's has none)."""
+        new = [visual for _, visual in self.model.in_order(self.waiting)]
+        return self.model.turn_text(self._template(), question, new)
 
     def next_ids(self, question: str) -> list[int]:
-        """The conversation so far plus the new question, in the preset's multi-turn format."""
-        from videoqa.prompt import prompt_ids, text_ids
-
-        tokenizer, preset = self.model.tokenizer, self.model.preset
+        """The conversation so far plus the new question (and the files waiting), in the preset's multi-turn
+        format."""
+        new = [visual for _, visual in self.model.in_order(self.waiting)]
+        turn = self.model.turn_ids(self._template(), question, new, first=not self.ids)
         if not self.ids:
-            expansion = self.model.family.expand(tokenizer, self.placeholder, self.visual)
-            return prompt_ids(tokenizer, preset.template, question, self.placeholder, expansion)
-        eos = [tokenizer.eos_token_id] if self.ids[-1] != tokenizer.eos_token_id else []
-        return [*self.ids, *eos, *text_ids(tokenizer, preset.followup.format(question=question))]
+            return turn
+        eos = [self.model.tokenizer.eos_token_id] if self.ids[-1] != self.model.tokenizer.eos_token_id else []
+        return [*self.ids, *eos, *turn]
+
+    def _turn(self, question: str, warnings: list[str]) -> Answer:
+        """An Answer for this turn, before it is answered: its files, prompt and the first video's frames."""
+        video = self.video
+        files = [media.path for media, _ in self.held]
+        return Answer(video=self.media.path, question=question, prompt=self.turn_text(question), text="",
+                      tokens=[], frames=video.frames.listed() if video else [], model=self.model.name,
+                      runtime=self.model.runtime, media=files,
+                      warnings=[*(w for m, _ in self.held if m.frames for w in m.frames.warnings), *warnings])
 
     def ask(self, question: str, *, choices: Sequence[str] | None = None, **settings: Any) -> Answer:
         """The answer to `question`; with `choices`, the option the model finds likeliest (see `choose`); what else
@@ -648,37 +739,33 @@ class Chat:
 
     def choose(self, question: str, choices: Sequence[str]) -> Answer:
         """Each option scored by the summed log-probability of its tokens as the answer (and the mean per token),
-        the prompt (video included) prefilled once; the answer is the best option. The conversation does not go
-        on from it (the options are cut back off the cache)."""
+        the prompt (its files included) prefilled once; the answer is the best option. The conversation does not
+        go on from it (the options are cut back off the cache; files waiting still wait)."""
         from videoqa.decode import truncate
         from videoqa.questions import check_question
 
         question = check_question(question)
-        ids = self.next_ids(question)
-        prompt = self.turn_text(question)
+        ids, turn = self.next_ids(question), self._turn(question, [])
         cached = int(self.cache.get_seq_length()) if self.cache is not None else 0
         start = time.perf_counter()
         try:
-            scored, best = self.model.choose(ids, self.visual, self.placeholder, prompt, choices, self._cache_for,
+            scored, best = self.model.choose(ids, self.visuals(), turn.prompt, choices, self._cache_for,
                                              follow_up=bool(self.ids))
         finally:  # the options are cut back in score(); the prompt too: the conversation does not go on from it
             if self.cache is not None:
                 truncate(self.cache, cached)
-        frames = self.media.frames
-        return Answer(video=self.media.path, question=question, prompt=prompt, text=best["text"],
-                      tokens=best["tokens"], frames=frames.listed() if frames else [], model=self.model.name,
-                      runtime=self.model.runtime, warnings=list(frames.warnings if frames else []),
-                      timings={**self.pending, "prefill": time.perf_counter() - start,
-                               "prefill_tokens": len(ids) - cached}, choices=scored)
+        turn.text, turn.tokens, turn.choices = best["text"], best["tokens"], scored
+        turn.timings = {**self.pending, "prefill": time.perf_counter() - start, "prefill_tokens": len(ids) - cached}
+        return turn
 
     def sheet(self, path: str | Path) -> tuple[int, int]:
-        """A contact sheet (PNG at `path`) of the video's sampled frames, with the last answer's attention shares
-        when it was asked with `explain`. Its (width, height)."""
-        frames = self.media.frames
-        if frames is None:
-            raise VideoQAError("a contact sheet is of a video's frames; this conversation is about an image")
-        listed = self.answers[-1].frames if self.answers else frames.listed()
-        return self.model.sheet(self.media.path, listed, path, pixels=frames.pixels)
+        """A contact sheet (PNG at `path`) of the first video's sampled frames, with the last answer's attention
+        shares when it was asked with `explain`. Its (width, height)."""
+        video = self.video
+        if video is None:
+            raise VideoQAError("a contact sheet is of a video's frames; this conversation has no video")
+        listed = self.answers[-1].frames if self.answers else video.frames.listed()
+        return self.model.sheet(video.path, listed, path, pixels=video.frames.pixels)
 
     def stream(self, question: str, **settings: Any) -> Iterator[str]:
         """The answer's text as it is generated; stopping early drops the turn (`settings` as `tokens` takes
@@ -706,12 +793,8 @@ class Chat:
         question = check_question(question)
         ids = self.next_ids(question)
         self.model.check_fits(len(ids), follow_up=bool(self.ids))
-        prompt = self.turn_text(question)
-        frames = self.media.frames
         budget, cut = self.model.budget(chosen.max_new_tokens, len(ids))
-        turn = Answer(video=self.media.path, question=question, prompt=prompt, text="", tokens=[],
-                      frames=frames.listed() if frames else [], model=self.model.name, runtime=self.model.runtime,
-                      warnings=[*(frames.warnings if frames else []), *cut])
+        turn = self._turn(question, cut)
         trace = self._trace(ids, chosen, hidden_states=hidden_states, attentions=attentions, explain=explain)
         return self._answer(turn, ids, budget, chosen, trace)
 
@@ -724,10 +807,14 @@ class Chat:
         layers = layers_of(hidden_states, text.num_hidden_layers + 1)
         spans = None
         if explain:
-            if self.media.frames is None:
+            if len(self.held) > 1:
+                raise VideoQAError(f"--explain: the attention is shared out over one video's frames; this "
+                                   f"conversation holds {len(self.held)} files")
+            (media, visual), = self.held
+            if media.frames is None:
                 raise VideoQAError("--explain: the attention is shared out over a video's frames; an image has none")
-            spans = frame_spans(ids, self.model.tokenizer.convert_tokens_to_ids(self.placeholder),
-                                len(self.media.frames.times), self.visual.grid)
+            spans = frame_spans(ids, self.model.tokenizer.convert_tokens_to_ids(self.model.placeholder(visual)),
+                                len(media.frames.times), visual.grid)
         return Trace(logprobs=settings.logprobs, hidden_states=layers, attentions=attentions, spans=spans)
 
     def _cache_for(self, length: int):
@@ -754,8 +841,7 @@ class Chat:
         answer: list[int] = []
         try:
             with eager_attention(self.model.net, self.model.lm.body, trace.wanted):
-                steps = self.model.generate([ids], [self.visual], self.placeholder, cache, budget, settings,
-                                            trace.wanted)
+                steps = self.model.generate([ids], self.visuals(), cache, budget, settings, trace.wanted)
                 for step in steps:
                     if not answer:
                         first = time.perf_counter()
@@ -775,10 +861,10 @@ class Chat:
         if len(answer) > 1:
             timings["decode"] = time.perf_counter() - first
             timings["decode_tokens_per_s"] = (len(answer) - 1) / timings["decode"]
-        self.ids, self.pending = ids + answer, {"load": 0.0, "frames": 0.0, "vision": 0.0}
+        self.pending = {"load": 0.0, "frames": 0.0, "vision": 0.0}
         turn.tokens, turn.text, turn.timings = answer, self.model.decode(answer, settings.stop), timings
         self._carry(turn, trace, ids[-1])
-        self.answers.append(turn)
+        self._commit(ids + answer, turn)
 
     def _carry(self, turn: Answer, trace, before: int) -> None:
         """What the turn's steps carried, onto its Answer (`before`: the token before the answer)."""

@@ -16,6 +16,8 @@ from videoqa.features import Visual
 
 VICUNA = "USER: {media}\n{question} ASSISTANT:"  # llava_v1, as the HF ports render it; {media} is the placeholder
 VICUNA_FOLLOWUP = "USER: {question} ASSISTANT:"  # later turns: `... ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:`
+# a later turn that brings media: `... ASSISTANT: {a1}</s>USER: <video>\n{q2} ASSISTANT:` (the docs' mixed media)
+VICUNA_FOLLOWUP_MEDIA = VICUNA
 DESCRIBE = "Describe what happens in this part of the video."  # a timeline's question for each segment
 FIND = "Does this part of the video show: {query}? Answer yes or no."  # find's question; the answer's first token
 
@@ -28,6 +30,12 @@ def text_positions(ids: torch.Tensor, padding: torch.Tensor | None, past: int) -
         prompt = torch.arange(past, past + length, device=ids.device).expand(batch, -1)
         return Positions(prompt, torch.full((batch, 1), past + length, device=ids.device))
     return Positions((padding.cumsum(-1) - 1).clamp(min=0) + past, padding.sum(-1, keepdim=True) + past)
+
+
+def joined(separator: str) -> Callable[[list[tuple[bool, str]]], str]:
+    """What stands for `{media}` in a turn: its media's placeholders (or texts), in prompt order, `separator`
+    between them (the LLaVA templates' `<image>\\n<video>`; each item is (is a video, placeholder or text))."""
+    return lambda media: separator.join(text for _, text in media)
 
 
 def repeated(tokenizer, placeholder: str, visual: Visual) -> list[int]:
@@ -75,6 +83,10 @@ class Family:
     largest_image: Callable[[Any], tuple[int, int]] = features.single_image_bound
     template: str = VICUNA  # the first turn; {media} is the placeholder, {question} the question
     followup: str = VICUNA_FOLLOWUP  # later turns, after the previous answer and its EOS, tokenised without BOS
+    followup_media: str = VICUNA_FOLLOWUP_MEDIA  # a later turn that brings media ({media}: as `media_text` has it)
+    # a turn's images before its videos, as the LLaVA chat templates render them (False: in the order given)
+    images_first: bool = True
+    media_text: Callable[[list[tuple[bool, str]]], str] = joined("\n")
     describe: str = DESCRIBE  # what a timeline asks of each segment by default
     video: Videos | None = None  # None: the family answers about still images only
     video_token: str = "<video>"

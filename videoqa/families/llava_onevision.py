@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from videoqa.families.base import Family, Videos, siglip_frames
+from videoqa.families.base import Family, Videos, joined, siglip_frames
 from videoqa.features import grid_of, largest_grid, patches, patches_per_side, with_newlines
 from videoqa.pixels import anyres_max_pixels
 
 # Qwen2's ChatML as the llava-hf OneVision checkpoints' chat_template.json renders it: a space after the role, the
-# media and then "\n" + the text, `<|im_end|>` with no newline after it; no system turn, no BOS.
+# media (images first, then videos, nothing between them) and then "\n" + the text, `<|im_end|>` with no newline
+# after it; no system turn, no BOS. A later turn with media is a first turn's text.
 TEMPLATE = "<|im_start|>user {media}\n{question}<|im_end|><|im_start|>assistant\n"
 FOLLOWUP = "<|im_start|>user \n{question}<|im_end|><|im_start|>assistant\n"  # after `{a1}<|im_end|>`
 
@@ -83,7 +84,7 @@ def largest_image(config) -> tuple[int, int]:
 
 FAMILY = Family(
     "llava_onevision", "LlavaOnevisionForConditionalGeneration", image_features, largest_image,
-    template=TEMPLATE, followup=FOLLOWUP,
+    template=TEMPLATE, followup=FOLLOWUP, followup_media=TEMPLATE, media_text=joined(""),
     video=Videos(siglip_frames, video_features, lambda config, n, size=None: n * pooled_side(config) ** 2 + 1),
     vision_modules=("model.vision_tower", "model.multi_modal_projector", "model.image_newline"),
 )

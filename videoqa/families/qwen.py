@@ -11,12 +11,16 @@ import math
 import torch
 
 from videoqa.decode import Positions
+from videoqa.families.base import joined
 from videoqa.features import Visual
 
 # ChatML as the Qwen-VL checkpoints' chat templates render a user turn that opens with the media (Qwen2.5-VL's puts
 # its default system turn before it); a later turn follows the answer's `<|im_end|>`
 TURN = "<|im_start|>user\n<|vision_start|>{media}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 FOLLOWUP = "\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+FOLLOWUP_MEDIA = "\n" + TURN  # a later turn that opens with media
+# several media in a turn, in the order given: each inside its own `<|vision_start|>...<|vision_end|>`
+MEDIA = {"images_first": False, "media_text": joined("<|vision_end|><|vision_start|>"), "followup_media": FOLLOWUP_MEDIA}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN / _STD: the processors' defaults
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Qwen2VLImageProcessor's defaults, which both families' images take where preprocessor_config.json says nothing

@@ -43,7 +43,7 @@ FAMILY = Family(
     "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
     functools.partial(qwen.image_features, bounds_of=image_bounds),
     lambda config: qwen.largest_image(config, image_bounds),
-    template=SYSTEM + qwen.TURN, followup=qwen.FOLLOWUP,
+    template=SYSTEM + qwen.TURN, followup=qwen.FOLLOWUP, **qwen.MEDIA,
     video=Videos(video_pixels, qwen.video_features, video_positions, least=MIN_FRAMES),
     video_token="<|video_pad|>", image_token="<|image_pad|>", vision_modules=("model.visual",),
     generation={"fps": FPS, "max_frames": MAX_FRAMES}, positions=positions, tower_tokens=qwen.tower_tokens,

@@ -74,15 +74,17 @@ def expand(tokenizer, placeholder: str, visual: Visual) -> list[int]:
     return [i for t in patch_times(visual.times, temporal) for i in [*text_ids(tokenizer, timestamp(t)), *frame]]
 
 
-def deepstack(config, ids: torch.Tensor, visuals: list[Visual]) -> dict | None:
-    """What the text model takes beside the embeddings when the (B, T) prefilled `ids` hold visual placeholders, as
-    `Qwen3VLModel.forward` builds it: their (B, T) mask, and per DeepStack layer the rows of every visual in order
-    (row-major, as the mask selects them). None when they hold none (a later turn)."""
+def deepstack(config, ids: torch.Tensor, past: int, visuals: list[Visual]) -> dict | None:
+    """What the text model takes beside the embeddings when the tokens of the (B, T) rows `ids` after the `past`
+    cached ones hold visual placeholders, as `Qwen3VLModel.forward` builds it: their (B, T - past) mask, and per
+    DeepStack layer the rows of every visual in prompt order (row-major, as the mask selects them), those of the
+    media before `past` left out (a later turn that brings media). None when they hold none."""
     mask = (ids == config.image_token_id) | (ids == config.video_token_id)
+    skip, mask = int(mask[:, :past].sum()), mask[:, past:]
     if not mask.any():
         return None
     return {"visual_pos_masks": mask,
-            "deepstack_visual_embeds": [torch.cat(layer) for layer in zip(*(v.layers for v in visuals))]}
+            "deepstack_visual_embeds": [torch.cat(layer)[skip:] for layer in zip(*(v.layers for v in visuals))]}
 
 
 def positions(net, ids, padding, past, visuals):
@@ -90,13 +92,13 @@ def positions(net, ids, padding, past, visuals):
     DeepStack's inputs at the prefill that holds the media."""
     found = qwen.rope_positions(net, ids, padding, past, visuals,
                                 temporal=net.config.vision_config.temporal_patch_size, default_fps=FPS)
-    return found._replace(extras=deepstack(net.config, ids[:, past:], visuals))
+    return found._replace(extras=deepstack(net.config, ids, past, visuals))
 
 
 FAMILY = Family(
     "qwen3_vl", "Qwen3VLForConditionalGeneration", functools.partial(qwen.image_features, bounds_of=image_bounds),
     lambda config: qwen.largest_image(config, image_bounds),
-    template=qwen.TURN, followup=qwen.FOLLOWUP,  # no default system turn in its template
+    template=qwen.TURN, followup=qwen.FOLLOWUP, **qwen.MEDIA,  # no default system turn in its template
     video=Videos(video_pixels, qwen.video_features, video_positions, least=MIN_FRAMES),
     video_token="<|video_pad|>", image_token="<|image_pad|>", vision_modules=("model.visual",),
     generation={"fps": FPS, "max_frames": MAX_FRAMES}, positions=positions, tower_tokens=qwen.tower_tokens,
