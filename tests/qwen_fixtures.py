@@ -320,3 +320,39 @@ def check_patch_shares(loaded, answer, ids: list[int], other, question: str) -> 
     assert abs(shares[0] - patches[0] / 2) < 1e-5 and abs(shares[2] - patches[1] / 2) < 1e-5
     other = loaded.ask(other, question, max_new_tokens=4, explain=True)
     assert not torch.allclose(torch.tensor([f["attention"] for f in other.frames]), torch.tensor(shares))
+
+
+def media_chat_text(directory: Path, turns: list[tuple[tuple[str, ...], str, str | None]]) -> str:
+    """The checkpoint's chat template rendered as transformers renders it, for `turns` of (the kinds of the files
+    the question comes with, in order, the question, its answer or None for the one to come): each user message's
+    content [media..., text], as `chat_text` for one medium in the first turn."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    template = json.loads((directory / "chat_template.json").read_text())["chat_template"]
+    messages = []
+    for media, question, answer in turns:
+        content = [{"type": medium} for medium in media] + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def qwen_image_inputs(directory: Path, image: Path) -> dict:
+    """An image's pixels and grid as `generate` takes them: transformers' Qwen2VLImageProcessorPil under the
+    checkpoint's preprocessor_config.json."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil(**json.loads((directory / "preprocessor_config.json").read_text()))
+    pixels = processor(Image.open(image).convert("RGB"), return_tensors="pt")
+    return {"pixel_values": pixels.pixel_values, "image_grid_thw": pixels.image_grid_thw}
+
+
+def repeat_pad(text: str, grid, medium: str) -> str:
+    """The processor's way for one file (`replace_*_token`): its pad, the first left unexpanded, repeated
+    t*h*w / merge^2 times."""
+    pad = f"<|{medium}_pad|>"
+    assert text.count(pad) == 1, text
+    return text.replace(pad, pad * (int(grid.prod()) // 4), 1)

@@ -449,8 +449,11 @@ class Model(Engine):
         chosen = self.settings(**settings)
         framing = {name: settings.get(name) for name in FRAMING}
         given = list(media) if isinstance(media, (list, tuple)) else [media]
-        read = [item if isinstance(item, Media) else self.media(item, **framing, **(
-            {"start": start, "end": end} if n == 0 else {})) for n, item in enumerate(given)]
+        if not given:
+            raise VideoQAError("no file to ask about: give a video or image, or a list of them")
+        first, *others = given
+        read = [self.media(item, **framing, **window) if not isinstance(item, Media) else item
+                for item, window in [(first, {"start": start, "end": end}), *((other, {}) for other in others)]]
         return Chat(self, read, chosen)
 
     def ask(self, media: MediaArg | Sequence[MediaArg], question: str, *, start: Time = None, end: Time = None,
