@@ -266,3 +266,106 @@ def test_explain_shares_sum_to_the_video_share(checkpoint, reference, model):
     assert max(abs(a - b) for a, b in zip(frames, each)) < 1e-5
     other = model.ask(VIDEOS[1], QUESTION, frames=3, max_new_tokens=4, explain=True)
     assert not torch.allclose(torch.tensor([f["attention"] for f in other.frames]), torch.tensor(frames))
+
+
+# Mixed media: one question about a video and an image, and an image-then-video conversation (`Chat.add`)
+IMAGE = asset("images/videollava_desert.jpg")
+
+
+def video_metadata(path, frames):
+    """What a decoder gives the processor for `frames` (videoqa's Frames) of the video at `path` (as
+    processed_video writes it)."""
+    from transformers.video_utils import VideoMetadata
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return VideoMetadata(total_num_frames=stream.frames, fps=float(stream.average_rate),
+                             frames_indices=frames.indices)
+
+
+def processed_media(checkpoint, text: str, image=None, video=None) -> tuple[list[int], torch.Tensor]:
+    """SmolVLMProcessor's ids for `text` with its <image> and <video> expanded (in one pass, as the processor's
+    __call__ does) for the image at `image` and the (path, Frames) `video`, and the model's one pixel_values of
+    both: the image's tiles and global image and the video's frames along N in the order the text places them.
+    (Given both, the processor's own pixel_values holds the video's alone: its video outputs overwrite its
+    image's, so the pixels are the image and video processors' own, concatenated here.)"""
+    arguments, pixels = {}, {}
+    with smolvlm_processor(checkpoint) as processor:
+        if image is not None:
+            arguments["images"] = [Image.open(image)]
+            pixels["<image>"] = processor.image_processor(arguments["images"], return_tensors="pt")
+        if video is not None:
+            metadata = video_metadata(*video)
+            arguments.update(videos=[video[1].pixels], video_metadata=[metadata])
+            pixels["<video>"] = processor.video_processor([video[1].pixels], video_metadata=[metadata],
+                                                          return_tensors="pt")
+        inputs = processor(text=text, return_tensors="pt", add_special_tokens=False, **arguments)
+    for each in pixels.values():  # every tile and frame whole: no pixel_attention_mask to pass
+        assert bool(each.pixel_attention_mask.all())
+    order = sorted(pixels, key=text.index)
+    return inputs.input_ids[0].tolist(), torch.cat([pixels[name].pixel_values for name in order], 1)
+
+
+def test_a_question_about_a_video_and_an_image_equals_generate_with_both_pixels(checkpoint, reference, model):
+    """`ask([video, image], Q)` (`videoqa ask clip.mp4 Q --with photo.jpg`): one user turn [video, image, text],
+    as the template transformers swaps in for videos writes it, the video's expansion then the image's."""
+    net, tokenizer = reference
+    question = "Is the person in the photo in the video?"
+    media = model.media(VIDEOS[0], frames=4)
+    answer = model.ask([media, IMAGE], question, max_new_tokens=8)
+    with smolvlm_processor(checkpoint) as processor:
+        turn = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": question}]}]
+        text = processor.apply_chat_template(turn, add_generation_prompt=True)
+    assert text == f"<|im_start|>User: <video><image>{question}<end_of_utterance>\nAssistant:"  # ': ': a video first
+    ids, pixels = processed_media(checkpoint, text, image=IMAGE, video=(VIDEOS[0], media.frames))
+    tiles = [t for t in tokenizer.convert_ids_to_tokens(ids) if t.startswith("<row_")]
+    assert tiles[-1] == "<row_3_col_4>" and pixels.shape[1] == 4 + len(tiles) + 1  # frames, tiles, global image
+    assert ids.count(net.config.image_token_id) == pixels.shape[1] * 4
+    decoded = tokenizer.decode(ids)
+    assert decoded.index("Frame from 00:09:") < decoded.index("<row_1_col_1>")  # the video's expansion first
+    expected = reference_continue(net, ids, 8, pixel_values=pixels)
+    assert answer.tokens == expected and len(set(expected)) > 1  # not one token repeated: the comparison has teeth
+    assert answer.timings["prefill_tokens"] == len(ids)
+    assert answer.media == [VIDEOS[0], IMAGE] and len(answer.frames) == 4
+    # what the answer depends on: the image, and the order of the rows (the image's tiles first: another answer)
+    swapped = torch.cat([pixels[:, 4:], pixels[:, :4]], 1)
+    assert reference_continue(net, ids, 8, pixel_values=swapped) != expected
+    assert model.ask(media, question, max_new_tokens=8).tokens != expected
+
+
+def test_an_image_then_a_video_in_one_chat_equals_generate(checkpoint, reference, model):
+    """`chat(image)`, a question, `add(video)`, a question: turn 1 is the image's alone; turn 2 places the video
+    after the first answer and its <end_of_utterance>, and generate on the whole conversation with the image's
+    tiles then the video's frames gives its tokens; the cache kept turn 1, so turn 2 prefilled only what follows."""
+    net, tokenizer = reference
+    first_question, second_question = "How many cats are there in the image?", QUESTION
+    media = model.media(VIDEOS[0], frames=4)
+    chat = model.chat(IMAGE)
+    first = chat.ask(first_question, max_new_tokens=6)
+    chat.add(media)
+    second = chat.ask(second_question, max_new_tokens=6)
+
+    with smolvlm_processor(checkpoint) as processor:
+        turn = user_turn("image", first_question)
+        opening = processor.apply_chat_template(turn, add_generation_prompt=True)
+        turns = [*turn, {"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
+                 *user_turn("video", second_question)]
+        rendered = processor.apply_chat_template(turns, add_generation_prompt=True)
+    followup = f"\nUser: <video>{second_question}<end_of_utterance>\nAssistant:"
+    assert opening == f"<|im_start|>User:<image>{first_question}<end_of_utterance>\nAssistant:"
+    assert rendered == opening + " A1<end_of_utterance>" + followup  # the answer is the tokens generated instead
+
+    prompt, tiles = processed_media(checkpoint, opening, image=IMAGE)
+    expected = reference_continue(net, prompt, 6, pixel_values=tiles)
+    assert first.tokens == expected and first.timings["prefill_tokens"] == len(prompt)
+    later, frames = processed_media(checkpoint, followup, video=(VIDEOS[0], media.frames))
+    eos = [] if first.tokens[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+    whole = prompt + first.tokens + eos + later
+    assert tiles.shape[1] == 13 and frames.shape[1] == 4
+    expected = reference_continue(net, whole, 6, pixel_values=torch.cat([tiles, frames], 1))
+    assert second.tokens == expected and len(set(expected)) > 1  # not one token repeated: the comparison has teeth
+    # the cache held turn 1 (all but its last answer token): turn 2 prefilled only what follows
+    assert second.timings["prefill_tokens"] == len(whole) - (len(prompt) + len(first.tokens) - 1)
+    # the prompt as shown: the placeholder once where the video's text goes (its space is the video text's own)
+    assert second.prompt == "\nUser:<image>Why is this video funny?<end_of_utterance>\nAssistant:"
+    assert second.media == [IMAGE, VIDEOS[0]] and len(second.frames) == 4 and first.frames == []

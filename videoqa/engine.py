@@ -105,13 +105,17 @@ class Engine:
 
         family, tokenizer = self.family, self.tokenizer
         media = [(self.placeholder(v), family.expand(tokenizer, self.placeholder(v), v)) for v in visuals]
-        text = family.media_text([(bool(v.times), e if isinstance(e, str) else p) for v, (p, e) in zip(visuals, media)])
+        text = self.media_text([(bool(v.times), e if isinstance(e, str) else p) for v, (p, e) in zip(visuals, media)])
         return (prompt_ids if first else turn_ids)(tokenizer, template, question, media, text)
 
     def turn_text(self, template: str, question: str, visuals: list) -> str:
         """That turn's text with each medium's placeholder once (what an Answer's `prompt` shows)."""
-        media = self.family.media_text([(bool(v.times), self.placeholder(v)) for v in visuals]) if visuals else ""
+        media = self.media_text([(bool(v.times), self.placeholder(v)) for v in visuals])
         return template.format(media=media, question=question)
+
+    def media_text(self, media: list[tuple[bool, str]]) -> str:
+        """What stands for a turn's media in its template: the family's `media_text`; nothing in a turn without."""
+        return self.family.media_text(media) if media else ""
 
     def video_features(self, pixels, times):
         """A video's features (a features.Visual) from its preprocessed frames: the one path from pixels to

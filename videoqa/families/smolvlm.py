@@ -5,9 +5,9 @@ connector pixel-shuffles (scale_factor^2 patches into one) and projects: 64 rows
 The prompt is what transformers 5.24's `SmolVLMProcessor` writes. One user turn, after the tokenizer's BOS (which is
 the `<|im_start|>` the chat templates begin with): `User:{media}{question}<end_of_utterance>\\nAssistant:`, later turns
 `\\nUser: {question}<end_of_utterance>\\nAssistant:` after `{answer}<end_of_utterance>`. For a video the processor
-swaps in its own chat template (the hub's drops videos), which writes `User: ` before a turn that opens with a video
-(its space, then the video's expansion) and `User:` before one that opens with an image; several media follow each
-other with nothing between them, in the order given. A video's expansion: `You are provided the following series of
+swaps in its own chat template (the hub's drops videos), which writes `User: ` before the media, so the space opens
+the video's expansion; an image's `User:` has none, and several media follow each other with nothing between them, in
+the order given (a video after another file without the space). A video's expansion: ` You are provided the following series of
 {count in words} frames from a {H:MM:SS} [H:MM:SS] video.\\n`, then per frame `\\nFrame from {MM:SS}:` and
 `<fake_token_around_image><global-img>` + `<image>` x 64 + `<fake_token_around_image>`, then `\\n\\n`. An image split
 into rows x cols tiles: per tile `<fake_token_around_image><row_{r}_col_{c}>` + `<image>` x 64, `\\n` after each row,
@@ -35,7 +35,7 @@ from videoqa.pixels import SMOLVLM_MAX_SIDE, smolvlm_image_pixels, smolvlm_video
 TEMPLATE = "User:{media}{question}<end_of_utterance>\nAssistant:"  # after the BOS, <|im_start|>
 FOLLOWUP = "\nUser: {question}<end_of_utterance>\nAssistant:"  # after `{a1}<end_of_utterance>`
 FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
-INTRO = "You are provided the following series of {count} frames from a {duration} [H:MM:SS] video.\n"
+INTRO = " You are provided the following series of {count} frames from a {duration} [H:MM:SS] video.\n"
 FRAME = "\nFrame from {minutes:02d}:{seconds:02d}:"
 OUTRO = "\n\n"
 # SmolVLMImageProcessor's and SmolVLMVideoProcessor's defaults, under what the preprocessor config gives
@@ -121,8 +121,8 @@ def image_text(image: str, per: int, rows: int, cols: int) -> str:
 
 
 def media_text(media: list[tuple[bool, str]]) -> str:
-    """A turn's media texts one after the other, after the space of `User: ` when a video opens the turn."""
-    return (" " if media[0][0] else "") + "".join(text for _, text in media)
+    """A turn's media texts one after the other; the space of `User: ` opens a video's only when it opens the turn."""
+    return "".join(text if n == 0 or not video else text.removeprefix(" ") for n, (video, text) in enumerate(media))
 
 
 def expand(tokenizer, placeholder: str, visual: Visual) -> str:
@@ -137,7 +137,7 @@ def expand(tokenizer, placeholder: str, visual: Visual) -> str:
 def video_positions(config, frames: int, size: tuple[int, int] | None = None) -> int:
     """Positions the video's expansion takes, at most: its special tokens and rows exactly, its text by its bytes
     (a byte-level BPE token holds one at least); timestamps under 100 minutes, a duration under a day."""
-    text = " " + INTRO.format(count=words(frames), duration="23:59:59") + FRAME.format(minutes=0, seconds=0) * frames + OUTRO
+    text = INTRO.format(count=words(frames), duration="23:59:59") + FRAME.format(minutes=0, seconds=0) * frames + OUTRO
     return frames * (image_seq_len(config) + 3) + len(text.encode())
 
 
