@@ -25,6 +25,7 @@ def test_the_documented_example_runs(tiny_model, capsys):
     code = re.search(r"# The Python API\n.*?```python\n(.*?)```", docs, re.S).group(1)
     code = code.replace('"video-llava-7b"', repr(str(tiny_model))).replace('"clip.mp4"', repr(str(VIDEOS[0])))
     code = code.replace('"a.mp4"', repr(str(VIDEOS[1]))).replace('"b.mp4"', repr(str(VIDEOS[2])))
+    code = code.replace('"photo.jpg"', repr(str(asset("images/videollava_desert.jpg"))))
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert str(VIDEOS[1]) in printed and str(VIDEOS[2]) in printed
