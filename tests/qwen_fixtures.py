@@ -356,3 +356,53 @@ def repeat_pad(text: str, grid, medium: str) -> str:
     pad = f"<|{medium}_pad|>"
     assert text.count(pad) == 1, text
     return text.replace(pad, pad * (int(grid.prod()) // 4), 1)
+
+
+QUESTION_WITH_IMAGE = "Is the place in the photo in the video?"
+
+
+def check_video_with_image(directory: Path, loaded, reference, video, image, *, inputs_of, ids_of, generate) -> None:
+    """`ask clip.mp4 Q --with photo.jpg`: the video, then the image, each in its own vision span before the
+    question, as the template renders content [video, image, text]; generate given both pixel inputs. `inputs_of`:
+    a video Media's inputs of generate; `ids_of(text, media, videos, images)`: the text expanded the processor's
+    way and tokenised; `generate`: the test file's `generated`."""
+    media = loaded.media(video, frames=4)
+    answer = loaded.ask([media, image], QUESTION_WITH_IMAGE, max_new_tokens=8)
+    videos, images = inputs_of(loaded, media), qwen_image_inputs(directory, image)
+    text = media_chat_text(directory, [(("video", "image"), QUESTION_WITH_IMAGE, None)])
+    spans = "<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
+    assert spans + QUESTION_WITH_IMAGE in text
+    ids = ids_of(text, media, videos, images)
+    expected = generate(reference, [ids], 8, **videos, **images)[0]
+    assert answer.tokens == expected
+    assert answer.timings["prefill_tokens"] == len(ids)
+    assert len(set(answer.tokens)) > 1  # not one token repeated: the comparison has teeth
+    assert loaded.ask(media, QUESTION_WITH_IMAGE, max_new_tokens=8).tokens != expected  # the image counts
+
+
+def check_image_then_video(directory: Path, loaded, reference, video, image, *, inputs_of, ids_of,
+                           generate) -> None:
+    """`chat photo.jpg`, a question, `/add clip.mp4`, a question about it: turn 1 is generate on the image alone;
+    turn 2 is generate on the whole conversation (the second user turn's content [video, text]) given both pixel
+    inputs, and only what follows turn 1's cached ids is prefilled. The keywords as `check_video_with_image`'s."""
+    q1, q2 = "How many cats are there in the image?", "Why is this video funny?"
+    media = loaded.media(video, frames=4)
+    chat = loaded.chat(image)
+    first = chat.ask(q1, max_new_tokens=6)
+    chat.add(media)
+    second = chat.ask(q2, max_new_tokens=6)
+    videos, images = inputs_of(loaded, media), qwen_image_inputs(directory, image)
+    ids = ids_of(media_chat_text(directory, [(("image",), q1, None)]), None, None, images)
+    assert first.tokens == generate(reference, [ids], 6, **images)[0]
+    # turn 2: turn 1's ids, its answer, then what the template writes after an answer and a question with a video
+    both = media_chat_text(directory, [(("image",), q1, "ANSWER"), (("video",), q2, None)])
+    after = both[both.index("ANSWER") + len("ANSWER"):].removeprefix("<|im_end|>")
+    assert f"<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{q2}<|im_end|>" in after
+    eos_id = loaded.tokenizer.eos_token_id
+    eos = [] if first.tokens[-1] == eos_id else [eos_id]
+    whole = ids + first.tokens + eos + ids_of(after, media, videos, None)
+    expected = generate(reference, [whole], 6, **images, **videos)[0]
+    assert second.tokens == expected
+    assert len(set(expected)) > 1  # not one token repeated: the comparison has teeth
+    # the cache held turn 1 (all but its last answer token): turn 2 prefilled only what follows
+    assert second.timings["prefill_tokens"] == len(whole) - (len(ids) + len(first.tokens) - 1)

@@ -255,50 +255,17 @@ def mixed_ids(directory, text: str, media=None, videos=None, images=None) -> lis
 
 
 def test_ask_a_video_with_an_image_equals_generate_with_both_pixel_inputs(qwen3, loaded, reference):
-    """`ask clip.mp4 Q --with photo.jpg`: the video's timestamped patches, then the image in its own vision span,
-    before the question, as the template renders content [video, image, text]; generate given both pixel inputs
-    (DeepStack's rows of both files added in the first decoder layers)."""
-    from qwen_fixtures import media_chat_text, qwen_image_inputs
+    """As Qwen2.5-VL's, with the video's timestamped patches, and DeepStack's rows of both files added in the first
+    decoder layers."""
+    from qwen_fixtures import check_video_with_image
 
     assert len(reference.config.vision_config.deepstack_visual_indexes) == 2
-    question = "Is the place in the photo in the video?"
-    media = loaded.media(VIDEOS[0], frames=4)
-    answer = loaded.ask([media, IMAGE], question, max_new_tokens=8)
-    videos, images = video_inputs(loaded, media), qwen_image_inputs(qwen3, IMAGE)
-    text = media_chat_text(qwen3, [(("video", "image"), question, None)])
-    assert "<|vision_start|><|video_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>" + question in text
-    ids = mixed_ids(qwen3, text, media, videos, images)
-    expected = generated(reference, [ids], 8, **videos, **images)[0]
-    assert answer.tokens == expected
-    assert answer.timings["prefill_tokens"] == len(ids)
-    assert len(set(answer.tokens)) > 1  # not one token repeated: the comparison has teeth
-    assert loaded.ask(media, question, max_new_tokens=8).tokens != expected  # the image is part of the answer
+    check_video_with_image(qwen3, loaded, reference, VIDEOS[0], IMAGE, inputs_of=video_inputs, generate=generated,
+                           ids_of=lambda *args: mixed_ids(qwen3, *args))
 
 
 def test_an_image_then_a_video_added_equals_generate_on_the_whole_conversation(qwen3, loaded, reference):
-    """`chat photo.jpg`, a question, `/add clip.mp4`, a question about it: turn 1 is generate on the image alone;
-    turn 2 is generate on the whole conversation (the second user turn's content [video, text], the video's
-    timestamped patches) given both pixel inputs, and only what follows turn 1's cached ids is prefilled."""
-    from qwen_fixtures import media_chat_text, qwen_image_inputs
+    from qwen_fixtures import check_image_then_video
 
-    q1, q2 = "How many cats are there in the image?", "Why is this video funny?"
-    media = loaded.media(VIDEOS[0], frames=4)
-    chat = loaded.chat(IMAGE)
-    first = chat.ask(q1, max_new_tokens=6)
-    chat.add(media)
-    second = chat.ask(q2, max_new_tokens=6)
-    videos, images = video_inputs(loaded, media), qwen_image_inputs(qwen3, IMAGE)
-    ids = mixed_ids(qwen3, media_chat_text(qwen3, [(("image",), q1, None)]), images=images)
-    assert first.tokens == generated(reference, [ids], 6, **images)[0]
-    # turn 2: turn 1's ids, its answer, then what the template writes after an answer and a question with a video
-    both = media_chat_text(qwen3, [(("image",), q1, "ANSWER"), (("video",), q2, None)])
-    after = both[both.index("ANSWER") + len("ANSWER"):].removeprefix("<|im_end|>")
-    assert f"<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>{q2}<|im_end|>" in after
-    eos_id = loaded.tokenizer.eos_token_id
-    eos = [] if first.tokens[-1] == eos_id else [eos_id]
-    whole = ids + first.tokens + eos + mixed_ids(qwen3, after, media, videos)
-    expected = generated(reference, [whole], 6, **images, **videos)[0]
-    assert second.tokens == expected
-    assert len(set(expected)) > 1  # not one token repeated: the comparison has teeth
-    # the cache held turn 1 (all but its last answer token): turn 2 prefilled only what follows
-    assert second.timings["prefill_tokens"] == len(whole) - (len(ids) + len(first.tokens) - 1)
+    check_image_then_video(qwen3, loaded, reference, VIDEOS[0], IMAGE, inputs_of=video_inputs, generate=generated,
+                           ids_of=lambda *args: mixed_ids(qwen3, *args))
