@@ -813,6 +813,54 @@ def find(
     raise typer.Exit(Exit.OK if not failed else Exit.ALL_FAILED if len(failed) == len(scored) else Exit.SOME_FAILED)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+@shared_options(settings=())
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; another than loopback needs --api-key.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="VIDEOQA_API_KEY", show_default=False,
+        help="Every request needs `Authorization: Bearer KEY` (also VIDEOQA_API_KEY).")] = None,
+    allow: Annotated[Optional[list[Path]], typer.Option(
+        "--allow", metavar="<dir>", show_default=False,
+        help="A directory whose files requests may name by path or file:// URL (repeatable; data: URLs always).")
+    ] = None,
+    given: dict = None,
+    run: Run = None,
+) -> None:
+    """An OpenAI-compatible server (POST /v1/chat/completions, GET /v1/models, GET /health) that keeps the model
+    loaded: images and videos as image_url / video_url parts.
+
+    [bold]Examples[/bold]
+
+      videoqa serve -m llava-onevision-0.5b --allow ~/videos
+
+      curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": [{"type": "video_url",
+      "video_url": {"url": "file:///home/me/videos/clip.mp4"}}, {"type": "text", "text": "What happens?"}]}]}'
+    """
+    from videoqa.render import note
+
+    if host not in LOOPBACK and not api_key:
+        raise VideoQAError(f"--host {host}: listening beyond this machine needs --api-key (or VIDEOQA_API_KEY)")
+    try:
+        import uvicorn
+
+        from videoqa.serve import app as server
+    except ImportError:
+        raise VideoQAError("videoqa serve needs FastAPI and uvicorn: pip install 'videoqa[serve]'") from None
+    directories = [d.expanduser() for d in allow or []]
+    for directory in directories:
+        if not directory.is_dir():
+            raise VideoQAError(f"--allow {directory}: not a directory")
+    loaded = load(checkpoint(run, {**given, "frames": None, "max_new_tokens": None}, cache=True), run)
+    note(f"serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
+    uvicorn.run(server(loaded, allow=directories, api_key=api_key), host=host, port=port, log_level="warning")
+
+
 @app.command("doctor")
 def doctor_command(
     device: DeviceOpt = Device.auto,
