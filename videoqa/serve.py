@@ -200,6 +200,7 @@ class Worker:
         while True:
             job = self.jobs.get()
             if job.cancelled.is_set():
+                job.out.put(Refused(499, "the client went away"))
                 continue
             try:
                 self.answer(job)
@@ -245,8 +246,11 @@ class Worker:
         stop = chat.settings.changed(**{k: v for k, v in job.settings.items() if k == "stop"}).stop
         try:
             for piece in until_stop(texts(tokens, self.model.tokenizer), stop):
-                if job.cancelled.is_set() or time.monotonic() > job.deadline:
-                    return
+                if job.cancelled.is_set():  # the answer is dropped; whoever still waits gets an end
+                    raise Refused(499, "the client went away")
+                if time.monotonic() > job.deadline:
+                    raise Refused(504, f"the answer ran past the time limit of {self.limits.seconds:g} s",
+                                  "server_error")
                 job.out.put(piece)
         finally:
             tokens.close()
