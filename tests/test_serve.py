@@ -6,8 +6,10 @@ and a symbolic link; 400 for http(s) URLs and bad messages; 401 without the key)
 import base64
 import json
 import socket
+import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -72,6 +74,9 @@ def test_a_follow_up_prefills_only_its_new_turn(client, tiny_loaded):
     expected = chat.ask("What is the baby holding?", max_new_tokens=6)
     assert second.choices[0].message.content == expected.text
     assert second.usage.prompt_tokens == expected.timings["prefill_tokens"] < first.usage.prompt_tokens
+    # the kept cache holds what the answer's text tokenizes back to (here what was generated, EOS aside)
+    assert tiny_loaded.tokenizer(first.choices[0].message.content, add_special_tokens=False).input_ids == [
+        t for t in chat.answers[0].tokens if t != tiny_loaded.tokenizer.eos_token_id]
 
 
 def test_images_and_videos_by_data_url(client, tiny_loaded):
@@ -152,3 +157,151 @@ def test_a_client_gone_mid_stream_frees_the_worker(client):
     stream.close()
     reply = client.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO), "What?")], max_tokens=3)
     assert reply.usage.completion_tokens == 3
+
+
+def health(base: str) -> dict:
+    with urllib.request.urlopen(base.removesuffix("/v1") + "/health") as reply:
+        return json.load(reply)
+
+
+class FirstChat:
+    """The tiny model with `before` run ahead of the first conversation it opens (a fake passed to the server):
+    a gate that holds the worker while requests queue, or an out-of-memory error."""
+
+    def __init__(self, model, before):
+        self.model, self.before = model, before
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def chat(self, *args, **kwargs):
+        before, self.before = self.before, None
+        if before is not None:
+            before()
+        return self.model.chat(*args, **kwargs)
+
+
+def gated(model, **options) -> tuple[str, threading.Event, threading.Event]:
+    """A server whose worker, at its first request, waits for the gate: its URL, `entered`, `gate`."""
+    entered, gate = threading.Event(), threading.Event()
+    base = started(FirstChat(model, lambda: (entered.set(), gate.wait())), allow=[ASSETS], **options)
+    return base, entered, gate
+
+
+def test_requests_waiting_together_are_answered_in_one_batch_and_a_full_queue_is_429(tiny_loaded):
+    """The worker is held; three new conversations wait (the queue holds three: a fourth is 429 with
+    Retry-After), then are answered in one batch, each as `ask` answers it alone."""
+    from videoqa.serve import Limits
+
+    base, entered, gate = gated(tiny_loaded, limits=Limits(queue=3, batch=4))
+    client = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+    questions = [QUESTION, "What is it?", "Who is there?", "What happens next?"]
+    expected = {q: tiny_loaded.ask(VIDEO, q, max_new_tokens=6).tokens for q in questions}
+    replies = {}
+
+    def ask(name, question):
+        replies[name] = client.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO), question)],
+                                                       max_tokens=6)
+
+    threads = [threading.Thread(target=ask, args=("held", QUESTION))]
+    threads[0].start()
+    entered.wait()
+    for question in questions[1:]:
+        threads.append(threading.Thread(target=ask, args=(question, question)))
+        threads[-1].start()
+    while health(base)["waiting"] < 3:
+        time.sleep(0.01)
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO))], max_tokens=2)
+    assert raised.value.response.headers["retry-after"] == "1" and raised.value.body["type"] == "rate_limit_error"
+    gate.set()
+    for thread in threads:
+        thread.join()
+    assert replies["held"].timings["batch"] == 1
+    for name, question in [("held", QUESTION), *((q, q) for q in questions[1:])]:
+        assert replies[name].timings["batch"] == (1 if name == "held" else 3)
+        text = tiny_loaded.tokenizer.decode(expected[question], skip_special_tokens=True).strip()
+        assert replies[name].choices[0].message.content == text
+        assert replies[name].usage.completion_tokens == len(expected[question])
+
+
+def conversation(client, first: dict, follow_ups: list[str], stream: bool) -> list[str]:
+    """A conversation of one request per turn, each sending the messages so far: its answers."""
+    messages, answers = [first], []
+    for question in [None, *follow_ups]:
+        if question is not None:
+            messages += [{"role": "assistant", "content": answers[-1]}, {"role": "user", "content": question}]
+        if stream:
+            chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True)
+            answers.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+        else:
+            reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5)
+            answers.append(reply.choices[0].message.content)
+    return answers
+
+
+def test_eight_clients_at_once_get_the_answers_each_gets_alone(client):
+    """8 concurrent clients x 5 requests (a conversation each, half of them streamed): every answer equals the
+    one the same request gets alone, none is lost and none is duplicated."""
+    firsts = [video_turn(str(VIDEO), f"Question {n}: what happens?") if n % 2 else
+              video_turn(f"file://{IMAGE}", f"Question {n}: what is it?", "image_url") for n in range(8)]
+    follow_ups = [[f"And then ({n}, {turn})?" for turn in range(4)] for n in range(8)]
+    alone = [conversation(client, first, more, stream=False) for first, more in zip(firsts, follow_ups)]
+    together: dict[int, list[str]] = {}
+
+    def run(n):
+        together[n] = conversation(client, firsts[n], follow_ups[n], stream=n % 2 == 0)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(together) == list(range(8))
+    assert [together[n] for n in range(8)] == alone and all(len(answers) == 5 for answers in alone)
+
+
+def out_of_memory():
+    import torch
+
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_is_503_and_the_server_goes_on(tiny_loaded):
+    starved = openai.OpenAI(base_url=started(FirstChat(tiny_loaded, out_of_memory), allow=[ASSETS]), api_key="x",
+                            max_retries=0)
+    refused(starved, [video_turn(str(VIDEO))], 503, "out of memory")
+    assert starved.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO))], max_tokens=2).choices
+
+
+def test_a_request_past_its_time_limit_is_504_and_the_server_goes_on(tiny_loaded):
+    from videoqa.serve import Limits
+
+    base, entered, gate = gated(tiny_loaded, limits=Limits(seconds=1))
+    late = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as raised:  # the worker held: no answer within the second
+        late.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO))], max_tokens=2)
+    assert entered.is_set() and raised.value.status_code == 504 and "time limit" in raised.value.body["message"]
+    gate.set()
+    assert late.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO))], max_tokens=2).choices
+
+
+def test_bad_settings_are_400_before_they_wait(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO))], temperature=-1)
+    assert "temperature" in raised.value.body["message"]
+
+
+def test_streaming_can_end_with_usage(client, tiny_loaded):
+    chunks = list(client.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO))], max_tokens=4,
+                                                 stream=True, stream_options={"include_usage": True}))
+    answer = tiny_loaded.ask(VIDEO, QUESTION, max_new_tokens=4)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(answer.tokens)
+    assert chunks[-1].usage.prompt_tokens == answer.timings["prefill_tokens"]
+    assert chunks[-2].choices[0].finish_reason == ("stop" if answer.tokens[-1] == 2 else "length")
+
+
+def test_serve_without_the_extra_names_the_command(cli, monkeypatch):
+    monkeypatch.delitem(sys.modules, "videoqa.serve", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: importing it raises ImportError
+    assert_clean_failure(cli("serve"), 2, "pip install 'videoqa[serve]'")

@@ -829,6 +829,10 @@ def serve(
         "--allow", metavar="<dir>", show_default=False,
         help="A directory whose files requests may name by path or file:// URL (repeatable; data: URLs always).")
     ] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", min=1, help="New conversations that wait together answered in one batch, at most.")] = 4,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=1, help="Seconds a request may take, waiting included (then 504).")] = 600,
     given: dict = None,
     run: Run = None,
 ) -> None:
@@ -849,16 +853,19 @@ def serve(
     try:
         import uvicorn
 
-        from videoqa.serve import app as server
+        from videoqa.serve import Limits, app as server
     except ImportError:
         raise VideoQAError("videoqa serve needs FastAPI and uvicorn: pip install 'videoqa[serve]'") from None
     directories = [d.expanduser() for d in allow or []]
     for directory in directories:
         if not directory.is_dir():
             raise VideoQAError(f"--allow {directory}: not a directory")
-    loaded = load(checkpoint(run, {**given, "frames": None, "max_new_tokens": None}, cache=True), run)
+    loaded = load(checkpoint(run, {**given, "frames": None, "max_new_tokens": None}, cache=True,
+                             batch_size=batch_size), run)
     note(f"serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
-    uvicorn.run(server(loaded, allow=directories, api_key=api_key), host=host, port=port, log_level="warning")
+    limits = Limits(batch=batch_size, seconds=timeout)
+    uvicorn.run(server(loaded, allow=directories, api_key=api_key, limits=limits), host=host, port=port,
+                log_level="warning")
 
 
 @app.command("doctor")

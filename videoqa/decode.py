@@ -185,15 +185,24 @@ def static_cache(text_config, length: int):
 def grown(text_config, cache, length: int):
     """A static cache for `length` tokens holding what `cache` holds: a conversation moves up a bucket
     without being prefilled again."""
-    bigger = static_cache(text_config, length)
-    for old, new in zip(cache.layers, bigger.layers):
+    held = int(cache.get_seq_length())
+    return row_cache(text_config, cache, length, row=slice(None), start=0, end=held)
+
+
+def row_cache(text_config, cache, length: int, *, row: int | slice, start: int, end: int):
+    """A static cache for `length` tokens holding positions [start, end) of `cache`'s `row` (an int: one row of a
+    batch's, its left padding before `start` dropped) at its start: a conversation answered in a batch goes on
+    alone, as if answered alone (the positions the rotary embedding gave each token counted from its row's first
+    real one)."""
+    rows = slice(row, row + 1) if isinstance(row, int) else row
+    new_cache = static_cache(text_config, length)
+    for old, new in zip(cache.layers, new_cache.layers):
         if old.is_initialized:
-            held = int(old.get_seq_length())
-            new.lazy_initialization(old.keys, old.values)
-            new.keys[:, :, :held] = old.keys[:, :, :held]
-            new.values[:, :, :held] = old.values[:, :, :held]
-            new.cumulative_length.fill_(held)
-    return bigger
+            new.lazy_initialization(old.keys[rows], old.values[rows])
+            new.keys[:, :, : end - start] = old.keys[rows, :, start:end]
+            new.values[:, :, : end - start] = old.values[rows, :, start:end]
+            new.cumulative_length.fill_(end - start)
+    return new_cache
 
 
 def capacity(cache) -> int:

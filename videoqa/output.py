@@ -258,33 +258,45 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
                 if text.endswith(stop[:n])), default=0)
 
 
-def until_stop(pieces: Iterable[str], stops: tuple[str, ...]) -> Iterator[str]:
-    """The streamed text up to the first stop string, none of it shown: what could begin one waits for the next
-    piece. Every piece is read (the answer ends itself at the stop)."""
-    text, shown, stopped = "", 0, False
-    for piece in pieces:
-        if stopped:
-            continue
-        text += piece
-        at = stop_index(text, stops)
-        end = at if at is not None else len(text) - held_back(text, stops)
-        if end > shown:
-            yield text[shown:end]
-            shown = end
-        stopped = at is not None
-    if not stopped and shown < len(text):
-        yield text[shown:]
+class Streamed:
+    """An answer's text as its tokens come, one at a time (`add`, then `end`): each token decoded with one token
+    of context so SentencePiece spaces come out right; a piece that ends inside a multi-byte character waits for
+    the next token; nothing from the first stop string on is shown, and what could begin one waits until known.
+    (Pushed rather than pulled: a batch's rows each have one.)"""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is the context already decoded
+        self.text, self.shown, self.stopped = "", 0, False
+
+    def add(self, token: int) -> str:
+        """The text this token lets show ("" for none yet)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(text) <= len(before) or text.endswith("\ufffd") or self.stopped:
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += text[len(before) :]
+        at = stop_index(self.text, self.stops)
+        end = at if at is not None else len(self.text) - held_back(self.text, self.stops)
+        self.stopped = at is not None
+        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
+        return piece
+
+    def end(self) -> str:
+        """What was held back for a stop string that never came."""
+        piece = "" if self.stopped else self.text[self.shown :]
+        self.shown = len(self.text)
+        return piece
 
 
-def texts(tokens: Iterable[int], tokenizer) -> Iterator[str]:
-    """Decoded text deltas, each token decoded with one token of context so SentencePiece spaces come out right;
-    a delta that ends inside a multi-byte character waits for the next token."""
-    ids: list[int] = []
-    prefix = read = 0  # ids[prefix:read] is the context already shown
+def texts(tokens: Iterable[int], tokenizer, stops: tuple[str, ...] = ()) -> Iterator[str]:
+    """The answer's text pieces as `tokens` come, up to the first stop string (see `Streamed`)."""
+    streamed = Streamed(tokenizer, stops)
     for token in tokens:
-        ids.append(token)
-        shown = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
-        text = tokenizer.decode(ids[prefix:], skip_special_tokens=True)
-        if len(text) > len(shown) and not text.endswith("\ufffd"):
-            yield text[len(shown) :]
-            prefix, read = read, len(ids)
+        if piece := streamed.add(token):
+            yield piece
+    if piece := streamed.end():
+        yield piece

@@ -2,10 +2,12 @@
 
 A request's messages become the family's template turn by turn (`Chat`): user content parts `text`, `image_url`,
 `video_url` (or `input_video`), each a `file://` URL or a path under an `--allow` directory, or a `data:` URL. One
-worker thread answers, one request at a time, from a bounded queue (429 when it is full); a conversation that goes
-on from an earlier answer reuses that answer's `Chat` (its KV cache: only the new turn is prefilled), kept least
-recently used. Errors are OpenAI's error object with a status code, never a traceback. (FastAPI is the optional
-extra `videoqa[serve]`: the CLI imports this module only for `videoqa serve`.)
+worker thread answers from a bounded queue (429 when it is full): new conversations waiting together in one batch
+on the batched decode path, a conversation that goes on from an earlier answer alone on that answer's kept `Chat`
+(its KV cache: only the new turn is prefilled; kept least recently used, within a memory bound). An answer depends
+on the messages alone: the cache holds what they tokenize to. Errors are OpenAI's error object with a status code,
+never a traceback. (FastAPI is the optional extra `videoqa[serve]`: the CLI imports this module only for `videoqa
+serve`.)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import secrets
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from videoqa.errors import Exit, VideoQAError
+from videoqa.output import Streamed
 
 MEDIA_PARTS = {"image_url": "image", "video_url": "video", "input_video": "video"}
 SAMPLING = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
@@ -53,8 +56,9 @@ class Limits:
     body: int = 64 << 20  # bytes of a request body
     media: int = 256 << 20  # bytes of one decoded data: URL
     queue: int = 8  # requests waiting for the worker
-    seconds: float = 600.0  # a request's time limit
-    conversations: int = 8  # KV caches of recent conversations kept
+    seconds: float = 600.0  # a request's time limit, from its arrival to its last token
+    batch: int = 4  # new conversations answered together at most
+    kept: float | None = None  # bytes of KV caches of recent conversations kept; None: a quarter of what is free
 
 
 @dataclass
@@ -162,137 +166,232 @@ class Files:
         return file
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """One request for the worker: what to answer and how, and where its pieces go."""
+    """One request for the worker: what to answer and how, and where its pieces go (text pieces, then the Answer
+    or a Refused); `cancelled` once nobody waits for it (the client gone, the time limit past)."""
 
     turns: list[Turn]
     settings: dict
-    framing: dict
+    framing: dict  # frames, fps; start and end (the first file's window)
+    chosen: Any  # the settings as checked (a videoqa Settings): what a batch shares
     stream: bool
-    out: queue.Queue = field(default_factory=queue.Queue)  # text pieces, then a final dict or a Refused
+    stream_usage: bool = False  # stream_options.include_usage: a last chunk with `usage`
+    out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float = 0.0
+
+    @property
+    def alike(self) -> tuple | None:
+        """What the jobs answered in one batch share (one sampler, one trace); None for a job answered alone: a
+        seeded sample, whose draws would differ in a batch."""
+        sampling = self.chosen.sampling
+        return None if sampling.temperature > 0 and sampling.seed is not None else (sampling, self.chosen.logprobs)
 
 
 def conversation_key(turns: list[Turn], framing: dict) -> str:
     return hashlib.sha256(json.dumps([[t.media, t.text, t.answer] for t in turns] + [framing]).encode()).hexdigest()
 
 
-class Worker:
-    """The model's one thread: jobs from a bounded queue, one at a time; the Chats of recent conversations kept
-    (least recently used first out) so a follow-up prefills only its new turn."""
+def refusal(error: BaseException) -> Refused:
+    """The error object for what went wrong: out of memory 503 (the server goes on), a bad request 400, a bug
+    500 (with its reason, never a traceback)."""
+    from videoqa import memory
 
-    def __init__(self, model, files: Files, limits: Limits):
-        self.model, self.files, self.limits = model, files, limits
-        self.jobs: queue.Queue = queue.Queue(maxsize=limits.queue)
+    if isinstance(error, Refused):
+        return error
+    if isinstance(error, VideoQAError):
+        short = error.code == Exit.MEMORY
+        return Refused(503 if short else 400, str(error), "server_error" if short else "invalid_request_error")
+    status = 503 if memory.is_oom(error) else 500
+    return Refused(status, f"{type(error).__name__}: {error}", "server_error")
+
+
+def cache_bytes(chat) -> int:
+    return sum(t.nbytes for layer in chat.cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
+
+
+class Worker:
+    """The model's one thread. Jobs wait in a bounded queue (429 past it); new conversations that wait together
+    are answered in one batch (`session.together`), a conversation going on from a kept Chat alone (its KV cache
+    holds everything before the new turn: only that is prefilled). Chats are kept least recently used first out
+    while their KV caches fit in `kept` bytes."""
+
+    def __init__(self, model, files: Files, limits: Limits, kept: float):
+        self.model, self.files, self.limits, self.kept = model, files, limits, kept
+        self.waiting: deque[Job] = deque()
+        self.ready = threading.Condition()
         self.chats: OrderedDict[str, Any] = OrderedDict()
         threading.Thread(target=self.run, daemon=True, name="videoqa-model").start()
 
     def submit(self, job: Job) -> None:
         job.deadline = time.monotonic() + self.limits.seconds
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise Refused(429, "the server is busy: too many requests waiting", "rate_limit_error") from None
+        with self.ready:
+            if len(self.waiting) >= self.limits.queue:
+                raise Refused(429, "the server is busy: too many requests waiting", "rate_limit_error")
+            self.waiting.append(job)
+            self.ready.notify()
+
+    def take(self) -> list[Job]:
+        """The next job, with the jobs waiting that one batch answers with it: new conversations alike."""
+        with self.ready:
+            while not self.waiting:
+                self.ready.wait()
+            first = self.waiting.popleft()
+            if first.alike is None or self.key(first) in self.chats:
+                return [first]
+            batch = [first, *(job for job in self.waiting if job.alike == first.alike
+                              and self.key(job) not in self.chats)][: self.limits.batch]
+            for job in batch[1:]:
+                self.waiting.remove(job)
+            return batch
+
+    @staticmethod
+    def key(job: Job) -> str:
+        """The kept conversation a job goes on from."""
+        return conversation_key(job.turns[:-1], job.framing)
 
     def run(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job.cancelled.is_set():
-                job.out.put(Refused(499, "the client went away"))
-                continue
+            ready = []
+            for job in self.take():
+                try:
+                    if not job.cancelled.is_set():
+                        ready.append((job, self.chat_for(job)))
+                except Exception as e:  # noqa: BLE001 (this job's alone: the others are answered)
+                    job.out.put(refusal(e))
             try:
-                self.answer(job)
-            except Refused as e:
-                job.out.put(e)
-            except VideoQAError as e:  # out of memory: 503, the server goes on; a bad request: 400
-                memory = e.code == Exit.MEMORY
-                job.out.put(Refused(503 if memory else 400, str(e), "server_error" if memory else
-                                    "invalid_request_error"))
-            except Exception as e:  # noqa: BLE001 (the server keeps serving; the client gets the reason)
-                from videoqa import memory
-
-                status = 503 if memory.is_oom(e) else 500
-                job.out.put(Refused(status, f"{type(e).__name__}: {e}", "server_error"))
+                if len(ready) == 1 and ready[0][1].cache is not None:
+                    self.alone(*ready[0])
+                elif ready:
+                    self.together(ready)
+            except Exception as e:  # noqa: BLE001 (the server keeps serving; each client gets the reason)
+                for job, _ in ready:
+                    job.out.put(refusal(e))
 
     def chat_for(self, job: Job):
-        """The conversation before the job's last turn: a kept Chat that ended there, or one rebuilt from the
-        messages (earlier answers taken as given)."""
-        key = conversation_key(job.turns[:-1], job.framing)
-        chat = self.chats.pop(key, None)
-        if chat is not None:
-            return chat
-        first, *rest = job.turns
-        paths = [self.files.path(url) for url in first.media]
-        if not paths:
-            raise Refused(400, "the first user message needs an image_url or video_url part")
-        chat = self.model.chat(paths, **job.framing)
-        for turn in job.turns[:-1]:
-            if turn is not first:
-                for url in turn.media:
-                    chat.add(self.files.path(url), **job.framing)
-            chat.take(turn.text, self.model.tokenizer(turn.answer, add_special_tokens=False).input_ids)
+        """The conversation up to the job's new turn, its files added: a kept Chat that ended where the job's
+        messages do, or one rebuilt from the messages (earlier answers taken as given)."""
+        brought = [[], *(turn.media for turn in job.turns[1:])]  # the files each turn adds (the first's: the chat's)
+        chat = self.chats.pop(self.key(job), None)
+        if chat is None:
+            if not job.turns[0].media:
+                raise Refused(400, "the first user message needs an image_url or video_url part")
+            chat = self.model.chat([self.files.path(url) for url in job.turns[0].media], **job.framing)
+            for turn, urls in zip(job.turns[:-1], brought):
+                self.add(chat, urls, job)
+                chat.take(turn.text, self.answer_ids(turn.answer))
+        self.add(chat, brought[-1], job)
         return chat
 
-    def answer(self, job: Job) -> None:
-        chat = self.chat_for(job)
-        if len(job.turns) > 1:
-            for url in job.turns[-1].media:
-                chat.add(self.files.path(url), **job.framing)
-        tokens = chat.tokens(job.turns[-1].text, **job.settings)
-        from videoqa.output import texts, until_stop
+    def answer_ids(self, text: str) -> list[int]:
+        """An answer given as text, as the conversation goes on with it: its tokens again."""
+        return self.model.tokenizer(text, add_special_tokens=False).input_ids
 
-        stop = chat.settings.changed(**{k: v for k, v in job.settings.items() if k == "stop"}).stop
+    def add(self, chat, urls: list[str], job: Job) -> None:
+        for url in urls:
+            chat.add(self.files.path(url), **{k: v for k, v in job.framing.items() if k in ("frames", "fps")})
+
+    def alone(self, job: Job, chat) -> None:
+        """A conversation's next turn on its kept cache, its text streamed to the job as it comes."""
+        text = Streamed(self.model.tokenizer, job.chosen.stop)
+        tokens = chat.tokens(job.turns[-1].text, **job.settings)
         try:
-            for piece in until_stop(texts(tokens, self.model.tokenizer), stop):
-                if job.cancelled.is_set():  # the answer is dropped; whoever still waits gets an end
-                    raise Refused(499, "the client went away")
-                if time.monotonic() > job.deadline:
-                    raise Refused(504, f"the answer ran past the time limit of {self.limits.seconds:g} s",
-                                  "server_error")
-                job.out.put(piece)
+            for token in tokens:
+                if job.cancelled.is_set():  # nobody waits: the turn is dropped
+                    return
+                self.put(job, text.add(token))
         finally:
             tokens.close()
+        self.finish(job, chat, text, batch=1)
+
+    def together(self, ready: list[tuple[Job, Any]]) -> None:
+        """New conversations answered in one batch, each row's text streamed to its job; if the batch fails
+        before its first token, each is answered alone."""
+        from videoqa.session import together
+
+        jobs, chats = [job for job, _ in ready], [chat for _, chat in ready]
+        texts = [Streamed(self.model.tokenizer, job.chosen.stop) for job in jobs]
+        started = False
+        try:
+            for row, token in together(chats, [job.turns[-1].text for job in jobs], [job.settings for job in jobs],
+                                       alive=lambda row: not jobs[row].cancelled.is_set()):
+                started = True
+                self.put(jobs[row], texts[row].add(token))
+        except Exception:
+            if started or len(ready) == 1:
+                raise
+            for one in ready:
+                self.together([one])
+            return
+        for job, chat, text in zip(jobs, chats, texts):
+            if not job.cancelled.is_set():
+                self.finish(job, chat, text, batch=len(jobs))
+
+    @staticmethod
+    def put(job: Job, piece: str) -> None:
+        if piece:
+            job.out.put(piece)
+
+    def finish(self, job: Job, chat, text: Streamed, *, batch: int) -> None:
+        """The job's last text and its Answer (its timings say how many were answered in its `batch`); the
+        conversation kept under the messages that go on from it."""
+        self.put(job, text.end())
         answer = chat.answers[-1]
+        answer.timings = {**answer.timings, "batch": batch}
+        chat.retake(self.answer_ids(answer.text))  # as the next request's messages will give it
         self.keep(conversation_key([*job.turns[:-1], Turn(job.turns[-1].media, job.turns[-1].text, answer.text)],
                                    job.framing), chat)
         job.out.put(answer)
 
     def keep(self, key: str, chat) -> None:
+        """Keep `chat`, the least recently used out while their KV caches are more than `kept` bytes."""
         self.chats[key] = chat
-        while len(self.chats) > self.limits.conversations:
+        while self.chats and sum(map(cache_bytes, self.chats.values())) > self.kept:
             self.chats.popitem(last=False)
 
 
 def settings_of(body: dict) -> tuple[dict, dict]:
     """The request's sampling settings (OpenAI's names read as videoqa's, `stop` a string or a list) and its
-    framing: videoqa's own `frames` and `fps`, as extra body fields."""
+    framing: videoqa's own `frames`, `fps`, and `start` and `end` (the first file's window), as extra body
+    fields."""
     settings = {ours: body[theirs] for theirs, ours in SAMPLING.items() if body.get(theirs) is not None}
     if body.get("logprobs"):
-        settings["logprobs"] = int(body.get("top_logprobs") or 0)
-    stop = body.get("stop")
-    if stop is not None:
-        settings["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    framing = {name: body[name] for name in ("frames", "fps") if body.get(name) is not None}
+        settings["logprobs"] = body.get("top_logprobs") or 0
+    if body.get("stop") is not None:
+        settings["stop"] = body["stop"]
+    framing = {name: body[name] for name in ("frames", "fps", "start", "end") if body.get(name) is not None}
     return settings, framing
 
 
-def completion(model, answer, created: int, ident: str) -> dict:
-    """OpenAI's chat.completion object for an Answer: `length` when it ran out of tokens, `usage` from what the
-    turn prefilled (a follow-up's new tokens alone) and generated."""
-    finish = "stop" if not answer.tokens or answer.tokens[-1] == model.tokenizer.eos_token_id else "length"
+def completion(model, answer, stops: tuple[str, ...], created: int, ident: str) -> dict:
+    """OpenAI's chat.completion object for an Answer, with videoqa's `timings` beside `usage` (as llama.cpp's
+    server adds its own): seconds of each stage, and `batch`, the requests answered together with it."""
     return {"id": ident, "object": "chat.completion", "created": created, "model": model.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                         "finish_reason": finish, "logprobs": logprobs(answer.logprobs)}],
-            "usage": {"prompt_tokens": int(answer.timings.get("prefill_tokens", 0)),
-                      "completion_tokens": len(answer.tokens),
-                      "total_tokens": int(answer.timings.get("prefill_tokens", 0)) + len(answer.tokens)}}
+                         "finish_reason": finish_of(model, answer, stops), "logprobs": logprobs(answer.logprobs)}],
+            "usage": usage_of(answer), "timings": answer.timings}
+
+
+def finish_of(model, answer, stops: tuple[str, ...]) -> str:
+    """`length` when the answer ran out of tokens, else `stop` (its EOS or a stop string)."""
+    ended = not answer.tokens or answer.tokens[-1] == model.tokenizer.eos_token_id
+    return "stop" if ended or model.stopped(answer.tokens, stops) else "length"
+
+
+def usage_of(answer) -> dict:
+    """What the turn prefilled (a follow-up's new tokens alone: the rest was in its kept cache) and generated."""
+    prompt = int(answer.timings.get("prefill_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": len(answer.tokens), "total_tokens": prompt +
+            len(answer.tokens)}
 
 
 def app(model, *, allow: list[Path], api_key: str | None = None, limits: Limits = Limits()):
     """The FastAPI app over a loaded `Model`."""
-    worker = Worker(model, Files(allow, limits.media), limits)
+    from videoqa import memory
+
+    kept = limits.kept if limits.kept is not None else memory.free(model.net.device)[0] / 4
+    worker = Worker(model, Files(allow, limits.media), limits, kept)
     server = FastAPI(title="videoqa", docs_url=None, redoc_url=None)
 
     @server.middleware("http")
@@ -306,7 +405,7 @@ def app(model, *, allow: list[Path], api_key: str | None = None, limits: Limits 
 
     @server.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "waiting": len(worker.waiting)}
 
     @server.get("/v1/models")
     async def models():
@@ -316,15 +415,15 @@ def app(model, *, allow: list[Path], api_key: str | None = None, limits: Limits 
     @server.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            job = await job_of(request, limits)
+            job = await job_of(request, model, limits)
             worker.submit(job)
         except Refused as e:
             return JSONResponse(e.body(), status_code=e.status,
                                 headers={"Retry-After": "1"} if e.status == 429 else None)
         ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if job.stream:
-            return StreamingResponse(events(job, model.name, ident, created), media_type="text/event-stream")
-        return await whole(job, model, ident, created)
+            return StreamingResponse(events(job, request, model, ident, created), media_type="text/event-stream")
+        return await whole(job, request, model, ident, created)
 
     return server
 
@@ -340,7 +439,8 @@ def logprobs(entries: list[dict] | None) -> dict | None:
     return {"content": [{**one(e), "top_logprobs": [one(t) for t in e["top"]]} for e in entries]}
 
 
-async def job_of(request, limits: Limits) -> Job:
+async def job_of(request, model, limits: Limits) -> Job:
+    """The request as a Job, its settings checked (a bad one is a 400 before it waits for the worker)."""
     raw = await request.body()
     if len(raw) > limits.body:
         raise Refused(413, f"a request body of more than {limits.body} bytes", code="body_too_large")
@@ -351,45 +451,68 @@ async def job_of(request, limits: Limits) -> Job:
     if not isinstance(body, dict):
         raise Refused(400, "the request body must be a JSON object")
     settings, framing = settings_of(body)
-    return Job(turns_of(body.get("messages")), settings, framing, bool(body.get("stream")))
+    turns = turns_of(body.get("messages"))
+    try:
+        chosen = model.settings(**{k: v for k, v in framing.items() if k in ("frames", "fps")}, **settings)
+    except VideoQAError as e:
+        raise Refused(400, str(e)) from None
+    usage = isinstance(body.get("stream_options"), dict) and bool(body["stream_options"].get("include_usage"))
+    return Job(turns, settings, framing, chosen, bool(body.get("stream")), usage)
 
 
-async def pieces(job: Job):
-    """What the worker puts for the job, as it comes (a text piece, then the Answer or a Refused)."""
+WAKE = 0.25  # seconds between a waiting request's looks at its client and its time limit
+
+
+async def pieces(job: Job, request: Request):
+    """What the worker puts for the job, as it comes (text pieces, then the Answer or a Refused). Past the time
+    limit, a 504; the client gone, nothing more; either way the job is cancelled (the worker drops it)."""
     import asyncio
 
     while True:
-        item = await asyncio.to_thread(job.out.get)
+        try:
+            item = await asyncio.to_thread(job.out.get, timeout=WAKE)
+        except queue.Empty:
+            if time.monotonic() > job.deadline:
+                job.cancelled.set()
+                yield Refused(504, "no answer within the time limit", "server_error")
+                return
+            if await request.is_disconnected():
+                job.cancelled.set()
+                return
+            continue
         yield item
         if not isinstance(item, str):
             return
 
 
-async def whole(job: Job, model, ident: str, created: int):
-    async for item in pieces(job):
+async def whole(job: Job, request: Request, model, ident: str, created: int):
+    async for item in pieces(job, request):
         if isinstance(item, Refused):
             return JSONResponse(item.body(), status_code=item.status)
         if not isinstance(item, str):
-            return JSONResponse(completion(model, item, created, ident))
+            return JSONResponse(completion(model, item, job.chosen.stop, created, ident))
 
 
-async def events(job: Job, name: str, ident: str, created: int) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, ending with [DONE]; a client gone away cancels the job."""
-    def chunk(delta: dict, finish: str | None = None) -> str:
+async def events(job: Job, request: Request, model, ident: str, created: int) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with [DONE] (after a chunk with `usage` when the request
+    asked for it); a client gone away cancels the job."""
+    def chunk(delta: dict | None, finish: str | None = None, **more) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
         return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                      "model": name, "choices": [{"index": 0, "delta": delta,
-                                                                  "finish_reason": finish}]}) + "\n\n"
+                                      "model": model.name, "choices": choices, **more}) + "\n\n"
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for item in pieces(job):
+        async for item in pieces(job, request):
             if isinstance(item, Refused):
                 yield "data: " + json.dumps(item.body()) + "\n\n"
                 break
             if isinstance(item, str):
                 yield chunk({"content": item})
-            else:
-                yield chunk({}, "stop")
+                continue
+            yield chunk({}, finish_of(model, item, job.chosen.stop))
+            if job.stream_usage:
+                yield chunk(None, usage=usage_of(item), timings=item.timings)
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()

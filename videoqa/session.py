@@ -689,6 +689,18 @@ class Chat:
         self.cache = None
         self._commit(ids + tokens, turn)
 
+    def retake(self, tokens: Sequence[int]) -> None:
+        """The last answer as `tokens` from here on (what a server's next request gives back as text, tokenized
+        again), so the conversation goes on as one rebuilt from that text would; the KV cache keeps the part it
+        shares with them (all of it when the text tokenizes back to what was generated)."""
+        from videoqa.decode import truncate
+
+        ids = self.ids[: len(self.ids) - len(self.answers[-1].tokens)] + [int(t) for t in tokens]
+        same = next((i for i, (a, b) in enumerate(zip(ids, self.ids)) if a != b), min(len(ids), len(self.ids)))
+        if self.cache is not None:
+            truncate(self.cache, min(same, int(self.cache.get_seq_length())))
+        self.ids = ids
+
     def _commit(self, ids: list[int], turn: Answer) -> None:
         """The turn answered: the conversation goes on from `ids`, its waiting files placed."""
         self.ids, self.placed, self.waiting = ids, self.visuals(), []
@@ -776,7 +788,7 @@ class Chat:
         tokens = self.tokens(question, **settings)
         stop = self.settings.changed(**{k: v for k, v in settings.items() if k == "stop"}).stop
         try:
-            yield from output.until_stop(output.texts(tokens, self.model.tokenizer), stop)
+            yield from output.texts(tokens, self.model.tokenizer, stop)
         finally:
             tokens.close()
 
@@ -878,3 +890,60 @@ class Chat:
         shares = trace.frame_attention(count)
         if shares is not None:
             turn.frames = [{**frame, "attention": share} for frame, share in zip(turn.frames, shares)]
+
+
+def together(chats: Sequence[Chat], questions: Sequence[str], settings: Sequence[dict[str, Any]], *,
+             alive: Callable[[int], bool] = lambda row: True) -> Iterator[tuple[int, int]]:
+    """Several conversations' next turns answered in one batch on the batched decode path (rows left-padded, each
+    ending on its own), for a server's requests that arrive together: (row, token) as each is generated. A row
+    ends at its EOS, its stop string or its max_new_tokens, or once `alive(row)` is false (that turn is dropped).
+    Then each Chat goes on from its answer holding its own row of the batch's KV cache, as if it had been
+    answered alone. The Chats hold no cache yet (a new conversation, or one rebuilt); the rows share one sampler
+    and one trace, so their sampling and logprobs settings must be the same (greedy answers equal each alone)."""
+    from videoqa.decode import row_cache, static_cache
+    from videoqa.questions import check_question
+    from videoqa.traces import Trace
+
+    model = chats[0].model
+    chosen = [chat.settings.changed(**{k: v for k, v in given.items() if v is not None})
+              for chat, given in zip(chats, settings)]
+    if any(chat.cache is not None for chat in chats) or len({(c.sampling, c.logprobs) for c in chosen}) > 1:
+        raise VideoQAError("together: conversations without a cache, with the same sampling and logprobs")
+    questions = [check_question(question) for question in questions]
+    ids = [chat.next_ids(question) for chat, question in zip(chats, questions)]
+    for row in ids:
+        model.check_fits(len(row))
+    budgets, cuts = zip(*(model.budget(c.max_new_tokens, len(row)) for c, row in zip(chosen, ids)))
+    turns = [chat._turn(question, list(cut)) for chat, question, cut in zip(chats, questions, cuts)]
+    width, trace = max(map(len, ids)), Trace(logprobs=chosen[0].logprobs)
+    cache = static_cache(model.net.config.text_config, width + max(budgets))
+    answers: list[list[int]] = [[] for _ in ids]
+    ended, dropped = [budget == 0 for budget in budgets], [False] * len(ids)
+    start, prefill = time.perf_counter(), 0.0
+    steps = model.generate(ids, [v for chat in chats for v in chat.visuals()], cache, max(budgets), chosen[0],
+                           trace.wanted)
+    for i, step in enumerate(steps):
+        prefill = prefill if i else time.perf_counter() - start
+        trace.add(step)
+        for row, token in enumerate(step.token.tolist()):
+            dropped[row] = dropped[row] or (not ended[row] and not alive(row))
+            if not (ended[row] or dropped[row]):
+                answers[row].append(token)
+                yield row, token
+                ended[row] = (token == model.tokenizer.eos_token_id or len(answers[row]) == budgets[row]
+                              or model.stopped(answers[row], chosen[row].stop))
+        if all(e or d for e, d in zip(ended, dropped)):
+            steps.close()
+            break
+    decode = time.perf_counter() - start - prefill
+    for row, (chat, turn, answer) in enumerate(zip(chats, turns, answers)):
+        if dropped[row]:
+            continue
+        turn.tokens, turn.text = answer, model.decode(answer, chosen[row].stop)
+        turn.logprobs = trace.logprobs(model.tokenizer, row, answer, ids[row][-1])
+        turn.timings = {**chat.pending, "prefill": prefill, "decode": decode, "prefill_tokens": len(ids[row]),
+                        "decode_tokens_per_s": (len(answer) - 1) / decode if len(answer) > 1 and decode else 0.0}
+        chat.pending = {"load": 0.0, "frames": 0.0, "vision": 0.0}
+        chat.cache = row_cache(model.net.config.text_config, cache, len(ids[row]) + budgets[row], row=row,
+                               start=width - len(ids[row]), end=width + max(len(answer) - 1, 0))
+        chat._commit(ids[row] + answer, turn)
