@@ -269,3 +269,25 @@ def test_an_image_then_a_video_added_equals_generate_on_the_whole_conversation(q
 
     check_image_then_video(qwen3, loaded, reference, VIDEOS[0], IMAGE, inputs_of=video_inputs, generate=generated,
                            ids_of=lambda *args: mixed_ids(qwen3, *args))
+
+
+def test_conversations_answered_together_go_on_as_each_alone(loaded):
+    """`session.together` (the server's batches): a video, an image and another video answered in one left-padded
+    batch (M-RoPE per row, DeepStack rows per row) give each one's tokens alone, and each conversation's follow-up
+    on its own row of the batch's cache has the tokens and the prefill of one answered alone throughout."""
+    from videoqa.session import together
+
+    media, questions = [VIDEOS[0], IMAGE, VIDEOS[1]], ["Why is this funny?", "What is it?", "Describe it in detail."]
+    alone = []
+    for file, question in zip(media, questions):
+        chat = loaded.chat(file, frames=4)
+        alone.append((chat.ask(question, max_new_tokens=6), chat.ask("And then?", max_new_tokens=5)))
+    chats = [loaded.chat(file, frames=4) for file in media]
+    rows: dict[int, list[int]] = {}
+    for row, token in together(chats, questions, [{"max_new_tokens": 6}] * 3):
+        rows.setdefault(row, []).append(token)
+    for row, (chat, (first, second)) in enumerate(zip(chats, alone)):
+        assert rows[row] == first.tokens == chat.answers[0].tokens
+        follow_up = chat.ask("And then?", max_new_tokens=5)
+        assert follow_up.tokens == second.tokens
+        assert follow_up.timings["prefill_tokens"] == second.timings["prefill_tokens"]

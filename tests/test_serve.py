@@ -81,9 +81,11 @@ def test_a_follow_up_prefills_only_its_new_turn(client, tiny_loaded):
 
 def test_images_and_videos_by_data_url(client, tiny_loaded):
     image = "data:image/jpeg;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
-    reply = client.chat.completions.create(model="tiny", messages=[video_turn(image, "What is it?", "image_url")],
-                                           max_tokens=6)
-    assert reply.choices[0].message.content == tiny_loaded.ask(IMAGE, "What is it?", max_new_tokens=6).text
+    asked = tiny_loaded.ask(IMAGE, "What is it?", max_new_tokens=6).text
+    for url in (image, f"file://{IMAGE}"):
+        reply = client.chat.completions.create(model="tiny", messages=[video_turn(url, "What is it?", "image_url")],
+                                               max_tokens=6)
+        assert reply.choices[0].message.content == asked and reply.frames == []
     video = "data:video/mp4;base64," + base64.b64encode(VIDEO.read_bytes()).decode()
     reply = client.chat.completions.create(model="tiny", messages=[video_turn(video, kind="input_video")],
                                            max_tokens=6)
@@ -225,18 +227,23 @@ def test_requests_waiting_together_are_answered_in_one_batch_and_a_full_queue_is
         assert replies[name].usage.completion_tokens == len(expected[question])
 
 
-def conversation(client, first: dict, follow_ups: list[str], stream: bool) -> list[str]:
-    """A conversation of one request per turn, each sending the messages so far: its answers."""
+def conversation(client, first: dict, follow_ups: list[str], stream: bool, ids: list | None = None) -> list[str]:
+    """A conversation of one request per turn, each sending the messages so far: its answers (each reply's id
+    added to `ids`)."""
     messages, answers = [first], []
     for question in [None, *follow_ups]:
         if question is not None:
             messages += [{"role": "assistant", "content": answers[-1]}, {"role": "user", "content": question}]
         if stream:
-            chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True)
+            chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, stream=True))
             answers.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+            reply_ids = {c.id for c in chunks}
         else:
             reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5)
             answers.append(reply.choices[0].message.content)
+            reply_ids = {reply.id}
+        assert len(reply_ids) == 1
+        (ids if ids is not None else []).extend(reply_ids)
     return answers
 
 
@@ -248,16 +255,17 @@ def test_eight_clients_at_once_get_the_answers_each_gets_alone(client):
     follow_ups = [[f"And then ({n}, {turn})?" for turn in range(4)] for n in range(8)]
     alone = [conversation(client, first, more, stream=False) for first, more in zip(firsts, follow_ups)]
     together: dict[int, list[str]] = {}
+    ids: list[str] = []
 
     def run(n):
-        together[n] = conversation(client, firsts[n], follow_ups[n], stream=n % 2 == 0)
+        together[n] = conversation(client, firsts[n], follow_ups[n], stream=n % 2 == 0, ids=ids)
 
     threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(together) == list(range(8))
+    assert sorted(together) == list(range(8)) and len(set(ids)) == len(ids) == 40
     assert [together[n] for n in range(8)] == alone and all(len(answers) == 5 for answers in alone)
 
 
@@ -305,3 +313,50 @@ def test_serve_without_the_extra_names_the_command(cli, monkeypatch):
     monkeypatch.delitem(sys.modules, "videoqa.serve", raising=False)
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: importing it raises ImportError
     assert_clean_failure(cli("serve"), 2, "pip install 'videoqa[serve]'")
+
+
+def test_start_end_and_frames_are_extra_body_fields(client, tiny_loaded):
+    reply = client.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO))], max_tokens=6,
+                                           extra_body={"frames": 4, "start": 1, "end": "00:03"})
+    asked = tiny_loaded.ask(VIDEO, QUESTION, frames=4, start=1, end=3, max_new_tokens=6)
+    assert reply.choices[0].message.content == asked.text and reply.frames == asked.frames
+    assert len(reply.frames) == 4 and all(1 <= frame["time"] < 3 for frame in reply.frames)
+
+
+def test_a_conversation_no_longer_kept_is_prefilled_again_with_the_same_answer(tiny_loaded, client):
+    """With no memory for kept caches, a follow-up prefills the whole conversation, and its answer is the one the
+    server that kept it gives."""
+    from videoqa.serve import Limits
+
+    forgetful = openai.OpenAI(base_url=started(tiny_loaded, allow=[ASSETS], limits=Limits(kept=1)), api_key="x",
+                              max_retries=0)
+    messages = [video_turn(str(VIDEO), "What is shown?")]
+    first = forgetful.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    again = forgetful.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
+    kept = client.chat.completions.create(model="tiny", messages=messages[:1], max_tokens=6)
+    assert kept.choices[0].message.content == first.choices[0].message.content
+    follow_up = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
+    assert again.choices[0].message.content == follow_up.choices[0].message.content
+    assert again.usage.prompt_tokens > first.usage.prompt_tokens > follow_up.usage.prompt_tokens
+
+
+def test_a_video_seen_before_is_not_encoded_again(tiny_model, counted, monkeypatch, tmp_path):
+    import videoqa
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = videoqa.load(tiny_model, device="cpu", dtype="float32", cache=True)
+    caching = openai.OpenAI(base_url=started(model, allow=[ASSETS]), api_key="x", max_retries=0)
+    for question in ("What is shown?", "Who is there?"):
+        caching.chat.completions.create(model="tiny", messages=[video_turn(str(VIDEO), question)], max_tokens=2)
+    assert counted["towers"] == [8]  # the second conversation's video came from the feature cache
+
+
+def test_a_data_url_past_the_media_cap_is_413(tiny_loaded):
+    from videoqa.serve import Limits
+
+    capped = openai.OpenAI(base_url=started(tiny_loaded, allow=[ASSETS], limits=Limits(media=1000)), api_key="x",
+                           max_retries=0)
+    image = "data:image/jpeg;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+    refused(capped, [video_turn(image, "What is it?", "image_url")], 413, "1000 bytes")

@@ -270,9 +270,9 @@ def checkpoint(run: Run, given: dict, cache: bool, batch_size: int = 1, medium: 
 
         from videoqa.session import Checkpoint
     by_time = given.get("fps") is not None  # then at least one frame, capped once the video's length is known
-    if by_time and given["frames"] is not None:
+    if by_time and given.get("frames") is not None:
         raise VideoQAError("--frames and --fps: give one (a count spread evenly, or a rate by time)")
-    workload = {"frames": 1 if by_time else given["frames"], "max_new_tokens": given["max_new_tokens"],
+    workload = {"frames": 1 if by_time else given.get("frames"), "max_new_tokens": given.get("max_new_tokens"),
                 "batch_size": batch_size, "medium": medium}
     return Checkpoint(run.model, device=run.device.value, dtype=run.dtype.value, cache=cache,
                       quantize=run.quantize.value, max_memory=run.max_memory, check_memory=not run.skip_memory_check,
@@ -860,8 +860,7 @@ def serve(
     for directory in directories:
         if not directory.is_dir():
             raise VideoQAError(f"--allow {directory}: not a directory")
-    loaded = load(checkpoint(run, {**given, "frames": None, "max_new_tokens": None}, cache=True,
-                             batch_size=batch_size), run)
+    loaded = load(checkpoint(run, given, cache=True, batch_size=batch_size), run)
     note(f"serving {loaded.name} on http://{host}:{port}/v1 (Ctrl-C stops)")
     limits = Limits(batch=batch_size, seconds=timeout)
     uvicorn.run(server(loaded, allow=directories, api_key=api_key, limits=limits), host=host, port=port,

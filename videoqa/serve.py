@@ -366,11 +366,12 @@ def settings_of(body: dict) -> tuple[dict, dict]:
 
 def completion(model, answer, stops: tuple[str, ...], created: int, ident: str) -> dict:
     """OpenAI's chat.completion object for an Answer, with videoqa's `timings` beside `usage` (as llama.cpp's
-    server adds its own): seconds of each stage, and `batch`, the requests answered together with it."""
+    server adds its own: seconds of each stage, and `batch`, the requests answered together with it) and `frames`,
+    the first video's frames the answer saw ({"index", "time"})."""
     return {"id": ident, "object": "chat.completion", "created": created, "model": model.name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                          "finish_reason": finish_of(model, answer, stops), "logprobs": logprobs(answer.logprobs)}],
-            "usage": usage_of(answer), "timings": answer.timings}
+            "usage": usage_of(answer), "timings": answer.timings, "frames": answer.frames}
 
 
 def finish_of(model, answer, stops: tuple[str, ...]) -> str:
