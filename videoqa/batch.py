@@ -52,11 +52,12 @@ class Ready:
 Read = Callable[[Job], Frames]  # a job's frames, read on a background thread
 
 
-def prepare(model: Engine, job: Job, read: Read) -> Ready:
-    """Decode and preprocess one job's frames on a background thread; any failure is this job's alone."""
+def prepare(pixels: Callable[[np.ndarray], np.ndarray], job: Job, read: Read) -> Ready:
+    """Decode one job's frames and preprocess them (`pixels`: the family's, for its config) on a background thread
+    or a worker of a cluster; any failure is this job's alone."""
     try:
         frames = read(job)
-        return Ready(job, frames, model.family.video.pixels(model.net.config, frames.pixels))
+        return Ready(job, frames, pixels(frames.pixels))
     except VideoQAError as e:
         return Ready(job, error=str(e))
     except Exception as e:  # a bug shown on one record rather than the end of the run
@@ -66,10 +67,11 @@ def prepare(model: Engine, job: Job, read: Read) -> Ready:
 def prefetched(model: Engine, jobs: list[Job], read: Read, ahead: int, workers: int) -> Iterator[Future]:
     """Futures of `prepare` in order, with up to `ahead` jobs decoding on `workers` background threads."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frames")
+    pixels = functools.partial(model.family.video.pixels, model.net.config)
     futures: list[Future] = []
     try:
         for job in jobs:
-            futures.append(pool.submit(prepare, model, job, read))
+            futures.append(pool.submit(prepare, pixels, job, read))
             if len(futures) > ahead:
                 yield futures.pop(0)
         while futures:

@@ -71,6 +71,25 @@ def run(model: Model, videos: list[Path], question: str, out: Output, batch_size
                  out, len(todo), skipped=len(videos) - len(todo), what="captioning")
 
 
+def run_on_ray(checkpoint, videos: list[Path], question: str, out: Output, batch_size: int, *, address: str | None,
+               debug: bool, workers: int, **settings) -> Tally:
+    """`run` on Ray Data (cluster.py: a local runtime, or a cluster's `address`): the same records, in the order
+    they are done."""
+    from videoqa import cluster
+    from videoqa.session import Checkpoint, caption_jobs
+
+    todo = [v for v in videos if record_key(v) not in out.done]
+    here = Checkpoint(**checkpoint.spec(check_memory=False)).resolve()  # the memory is the workers' to check
+    jobs, chosen = caption_jobs(here, todo, question, **settings)
+
+    def produced(interrupted: Callable[[], bool], stats: dict) -> Iterator[dict]:
+        for _, rec in cluster.records(checkpoint, jobs, chosen, address=address, debug=debug, batch_size=batch_size,
+                                      workers=workers, interrupted=interrupted):
+            yield rec
+
+    return drain(produced, out, len(todo), skipped=len(videos) - len(todo), what="captioning")
+
+
 def start_key(rec: dict) -> float:
     """What a timeline's record is known by in its file, whatever the format: its segment's start, to the ms."""
     return round(float(rec["start"]), 3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -146,6 +147,13 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", metavar="<file>",
 NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Keep this out of the history (videoqa logs); VIDEOQA_LOG=0 "
                                         "keeps everything out.")]
 LogOpt = Annotated[bool, typer.Option("--log", help="Also append each record to the history (videoqa logs).")]
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="[ADDRESS]", show_default=False,
+    help="Run on Ray Data: alone, a Ray runtime on this machine's CPUs and GPUs; auto, HOST:PORT or "
+         "ray://HOST:10001 attach to a cluster (pip install 'videoqa[ray]').")]
+RayWorkersOpt = Annotated[int, typer.Option(
+    "--ray-workers", min=1, help="With --ray and no GPU: model actors, each on a CPU (with GPUs: one per GPU).")]
+RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|[\w.-]+:\d+")
 
 
 def _checker(spec):
@@ -534,6 +542,8 @@ def caption(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     log: LogOpt = False,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = 1,
     given: dict = None,
     run: Run = None,
     window=None,
@@ -551,6 +561,8 @@ def caption(
       videoqa caption clips/ -r --glob "*.mp4" --out captions.jsonl --resume
 
       videoqa caption a.mp4 b.mp4 --prompt "What sport is this?" --format csv > answers.csv
+
+      videoqa caption /shared/clips --ray auto --out captions.jsonl --resume
     """
     from videoqa import caption as captioning
     from videoqa.questions import read_question
@@ -566,17 +578,24 @@ def caption(
         return summarize(captioning.Tally(skipped=len(videos)), "videos")
     found = checkpoint(run, given, cache=False, batch_size=batch_size, medium="video")
     log_records(log, output, found, given, "caption", window)
-    write_records(found, run, output, "videos",
-                  lambda model: captioning.run(model, videos, question, output, batch_size, start=window.start,
-                                               end=window.end, **given))
+    if ray is None:
+        return write_records(found, run, output, "videos",
+                             lambda model: captioning.run(model, videos, question, output, batch_size,
+                                                          start=window.start, end=window.end, **given))
+    from videoqa.cluster import ray_module
+
+    ray_module()  # the extra is needed: said before anything starts
+    write_records(found, run, output, "videos", lambda unloaded: captioning.run_on_ray(
+        unloaded, videos, question, output, batch_size, address=None if ray == "local" else ray, debug=DEBUG,
+        workers=ray_workers, start=window.start, end=window.end, **given), load_here=False)
 
 
-def write_records(found, run: Run, output, unit: str, produce) -> None:
+def write_records(found, run: Run, output, unit: str, produce, *, load_here: bool = True) -> None:
     """Load the model (its video workload checked first), then let `produce(model)` write the records to `output`
     (opened after the load: a failed load leaves an old file untouched); print the summary and exit with the run's
-    code."""
+    code. Not `load_here` (a cluster loads it): `produce` gets the checkpoint."""
     try:
-        loaded = load(found, run)
+        loaded = load(found, run) if load_here else found
         output.open()
         tally = produce(loaded)
     finally:
@@ -1131,7 +1150,7 @@ def run() -> int:
     DEBUG = os.environ.get("VIDEOQA_DEBUG") == "1"
     show_notes()
     try:
-        return typer.main.get_command(app).main(standalone_mode=False) or 0
+        return typer.main.get_command(app).main(args=ray_local(sys.argv[1:]), standalone_mode=False) or 0
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C
         return Exit.INTERRUPTED
     except typer.TyperException as e:  # bad usage, reported by typer's parser
@@ -1145,6 +1164,17 @@ def run() -> int:
         return Exit.PIPE
     except Exception as e:
         return failed(f"internal error: {type(e).__name__}: {e}; run again with --debug for the traceback", Exit.INTERNAL)
+
+
+def ray_local(args: list[str]) -> list[str]:
+    """`--ray` with no address after it (at the end, before another option or a path) as `--ray local`: the
+    address is optional, which the option parser cannot say itself."""
+    found = []
+    for n, arg in enumerate(args):
+        found.append(arg)
+        if arg == "--ray" and (n + 1 == len(args) or not RAY_ADDRESS.fullmatch(args[n + 1])):
+            found.append("local")
+    return found
 
 
 def failed(message: str, code: int) -> int:

@@ -95,6 +95,13 @@ class Checkpoint:
         self.path = self.config = None  # known once resolved (a preset's table stands in until it is downloaded)
         self.loaded = False  # then the memory in use holds the weights
 
+    def spec(self, **changed: Any) -> dict[str, Any]:
+        """The arguments that make this Checkpoint again (on another machine: a cluster's worker), some `changed`."""
+        device, dtype, cache = self.options
+        return {"model": self.name, "device": device, "dtype": dtype, "cache": cache, "quantize": self.quantize,
+                "max_memory": self.max_memory, "check_memory": self.check_memory, "workload": self.workload,
+                **changed}
+
     @functools.cached_property
     def device(self):
         return models.pick_device(self.options[0])
@@ -377,6 +384,24 @@ class Checkpoint:
                      seconds=time.perf_counter() - start)
 
 
+def caption_jobs(checkpoint: Checkpoint, videos: str | Path | Iterable[str | Path],
+                 prompt: str | Sequence[str] | None = None, *, start: Time = None, end: Time = None,
+                 **settings: Any) -> tuple[list, Settings]:
+    """`Model.caption`'s jobs (batch.Job: each video, its question and the window) and settings, checked: also
+    what a cluster answers (cluster.py), where the model is loaded elsewhere."""
+    from videoqa.batch import Job
+    from videoqa.questions import CAPTION_PROMPT, check_question
+
+    chosen, window = checkpoint.settings(**settings), timing.window(start, end)
+    checkpoint.check_videos(checkpoint.least(chosen))
+    videos = [Path(videos)] if isinstance(videos, (str, Path)) else [Path(v) for v in videos]
+    prompt = CAPTION_PROMPT if prompt is None else prompt
+    prompts = [prompt] * len(videos) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(videos):
+        raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
+    return [Job(video, question, window) for video, question in zip(videos, map(check_question, prompts))], chosen
+
+
 def segments(video: str | Path, *, every: str | float | None = None, count: int | None = None,
              default: str | float | None = None) -> list[Window]:
     """The consecutive windows a timeline or a search cuts `video` into: `every` seconds long (a length such as 30,
@@ -513,17 +538,9 @@ class Model(Engine):
         Videos are decoded ahead on background threads and answered `batch_size` at a time; `interrupted()` is asked
         after each batch. A batch that runs out of memory is answered in halves; `stats["backoffs"]` counts how
         often."""
-        from videoqa.batch import Job, records
-        from videoqa.questions import CAPTION_PROMPT, check_question
+        from videoqa.batch import records
 
-        chosen, window = self.settings(**settings), timing.window(start, end)
-        self.checkpoint.check_videos(self.checkpoint.least(chosen))
-        videos = [Path(videos)] if isinstance(videos, (str, Path)) else [Path(v) for v in videos]
-        prompt = CAPTION_PROMPT if prompt is None else prompt
-        prompts = [prompt] * len(videos) if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != len(videos):
-            raise VideoQAError(f"{len(prompts)} prompts for {len(videos)} videos: give one, or one per video")
-        jobs = [Job(video, question, window) for video, question in zip(videos, map(check_question, prompts))]
+        jobs, chosen = caption_jobs(self.checkpoint, videos, prompt, start=start, end=end, **settings)
         yield from records(self, jobs, chosen, batch_size, interrupted, {} if stats is None else stats)
 
     def evaluate(self, items: Sequence, *, batch_size: int = 4, interrupted: Callable[[], bool] = lambda: False,
