@@ -24,6 +24,7 @@ pytestmark = needs_assets
 REAL = ["videollava_sample_demo_1.mp4", "videollava_sample_demo_3.mp4", "videollava_sample_demo_9.mp4",
         "videollama2_1034346401.mp4", "llavanext_xU25MMA2N4aVtYay.mp4", "videollava_sample_demo_22.mp4"]
 SAME = ("video", "question", "answer", "tokens", "frames", "error")  # what --ray writes as local caption does
+# float32 everywhere: the in-process runs' --dtype auto is told the CPU has no bfloat16 (conftest), real processes not
 TOKENS = "300"  # long enough answers that a run can be interrupted while it is answering
 
 
@@ -41,7 +42,7 @@ def clips(tmp_path_factory) -> Path:
 def local(clips, tiny_model, tmp_path_factory) -> dict:
     """Local caption's records of the clips, by video."""
     out = tmp_path_factory.mktemp("local") / "local.jsonl"
-    done = run_videoqa("caption", clips, "-m", tiny_model, "-n", TOKENS, "-b", 2, "--out", out)
+    done = run_videoqa("caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 2, "--out", out)
     assert done.returncode == Exit.SOME_FAILED, done.stderr
     return by_video(out)
 
@@ -93,7 +94,7 @@ def first_record(out: Path, process: subprocess.Popen) -> None:
 
 def test_ray_writes_local_captions_records_and_nothing_of_its_own(clips, local, tiny_model, tmp_path, ray_env):
     out = tmp_path / "ray.jsonl"
-    done = run_videoqa("caption", clips, "-m", tiny_model, "-n", TOKENS, "-b", 2, "--ray", "--ray-workers", 1,
+    done = run_videoqa("caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 2, "--ray", "--ray-workers", 1,
                        "--out", out, env=ray_env)
     assert done.returncode == Exit.SOME_FAILED, done.stderr
     assert by_video(out) == local and len(local) == 8
@@ -105,7 +106,7 @@ def test_ray_writes_local_captions_records_and_nothing_of_its_own(clips, local, 
 
 def test_a_killed_model_actor_is_replaced_and_every_video_written_once(clips, local, tiny_model, tmp_path, ray_env):
     out = tmp_path / "ray.jsonl"
-    run = started(["caption", clips, "-m", tiny_model, "-n", TOKENS, "-b", 1, "--ray", "--out", out], ray_env)
+    run = started(["caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 1, "--ray", "--out", out], ray_env)
     first_record(out, run)
     actors = [pid for pid, line in ray_processes(ending=False) if "MapWorker(MapBatches(Answerer" in line]
     assert actors
@@ -118,7 +119,7 @@ def test_a_killed_model_actor_is_replaced_and_every_video_written_once(clips, lo
 def test_a_driver_killed_mid_run_then_resumed_loses_and_repeats_nothing(clips, local, tiny_model, tmp_path,
                                                                         ray_env):
     out = tmp_path / "ray.jsonl"
-    args = ["caption", clips, "-m", tiny_model, "-n", TOKENS, "-b", 1, "--ray", "--out", out]
+    args = ["caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 1, "--ray", "--out", out]
     run = started(args, ray_env)
     first_record(out, run)
     run.kill()
@@ -146,3 +147,26 @@ def test_a_wrong_address_ends_with_one_line(clips, tiny_model, tmp_path):
 def test_without_the_extra_ray_names_the_command(cli, clips, tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it raises ImportError
     assert_clean_failure(cli("caption", clips, "-m", tiny_model, "--ray"), 2, "pip install 'videoqa[ray]'")
+
+
+def test_timeline_and_eval_on_ray_write_their_local_records(cli, tiny_model, tmp_path, ray_env):
+    """Segments (each read on its own by a worker, not by one pass over the file) and benchmark items (a
+    multiple-choice one, an open one, a window, a missing video) get local timeline's and eval's records."""
+    video = asset(f"videos/{REAL[5]}")
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps(item) for item in [
+        {"video": str(asset(f"videos/{REAL[0]}")), "question": "What is it?", "choices": ["a baby", "a dog"],
+         "answer": "a baby"},
+        {"video": str(asset(f"videos/{REAL[1]}")), "question": "What happens?", "answer": "nothing"},
+        {"video": str(asset(f"videos/{REAL[2]}")), "question": "What happens here?", "start": 1, "end": 3},
+        {"video": str(tmp_path / "missing.mp4"), "question": "What?"}]) + "\n")
+    for command, key in ((["timeline", video, "--segments", 3], "start"), (["eval", items], "number")):
+        found = {}
+        for where in ("local", "ray"):
+            out = tmp_path / f"{command[0]}-{where}.jsonl"
+            args = [*command, "-m", tiny_model, "--dtype", "float32", "-n", 6, "--out", out, *(["--ray"] if where == "ray" else [])]
+            code = run_videoqa(*args, env=ray_env).returncode if where == "ray" else cli(*args).code
+            assert code == (Exit.OK if command[0] == "timeline" else Exit.SOME_FAILED), (command, where)
+            records = [json.loads(line) for line in out.read_text().splitlines()]
+            found[where] = {r[key]: {k: v for k, v in r.items() if k != "timings"} for r in records}
+        assert found["ray"] == found["local"] and len(found["local"]) in (3, 4)

@@ -71,22 +71,35 @@ def run(model: Model, videos: list[Path], question: str, out: Output, batch_size
                  out, len(todo), skipped=len(videos) - len(todo), what="captioning")
 
 
-def run_on_ray(checkpoint, videos: list[Path], question: str, out: Output, batch_size: int, *, address: str | None,
-               debug: bool, workers: int, **settings) -> Tally:
-    """`run` on Ray Data (cluster.py: a local runtime, or a cluster's `address`): the same records, in the order
-    they are done."""
+def on_ray(checkpoint, jobs_of: Callable, *, address: str | None, debug: bool, batch_size: int, workers: int,
+           finish: Callable[[int, dict], dict] = lambda n, rec: rec) -> Callable[[Callable[[], bool], dict],
+                                                                                Iterator[dict]]:
+    """`drain`'s records(interrupted, stats) for jobs answered on Ray Data (cluster.py: a local runtime, or the
+    cluster at `address`), in the order they are done: the jobs and settings are `jobs_of(checkpoint)`, the
+    checkpoint resolved here without its memory check (the memory is the workers'); each record made whole by
+    `finish(job number, record)` (a segment's times, an item's judgement)."""
     from videoqa import cluster
-    from videoqa.session import Checkpoint, caption_jobs
+    from videoqa.session import Checkpoint
 
-    todo = [v for v in videos if record_key(v) not in out.done]
-    here = Checkpoint(**checkpoint.spec(check_memory=False)).resolve()  # the memory is the workers' to check
-    jobs, chosen = caption_jobs(here, todo, question, **settings)
+    jobs, chosen = jobs_of(Checkpoint(**checkpoint.spec(check_memory=False)).resolve())
 
     def produced(interrupted: Callable[[], bool], stats: dict) -> Iterator[dict]:
-        for _, rec in cluster.records(checkpoint, jobs, chosen, address=address, debug=debug, batch_size=batch_size,
+        for n, rec in cluster.records(checkpoint, jobs, chosen, address=address, debug=debug, batch_size=batch_size,
                                       workers=workers, interrupted=interrupted):
-            yield rec
+            yield finish(n, rec)
 
+    return produced
+
+
+def run_on_ray(checkpoint, videos: list[Path], question: str, out: Output, batch_size: int, *, ray: dict,
+               **settings) -> Tally:
+    """`run` on Ray Data (`ray`: on_ray's address, debug and workers): the same records, in the order they are
+    done."""
+    from videoqa.session import caption_jobs
+
+    todo = [v for v in videos if record_key(v) not in out.done]
+    produced = on_ray(checkpoint, lambda here: caption_jobs(here, todo, question, **settings), batch_size=batch_size,
+                      **ray)
     return drain(produced, out, len(todo), skipped=len(videos) - len(todo), what="captioning")
 
 

@@ -578,16 +578,24 @@ def caption(
         return summarize(captioning.Tally(skipped=len(videos)), "videos")
     found = checkpoint(run, given, cache=False, batch_size=batch_size, medium="video")
     log_records(log, output, found, given, "caption", window)
-    if ray is None:
+    on_ray = ray_options(ray, ray_workers)
+    if on_ray is None:
         return write_records(found, run, output, "videos",
                              lambda model: captioning.run(model, videos, question, output, batch_size,
                                                           start=window.start, end=window.end, **given))
+    write_records(found, run, output, "videos", lambda unloaded: captioning.run_on_ray(
+        unloaded, videos, question, output, batch_size, ray=on_ray, start=window.start,
+        end=window.end, **given), load_here=False)
+
+
+def ray_options(address: str | None, workers: int) -> dict | None:
+    """--ray's and --ray-workers' options for caption.on_ray (None without --ray); the extra checked first."""
+    if address is None:
+        return None
     from videoqa.cluster import ray_module
 
-    ray_module()  # the extra is needed: said before anything starts
-    write_records(found, run, output, "videos", lambda unloaded: captioning.run_on_ray(
-        unloaded, videos, question, output, batch_size, address=None if ray == "local" else ray, debug=DEBUG,
-        workers=ray_workers, start=window.start, end=window.end, **given), load_here=False)
+    ray_module()  # a missing extra is said before anything starts
+    return {"address": None if address == "local" else address, "debug": DEBUG, "workers": workers}
 
 
 def write_records(found, run: Run, output, unit: str, produce, *, load_here: bool = True) -> None:
@@ -635,6 +643,8 @@ def evaluate(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     log: LogOpt = False,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = 1,
     given: dict = None,
     run: Run = None,
 ) -> None:
@@ -663,10 +673,17 @@ def evaluate(
                     key=lambda rec: rec["number"])
     todo = [item for item in found_items if item.number not in output.done]
     judged: list[dict] = []
+    on_ray = ray_options(ray, ray_workers)
 
-    def produce(model):
+    def produce(subject):  # the model, or without it the checkpoint the cluster loads
         def answered(interrupted, stats):
-            for rec in model.evaluate(todo, batch_size=batch_size, interrupted=interrupted, stats=stats, **given):
+            from videoqa.session import eval_jobs, judged as judge
+
+            found = (subject.evaluate(todo, batch_size=batch_size, interrupted=interrupted, stats=stats, **given)
+                     if on_ray is None else captioning.on_ray(
+                         subject, lambda here: eval_jobs(here, todo, **given), batch_size=batch_size,
+                         finish=lambda n, rec: judge(todo[n], rec), **on_ray)(interrupted, stats))
+            for rec in found:
                 judged.append(rec)
                 yield rec
 
@@ -678,7 +695,7 @@ def evaluate(
     try:
         found = checkpoint(run, given, cache=False, batch_size=batch_size, medium="video")
         log_records(log, output, found, given, "eval", {item.number: (item.start, item.end) for item in todo})
-        write_records(found, run, output, "items", produce)
+        write_records(found, run, output, "items", produce, load_here=on_ray is None)
     except typer.Exit:  # the run's end: its summary is out, the accuracy goes under it
         report_accuracy(evaluation.accuracy(evaluation.every_record(out, judged), by), by)
         raise
@@ -730,6 +747,8 @@ def timeline(
     overwrite: OverwriteOpt = False,
     sheet: SheetOpt = None,
     log: LogOpt = False,
+    ray: RayOpt = None,
+    ray_workers: RayWorkersOpt = 1,
     given: dict = None,
     run: Run = None,
 ) -> None:
@@ -760,23 +779,34 @@ def timeline(
     todo = [w for w in windows if captioning.start_key({"start": w.start}) not in output.done]
     if not todo:
         return summarize(captioning.Tally(skipped=len(windows)), "segments")
-    def produce(model):
+    on_ray = ray_options(ray, ray_workers)
+
+    def produce(subject):  # the model, or without it the checkpoint the cluster loads
+        from videoqa.session import segment_jobs, sheet as draw
+
         drawn: list[dict] = []  # the frames of the segments answered, for --sheet
 
+        def jobs_of(here):
+            chosen = here.settings(**given)
+            return segment_jobs(here, video, question or here.preset.describe, chosen, windows=todo, default=30), chosen
+
         def answered(interrupted, stats):
-            for rec in model.timeline(video, question, windows=todo, batch_size=batch_size, interrupted=interrupted,
-                                      stats=stats, **given):
+            found = (subject.timeline(video, question, windows=todo, batch_size=batch_size, interrupted=interrupted,
+                                      stats=stats, **given) if on_ray is None else captioning.on_ray(
+                         subject, jobs_of, batch_size=batch_size, finish=lambda n, rec: {
+                             **rec, "start": todo[n].start, "end": todo[n].end}, **on_ray)(interrupted, stats))
+            for rec in found:
                 drawn.extend(rec["frames"])
                 yield rec
 
         tally = captioning.drain(answered, output, len(todo), skipped=len(windows) - len(todo), what="timeline")
         if sheet is not None and drawn:
-            model.sheet(video, drawn, sheet)
+            draw(video, sorted(drawn, key=lambda frame: frame["index"]), sheet)
         return tally
 
     found = checkpoint(run, given, cache=False, batch_size=batch_size, medium="video")
     log_records(log, output, found, given, "timeline")  # each record's window: its segment
-    write_records(found, run, output, "segments", produce)
+    write_records(found, run, output, "segments", produce, load_here=on_ray is None)
 
 
 @app.command()

@@ -170,6 +170,7 @@ def drive(out, address: str | None, debug: bool, spec: dict, jobs: list, setting
         quiet = os.open(os.devnull, os.O_WRONLY)
         os.dup2(quiet, 1)
         os.dup2(quiet, 2)
+    os.setsid()  # the runtime's processes join this group, and end with it: agents outlive ray.shutdown a while
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     orphan_ends()
@@ -182,6 +183,8 @@ def drive(out, address: str | None, debug: bool, spec: dict, jobs: list, setting
         out.send(e)
     except (BrokenPipeError, EOFError):  # videoqa is gone
         pass
+    finally:
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # what is left of the runtime, and this process
 
 
 def orphan_ends() -> None:

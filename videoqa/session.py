@@ -402,6 +402,57 @@ def caption_jobs(checkpoint: Checkpoint, videos: str | Path | Iterable[str | Pat
     return [Job(video, question, window) for video, question in zip(videos, map(check_question, prompts))], chosen
 
 
+def eval_jobs(checkpoint: Checkpoint, items: Sequence, **settings: Any) -> tuple[list, Settings]:
+    """`Model.evaluate`'s jobs (one per evaluation.Item: its video, question, window and choices) and settings,
+    checked."""
+    from videoqa.batch import Job
+
+    chosen = checkpoint.settings(**settings)
+    checkpoint.check_videos(checkpoint.least(chosen))
+    return [Job(item.video, item.question, timing.window(item.start, item.end), item.choices) for item in items], chosen
+
+
+def judged(item, rec: dict) -> dict:
+    """An item's record: the answer's, then `number`, `item` (as read), `expected` and `correct`."""
+    from videoqa.evaluation import judge
+
+    correct = None if rec["error"] is not None else judge(item.answer, rec["answer"], item.choices)
+    return {**rec, "number": item.number, "item": item.fields, "expected": item.answer, "correct": correct}
+
+
+def segment_jobs(checkpoint: Checkpoint, video: str | Path, question: str, settings: Settings, *,
+                 every: str | float | None = None, count: int | None = None, windows: Sequence[Window] | None = None,
+                 default: float) -> list:
+    """A job per segment of the video: the `windows` given, or those of `every` or `count` (`default` s long
+    when neither is given)."""
+    from videoqa.batch import Job
+    from videoqa.questions import check_question
+
+    checkpoint.check_videos(checkpoint.least(settings))
+    if windows is None:
+        windows = segments(video, every=every, count=count, default=default)
+    return [Job(Path(video), check_question(question), window) for window in windows]
+
+
+def sheet(video: str | Path, frames: Sequence[dict], path: str | Path, *, pixels=None) -> tuple[int, int]:
+    """A contact sheet (PNG at `path`) of a video's sampled `frames` as records list them ({"index", "time"},
+    and "attention" under explain), each labelled with its time (and share); `pixels`: the frames already
+    decoded, else they are decoded from the file. Its (width, height)."""
+    from videoqa.frames import Damaged, open_video
+    from videoqa.sheet import contact_sheet
+
+    if not frames:
+        raise VideoQAError(f"{output.display(video)}: no sampled frames to draw")
+    if pixels is None:
+        try:
+            with open_video(Path(video)) as opened:
+                pixels = opened.decode([frame["index"] for frame in frames])
+        except Damaged:
+            raise VideoQAError(f"{output.display(video)}: its frames could not be decoded again for the sheet")
+    shares = [frame["attention"] for frame in frames] if "attention" in frames[0] else None
+    return contact_sheet(pixels, [frame["time"] for frame in frames], path, shares=shares)
+
+
 def segments(video: str | Path, *, every: str | float | None = None, count: int | None = None,
              default: str | float | None = None) -> list[Window]:
     """The consecutive windows a timeline or a search cuts `video` into: `every` seconds long (a length such as 30,
@@ -511,22 +562,8 @@ class Model(Engine):
         return (pooled / pooled.norm().clamp(min=1e-12)).cpu()
 
     def sheet(self, video: str | Path, frames: Sequence[dict], path: str | Path, *, pixels=None) -> tuple[int, int]:
-        """A contact sheet (PNG at `path`) of a video's sampled `frames` as records list them ({"index", "time"},
-        and "attention" under explain), each labelled with its time (and share); `pixels`: the frames already
-        decoded, else they are decoded from the file. Its (width, height)."""
-        from videoqa.frames import Damaged, open_video
-        from videoqa.sheet import contact_sheet
-
-        if not frames:
-            raise VideoQAError(f"{output.display(video)}: no sampled frames to draw")
-        if pixels is None:
-            try:
-                with open_video(Path(video)) as opened:
-                    pixels = opened.decode([frame["index"] for frame in frames])
-            except Damaged:
-                raise VideoQAError(f"{output.display(video)}: its frames could not be decoded again for the sheet")
-        shares = [frame["attention"] for frame in frames] if "attention" in frames[0] else None
-        return contact_sheet(pixels, [frame["time"] for frame in frames], path, shares=shares)
+        """A contact sheet of a video's sampled `frames` (see `sheet`)."""
+        return sheet(video, frames, path, pixels=pixels)
 
     def caption(self, videos: str | Path | Iterable[str | Path], prompt: str | Sequence[str] | None = None, *,
                 start: Time = None, end: Time = None, batch_size: int = 4,
@@ -549,15 +586,11 @@ class Model(Engine):
         order: the `--json` schema with the answer generated, or, for an item with choices, the likeliest option
         and every option's score (`choices`); then `number` and `item` (the item as read), `expected` (its answer)
         and `correct` (None without one, or for an error record). Batched as `caption`."""
-        from videoqa.batch import Job, records
-        from videoqa.evaluation import judge
+        from videoqa.batch import records
 
-        chosen = self.settings(**settings)
-        self.checkpoint.check_videos(self.checkpoint.least(chosen))
-        jobs = [Job(item.video, item.question, timing.window(item.start, item.end), item.choices) for item in items]
+        jobs, chosen = eval_jobs(self.checkpoint, items, **settings)
         for item, rec in zip(items, records(self, jobs, chosen, batch_size, interrupted, {} if stats is None else stats)):
-            correct = None if rec["error"] is not None else judge(item.answer, rec["answer"], item.choices)
-            yield {**rec, "number": item.number, "item": item.fields, "expected": item.answer, "correct": correct}
+            yield judged(item, rec)
 
     def timeline(self, video: str | Path, prompt: str | None = None, *, every: str | float | None = None,
                  count: int | None = None, windows: Sequence[Window] | None = None, batch_size: int = 4,
@@ -571,8 +604,8 @@ class Model(Engine):
         from videoqa.batch import records
 
         chosen = self.settings(**settings)
-        jobs = self._segment_jobs(video, prompt or self.preset.describe, chosen, every=every, count=count,
-                                  windows=windows, default=30)
+        jobs = segment_jobs(self.checkpoint, video, prompt or self.preset.describe, chosen, every=every, count=count,
+                            windows=windows, default=30)
         with _walker(video, functools.partial(self.checkpoint.sampler, chosen)) as read:
             answered = records(self, jobs, chosen, batch_size, interrupted, {} if stats is None else stats, read=read,
                                workers=1)
@@ -593,21 +626,10 @@ class Model(Engine):
         chosen = self.settings(frames=frames, fps=fps, max_frames=max_frames)
         self.answer_ids  # noqa: B018 (a tokenizer that cannot tell the answers apart is refused before any frame)
         question = FIND.format(query=check_question(query).rstrip(".?! "))
-        jobs = self._segment_jobs(video, question, chosen, every=every, count=count, windows=windows, default=10)
+        jobs = segment_jobs(self.checkpoint, video, question, chosen, every=every, count=count, windows=windows,
+                            default=10)
         with _walker(video, functools.partial(self.checkpoint.sampler, chosen)) as read:
             return list(scores(self, jobs, read, batch_size, workers=1))
-
-    def _segment_jobs(self, video: str | Path, question: str, settings: Settings, *, every: str | float | None,
-                      count: int | None, windows: Sequence[Window] | None, default: float) -> list:
-        """A job per segment of the video: the `windows` given, or those of `every` or `count` (`default` s long
-        when neither is given)."""
-        from videoqa.batch import Job
-        from videoqa.questions import check_question
-
-        self.checkpoint.check_videos(self.checkpoint.least(settings))
-        if windows is None:
-            windows = segments(video, every=every, count=count, default=default)
-        return [Job(Path(video), check_question(question), window) for window in windows]
 
     def encode(self, media: Media):
         """The media's features (a features.Visual): from the cache, or through the vision tower (then kept in the
