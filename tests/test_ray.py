@@ -52,7 +52,8 @@ def ray_env():
     """Ray's files under a short folder of the test's own (its sockets' paths have a length limit)."""
     folder = tempfile.mkdtemp(prefix="vq-ray-", dir="/tmp")
     yield {"RAY_TMPDIR": folder}
-    assert not ray_processes(), "a Ray process outlived its run"
+    left = ray_processes()
+    assert not left, f"a Ray process outlived its run: {left}"
 
 
 def by_video(out: Path) -> dict:
@@ -63,8 +64,8 @@ def by_video(out: Path) -> dict:
 
 
 def ray_processes(ending: bool = True) -> list[tuple[int, str]]:
-    """(pid, command line) of Ray's processes on this machine; `ending`: after up to 10 s for them to end."""
-    for _ in range(100 if ending else 1):
+    """(pid, command line) of Ray's processes on this machine; `ending`: after up to 30 s for them to end."""
+    for _ in range(300 if ending else 1):
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -124,7 +125,8 @@ def test_a_driver_killed_mid_run_then_resumed_loses_and_repeats_nothing(clips, l
     first_record(out, run)
     run.kill()
     run.communicate()
-    assert not ray_processes()  # the driver's death ended the runtime it started
+    left = ray_processes()
+    assert not left, left  # the driver's death ended the runtime it started
     written = len(by_video(out))
     assert 1 <= written < 8
     resumed = run_videoqa(*args, "--resume", env=ray_env)
@@ -170,3 +172,16 @@ def test_timeline_and_eval_on_ray_write_their_local_records(cli, tiny_model, tmp
             records = [json.loads(line) for line in out.read_text().splitlines()]
             found[where] = {r[key]: {k: v for k, v in r.items() if k != "timings"} for r in records}
         assert found["ray"] == found["local"] and len(found["local"]) in (3, 4)
+
+
+def test_sigterm_stops_after_the_record_in_flight_and_ends_the_runtime(clips, local, tiny_model, tmp_path, ray_env):
+    out = tmp_path / "ray.jsonl"
+    run = started(["caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 1, "--ray",
+                   "--out", out], ray_env)
+    first_record(out, run)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == Exit.TERMINATED, err
+    written = by_video(out)
+    assert 1 <= len(written) < 8 and all(local[video] == rec for video, rec in written.items())
+    assert "done" in err.decode()  # the summary of what was written

@@ -109,7 +109,7 @@ def answerer(spec: str, settings) -> type:
             import torch
 
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))  # Ray sets OMP_NUM_THREADS=1 in its workers
+            torch.set_num_threads(max(1, round(cpus)))  # Ray sets OMP_NUM_THREADS=1 in its workers
             self.model = checkpoint_of(spec).load()
 
         def __call__(self, batch: dict) -> dict:
@@ -140,6 +140,8 @@ def records(checkpoint, jobs: list, settings, *, address: str | None, debug: boo
     writer.close()
     try:
         while not interrupted():
+            if not reader.poll(0.25):  # a stop asked for is seen while the next record is being made
+                continue
             try:
                 item = reader.recv()
             except EOFError:
@@ -227,11 +229,13 @@ def pipeline(checkpoint, jobs: dict[int, Any], settings, *, batch_size: int, wor
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.verbose_progress = False
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
+    # on CPUs, half a CPU is left over for reading frames, however many model actors there are
+    share = {"num_gpus": 1} if gpus else {"num_cpus": max(0.25, min(1.0, (cpus - 0.5) / workers))}
     rows = ray.data.from_items([{"n": n, "job": pickle.dumps(job)} for n, job in jobs.items()])
     ready = rows.map(preparer(json.dumps(checkpoint.spec(check_memory=False)), settings), num_cpus=0.5)
     answered = ready.map_batches(answerer(json.dumps(checkpoint.spec()), settings), batch_size=batch_size,
-                                 compute=ray.data.ActorPoolStrategy(size=gpus or workers), max_restarts=0,
-                                 **({"num_gpus": 1} if gpus else {"num_cpus": 1}))
+                                 compute=ray.data.ActorPoolStrategy(size=gpus or workers), max_restarts=0, **share)
     for row in answered.iter_rows():
         yield int(row["n"]), pickle.loads(row["record"])
