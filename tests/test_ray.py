@@ -1,8 +1,9 @@
-"""`videoqa caption --ray`: on a local Ray runtime (2 CPUs, no dashboard, its temp dir the test's own), 6 real
-videos and 2 broken files get the records local caption writes (only the order may differ); nothing of Ray's on
-stderr; no Ray process left afterwards; a model actor killed mid-run is replaced and every video written once; a
-driver killed mid-run and resumed loses and repeats nothing; a wrong address ends with one line; without the extra,
-one line names it."""
+"""`videoqa caption --ray`: on the local Ray runtime a run starts (its temp dir the test's own), 6 real videos and 2
+broken files get the records local caption writes (only the order may differ); nothing of Ray's on stderr; no Ray
+process left afterwards, also after SIGTERM and after the driver is killed (then --resume loses and repeats
+nothing). On one cluster for the module (`ray start --head`, 2 CPUs, no dashboard), attached by HOST:PORT: a model
+actor killed mid-run is replaced and every video written once; timeline and eval write their local records. A wrong
+address ends with one line; without the extra, one line names it."""
 
 import json
 import os
@@ -47,6 +48,24 @@ def local(clips, tiny_model, tmp_path_factory) -> dict:
     return by_video(out)
 
 
+CLUSTER = "VIDEOQA_TEST_CLUSTER"  # in the environment of the module's cluster's processes
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray cluster on this machine for the module's attaching runs: its HOST:PORT."""
+    folder = tempfile.mkdtemp(prefix="vq-rc-", dir="/tmp")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray = [str(Path(sys.executable).parent / "ray")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", CLUSTER: "1"}
+    subprocess.run([*ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats", f"--temp-dir={folder}"], env=env, check=True, capture_output=True)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([*ray, "stop", "--force"], env=env, capture_output=True)
+
+
 @pytest.fixture
 def ray_env():
     """Ray's files under a short folder of the test's own (its sockets' paths have a length limit)."""
@@ -73,12 +92,19 @@ def ray_processes(ending: bool = True) -> list[tuple[int, str]]:
             except OSError:
                 continue
             if any(name in line for name in ("raylet", "gcs_server", "ray::", "DashboardAgent", "RuntimeEnvAgent",
-                                              "default_worker.py")):
+                                              "default_worker.py")) and not of_the_cluster(pid):
                 found.append((int(pid), line))
         if not found or not ending:
             return found
         time.sleep(0.1)
     return found
+
+
+def of_the_cluster(pid: str) -> bool:
+    try:
+        return f"{CLUSTER}=1".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
 
 def started(args: list, env: dict) -> subprocess.Popen:
@@ -95,7 +121,8 @@ def first_record(out: Path, process: subprocess.Popen) -> None:
 
 def test_ray_writes_local_captions_records_and_nothing_of_its_own(clips, local, tiny_model, tmp_path, ray_env):
     out = tmp_path / "ray.jsonl"
-    done = run_videoqa("caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 2, "--ray", "--ray-workers", 1,
+    done = run_videoqa("caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 2, "--ray",
+                       "--ray-workers", 1,
                        "--out", out, env=ray_env)
     assert done.returncode == Exit.SOME_FAILED, done.stderr
     assert by_video(out) == local and len(local) == 8
@@ -105,11 +132,13 @@ def test_ray_writes_local_captions_records_and_nothing_of_its_own(clips, local, 
     assert [line.split()[0] for line in lines] == ["done", "failed", "skipped", "videos/s"], lines  # the summary only
 
 
-def test_a_killed_model_actor_is_replaced_and_every_video_written_once(clips, local, tiny_model, tmp_path, ray_env):
+def test_a_killed_model_actor_is_replaced_and_every_video_written_once(clips, local, tiny_model, tmp_path, cluster):
     out = tmp_path / "ray.jsonl"
-    run = started(["caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 1, "--ray", "--out", out], ray_env)
+    run = started(["caption", clips, "-m", tiny_model, "--dtype", "float32", "-n", TOKENS, "-b", 1, "--ray", cluster,
+                   "--out", out], {})
     first_record(out, run)
-    actors = [pid for pid, line in ray_processes(ending=False) if "MapWorker(MapBatches(Answerer" in line]
+    actors = [int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if of_the_cluster(pid) and
+              b"MapWorker(MapBatches(Answerer" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert actors
     os.kill(actors[0], signal.SIGKILL)
     _, err = run.communicate(timeout=300)
@@ -151,7 +180,7 @@ def test_without_the_extra_ray_names_the_command(cli, clips, tiny_model, monkeyp
     assert_clean_failure(cli("caption", clips, "-m", tiny_model, "--ray"), 2, "pip install 'videoqa[ray]'")
 
 
-def test_timeline_and_eval_on_ray_write_their_local_records(cli, tiny_model, tmp_path, ray_env):
+def test_timeline_and_eval_on_ray_write_their_local_records(cli, tiny_model, tmp_path, cluster):
     """Segments (each read on its own by a worker, not by one pass over the file) and benchmark items (a
     multiple-choice one, an open one, a window, a missing video) get local timeline's and eval's records."""
     video = asset(f"videos/{REAL[5]}")
@@ -166,8 +195,9 @@ def test_timeline_and_eval_on_ray_write_their_local_records(cli, tiny_model, tmp
         found = {}
         for where in ("local", "ray"):
             out = tmp_path / f"{command[0]}-{where}.jsonl"
-            args = [*command, "-m", tiny_model, "--dtype", "float32", "-n", 6, "--out", out, *(["--ray"] if where == "ray" else [])]
-            code = run_videoqa(*args, env=ray_env).returncode if where == "ray" else cli(*args).code
+            args = [*command, "-m", tiny_model, "--dtype", "float32", "-n", 6, "--out", out,
+                    *(["--ray", cluster] if where == "ray" else [])]
+            code = run_videoqa(*args).returncode if where == "ray" else cli(*args).code
             assert code == (Exit.OK if command[0] == "timeline" else Exit.SOME_FAILED), (command, where)
             records = [json.loads(line) for line in out.read_text().splitlines()]
             found[where] = {r[key]: {k: v for k, v in r.items() if k != "timings"} for r in records}

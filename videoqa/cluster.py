@@ -222,7 +222,8 @@ def answered(checkpoint, jobs: list, settings, *, batch_size: int, workers: int)
                 raise VideoQAError(f"the cluster failed: {e}", Exit.INTERNAL) from None
 
 
-def pipeline(checkpoint, jobs: dict[int, Any], settings, *, batch_size: int, workers: int) -> Iterator[tuple[int, dict]]:
+def pipeline(checkpoint, jobs: dict[int, Any], settings, *, batch_size: int,
+             workers: int) -> Iterator[tuple[int, dict]]:
     """The jobs (by number) through the two stages, as Ray Data streams the records back."""
     import ray
     import ray.data
